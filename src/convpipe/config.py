@@ -1,0 +1,307 @@
+"""The typed schema of ``params.yaml``: the single source of every value convpipe uses.
+
+Every section rejects unknown keys with a did-you-mean, and every value is checked for type
+and range, so a typo fails at load time with the key, what was expected and what was found.
+Defaults live only in ``params.yaml``: the schema requires every key, so there is no second
+default hidden in code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from convpipe.errors import ConvpipeError
+
+DEFAULT_PARAMS = "params.yaml"
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+FloatRange = tuple[float, float]
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class BaseParams(Section):
+    """Shared by every stage."""
+
+    seed: NonNegInt
+
+
+class PathsParams(Section):
+    """Where each artifact lives; ``dvc.yaml`` reads the same keys through ``${paths.*}``."""
+
+    prepared: str
+    augmented: str
+    reports: str
+
+
+class CsvParams(Section):
+    """Layout of a ``label,p0,p1,...`` CSV file."""
+
+    image_shape: tuple[PositiveInt, PositiveInt] | tuple[PositiveInt, PositiveInt, PositiveInt]
+    label_column: NonNegInt
+
+
+class DataParams(Section):
+    """The prepare stage: where images come from and how they are normalised and split."""
+
+    source: Literal["digits", "imagefolder", "mnist_idx", "cifar", "csv"]
+    path: str | None
+    image_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None
+    channels: Literal["auto", 1, 3]
+    val_fraction: Fraction
+    test_fraction: Fraction
+    on_bad_file: Literal["error", "skip"]
+    chunk_size: PositiveInt
+    csv: CsvParams
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                "data.val_fraction + data.test_fraction must be < 1 so the train split is not "
+                f"empty, got {self.val_fraction} + {self.test_fraction}"
+            )
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required for data.source '{self.source}', got null")
+        return self
+
+    def size_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as ``(height, width)``, or None to keep the native size."""
+        if self.image_size is None:
+            return None
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return (int(self.image_size[0]), int(self.image_size[1]))
+
+
+class Toggle(Section):
+    """An augmentation applied with probability ``p`` (0 disables it)."""
+
+    p: Probability
+
+
+class CropParams(Toggle):
+    """Pad by ``padding`` pixels, then crop back to the image size at a random place."""
+
+    padding: NonNegInt
+
+
+class ResizedCropParams(Toggle):
+    """Crop a random area fraction ``scale`` with aspect ``ratio``, resize to the image size."""
+
+    scale: FloatRange
+    ratio: FloatRange
+
+
+class AffineParams(Toggle):
+    """Shift (fraction of the size), rescale (zoom factor range) and rotate (degrees)."""
+
+    shift: Annotated[float, Field(ge=0.0, le=0.5)]
+    scale: FloatRange
+    rotate: Annotated[float, Field(ge=0.0, le=180.0)]
+
+
+class RotateParams(Toggle):
+    """Rotate by an angle drawn from ``[-limit, limit]`` degrees."""
+
+    limit: Annotated[float, Field(ge=0.0, le=180.0)]
+
+
+class ColorJitterParams(Toggle):
+    """Brightness/contrast/saturation factors drawn from ``[1-x, 1+x]``, hue shift ``[-h, h]``."""
+
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)]
+    contrast: Annotated[float, Field(ge=0.0, le=1.0)]
+    saturation: Annotated[float, Field(ge=0.0, le=1.0)]
+    hue: Annotated[float, Field(ge=0.0, le=0.5)]
+
+
+class NoiseParams(Toggle):
+    """Gaussian noise with standard deviation drawn from ``std`` (fraction of full scale)."""
+
+    std: FloatRange
+
+
+class AugmentParams(Section):
+    """The augment stage: offline copies of the train split, and online augmentation in training."""
+
+    copies: NonNegInt
+    online: bool
+    preview_count: PositiveInt
+    crop: CropParams
+    resized_crop: ResizedCropParams
+    affine: AffineParams
+    rotate: RotateParams
+    horizontal_flip: Toggle
+    vertical_flip: Toggle
+    color_jitter: ColorJitterParams
+    gaussian_noise: NoiseParams
+
+    @field_validator("copies")
+    @classmethod
+    def _copies_bounded(cls, value: int) -> int:
+        if value > 100:
+            raise ValueError(f"augment.copies must be at most 100, got {value}")
+        return value
+
+
+class ConvBlock(Section):
+    """One convolution block: conv -> [batch norm] -> activation -> [pooling]."""
+
+    filters: PositiveInt
+    kernel: PositiveInt
+    stride: PositiveInt
+    padding: Literal["valid", "same"]
+    activation: Literal["relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid"]
+    batch_norm: bool
+    pool: Literal["max", "avg", "none"]
+    pool_size: PositiveInt
+
+
+class ModelParams(Section):
+    """The CNN: conv blocks, then flatten and fully connected hidden layers with dropout."""
+
+    conv: list[ConvBlock] = Field(min_length=1)
+    hidden: list[PositiveInt]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class TrainParams(Section):
+    """The train stage: optimisation, regularisation, early stopping and the Trainer."""
+
+    optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw"]
+    lr: Annotated[float, Field(gt=0.0)]
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)]
+    reg_type: Literal["none", "l1", "l2"]
+    reg_lambda: Annotated[float, Field(ge=0.0)]
+    batch_size: PositiveInt | Literal["full"]
+    max_epochs: PositiveInt
+    patience: NonNegInt
+    monitor: str
+    monitor_mode: Literal["min", "max"]
+    scheduler: Literal["none", "cosine", "step", "plateau"]
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
+    devices: PositiveInt | Literal["auto"]
+    strategy: str
+    num_nodes: PositiveInt
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"]
+    num_workers: NonNegInt
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_namespaced(cls, value: str) -> str:
+        if not value.startswith(("train/", "val/")):
+            raise ValueError(
+                f"train.monitor must name a 'val/...' or 'train/...' metric, got '{value}'"
+            )
+        return value
+
+
+class Params(Section):
+    """All of ``params.yaml``."""
+
+    base: BaseParams
+    paths: PathsParams
+    data: DataParams
+    augment: AugmentParams
+    model: ModelParams
+    train: TrainParams
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names valid at ``loc`` (the parent of an unknown key)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+        elif inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+            current = inner[0]
+        else:
+            return []
+    return list(current.model_fields) if isinstance(current, type) else []
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(error: Any, source: str) -> ConvpipeError:
+    """Turn the first pydantic error into a user-facing :class:`ConvpipeError`."""
+    loc = tuple(error["loc"])
+    key = _dotted(loc)
+    if error["type"] == "extra_forbidden":
+        choices = _known_keys(Params, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+        hint = f"did you mean '{_dotted((*loc[:-1], close[0]))}'?" if close else ""
+        valid = f"valid keys here: {', '.join(choices)}" if choices else ""
+        return ConvpipeError(f"unknown key '{key}'", f"in {source}", hint or valid)
+    if error["type"] == "missing":
+        return ConvpipeError(f"missing key '{key}'", f"in {source}", "add it (see README)")
+    got = error.get("input")
+    msg = error["msg"]
+    if error["type"] == "value_error":
+        return ConvpipeError(msg.removeprefix("Value error, "), f"in {source}", "fix the value")
+    return ConvpipeError(f"'{key}': {msg.lower()}, got {got!r}", f"in {source}", "fix the value")
+
+
+def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:
+    """Validate an already-loaded mapping against the schema.
+
+    Raises:
+        ConvpipeError: naming the first bad key, what was expected and what was received.
+    """
+    if not isinstance(raw, dict):
+        raise ConvpipeError(
+            f"params must be a mapping of sections, got {type(raw).__name__}",
+            f"in {source}",
+            "see the params.yaml shipped with convpipe",
+        )
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise _describe(exc.errors()[0], source) from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file with a safe loader, turning I/O and syntax errors into user errors."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return YAML(typ="safe", pure=True).load(fh)
+    except FileNotFoundError:
+        raise ConvpipeError(
+            f"params file not found: {path}", "", "run from the project root or pass --params"
+        ) from None
+    except YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConvpipeError(f"params file is not valid YAML: {first}", f"in {path}", "") from None
+
+
+def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:
+    """Load and validate ``params.yaml``."""
+    return parse_params(read_yaml(path), str(path))

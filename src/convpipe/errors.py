@@ -1,0 +1,78 @@
+"""One error type for everything a user can fix, and one place that reports it.
+
+Every entry point (DVC stage or console command) runs under :func:`entrypoint`, so a
+:class:`ConvpipeError` becomes exactly one line on stderr::
+
+    convpipe: error: <what>, <where>, <what to do>
+
+with a non-zero exit and no traceback (``--debug`` or ``CONVPIPE_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_USER_ERROR = 2
+
+
+class ConvpipeError(Exception):
+    """An error caused by input the user controls (params, data, files, servers).
+
+    Args:
+        what: What is wrong, naming the argument and the value received.
+        where: The file, key or URL it was found in.
+        todo: What the user should do about it.
+    """
+
+    def __init__(self, what: str, where: str | None = None, todo: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.todo = todo
+        super().__init__(", ".join(part for part in (what, where, todo) if part))
+
+    def line(self) -> str:
+        """The single line printed on stderr, newlines folded so it stays one line."""
+        return "convpipe: error: " + " ".join(str(self).split())
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    """Whether tracebacks are wanted (``--debug`` on the command line or ``CONVPIPE_DEBUG``)."""
+    args = sys.argv if argv is None else argv
+    return "--debug" in args or os.environ.get("CONVPIPE_DEBUG", "") not in ("", "0")
+
+
+def report(exc: BaseException) -> int:
+    """Print ``exc`` as the one-line user error and return the exit code to use."""
+    if isinstance(exc, ConvpipeError):
+        line = exc.line()
+    elif isinstance(exc, KeyboardInterrupt):
+        line = "convpipe: error: interrupted by the user"
+    else:
+        line = f"convpipe: error: {type(exc).__name__}: {exc}"
+    print(line, file=sys.stderr, flush=True)
+    return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_USER_ERROR
+
+
+def entrypoint(func: Callable[P, R]) -> Callable[P, R]:
+    """Run ``func`` so that user errors end the process with one line and exit code 2.
+
+    Unexpected exceptions (bugs) keep their traceback: hiding them would hide the bug.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except (ConvpipeError, KeyboardInterrupt) as exc:
+            if debug_enabled():
+                raise
+            raise SystemExit(report(exc)) from None
+
+    return wrapper
