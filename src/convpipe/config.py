@@ -43,7 +43,17 @@ class PathsParams(Section):
 
     prepared: str
     augmented: str
-    reports: str
+    augment_preview: str
+    checkpoints: str
+    model: str
+    run_info: str
+    train_metrics: str
+    train_history: str
+    eval_metrics: str
+    eval_confusion: str
+    confusion_png: str
+    misclassified_png: str
+    curves_png: str
 
 
 class CsvParams(Section):
@@ -209,6 +219,20 @@ class TrainParams(Section):
         return value
 
 
+class EvaluateParams(Section):
+    """The evaluate stage: extra metrics and pictures."""
+
+    top_k: Annotated[int, Field(ge=2)]
+    misclassified: PositiveInt
+
+
+class MlflowParams(Section):
+    """Where runs are tracked."""
+
+    tracking_uri: str
+    experiment: str
+
+
 class Params(Section):
     """All of ``params.yaml``."""
 
@@ -218,26 +242,27 @@ class Params(Section):
     augment: AugmentParams
     model: ModelParams
     train: TrainParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The params section model an annotation holds (directly or as a list item), if any."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The field names valid at ``loc`` (the parent of an unknown key)."""
-    current: Any = model
+    current: type[BaseModel] | None = model
     for part in loc:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            current = annotation
-        elif inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
-            current = inner[0]
-        else:
-            return []
-    return list(current.model_fields) if isinstance(current, type) else []
+        field = current.model_fields.get(part) if current is not None else None
+        current = _section_model(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else []
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:

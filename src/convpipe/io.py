@@ -72,6 +72,10 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 
 def save_npy(target: str | os.PathLike[str], array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` atomically (readable later with ``mmap_mode='r'``)."""
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+
+
+def create_npy(target: str | os.PathLike[str], shape: tuple[int, ...]) -> np.memmap:
+    """Create a uint8 ``.npy`` of ``shape`` to fill in place (inside an :func:`atomic_dir`)."""
+    return np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)

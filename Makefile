@@ -1,0 +1,38 @@
+# convpipe: `make run` trains and evaluates on the embedded digits data, `make test` runs every test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.convpipe-installed
+# Stages call `python`/`dvc`/`mlflow`: make them the venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup run test test-fast ui bench lint
+
+setup: $(STAMP)
+
+# torch first, from the pinned release (a plain dependency resolve would pull a CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+ui: setup
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+
+bench: setup
+	$(PY) benchmarks/bench_prepare.py
+
+lint: setup
+	$(VENV)/bin/ruff check src pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check src pipelines tests benchmarks
+	$(VENV)/bin/mypy

@@ -1,0 +1,126 @@
+"""Reading what the prepare and augment stages wrote: the manifest and memory-mapped arrays.
+
+On disk a prepared dataset is a folder with ``<split>_x.npy`` (uint8, ``(N, H, W, C)``),
+``<split>_y.npy`` (int64, ``(N,)``) and ``manifest.json``. Everything the data says (classes,
+channels, image size, mean/std) is read from the manifest and never configured twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from convpipe.errors import ConvpipeError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class SplitInfo(BaseModel):
+    """One split on disk: its size, class counts and array files (relative to the folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int
+    per_class: dict[str, int]
+    x: str
+    y: str
+
+
+class SkippedInfo(BaseModel):
+    """Files prepare skipped under ``data.on_bad_file: skip``, and the report listing them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int
+    report: str
+
+
+class Manifest(BaseModel):
+    """What a prepared (or augmented) dataset folder holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    stage: str
+    source: str
+    class_names: list[str]
+    num_classes: int
+    channels: int
+    image_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    splits: dict[str, SplitInfo]
+    skipped: SkippedInfo
+    content_hash: str
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of every image."""
+        return (int(self.image_size[0]), int(self.image_size[1]))
+
+
+def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    """Images per class name, every class listed (zero included).
+
+    Args:
+        labels: ``(N,)`` integer classes.
+        class_names: name of each class index.
+    """
+    counts = np.bincount(labels, minlength=len(class_names))
+    return {name: int(counts[i]) for i, name in enumerate(class_names)}
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """Read and validate ``folder/manifest.json``.
+
+    Raises:
+        ConvpipeError: when the folder was not written by a compatible prepare/augment stage.
+    """
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ConvpipeError(
+            f"no {MANIFEST} found", f"in {folder}", "run `dvc repro prepare` first"
+        ) from None
+    except (json.JSONDecodeError, ValidationError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise ConvpipeError(
+            f"{MANIFEST} is not a convpipe manifest ({first})", f"in {folder}", "rerun `dvc repro`"
+        ) from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise ConvpipeError(
+            f"manifest format {manifest.format_version}, expected {FORMAT_VERSION}",
+            f"in {path}",
+            "rerun `dvc repro --force prepare`",
+        )
+    return manifest
+
+
+def load_split(folder: str | Path, manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map one split's images and labels.
+
+    Returns:
+        ``(x, y)``: x uint8 ``(N, H, W, C)`` (a read-only memmap), y int64 ``(N,)``.
+    """
+    if split not in manifest.splits:
+        raise ConvpipeError(
+            f"split '{split}' not found (have: {', '.join(manifest.splits)})", f"in {folder}", ""
+        )
+    info = manifest.splits[split]
+    folder = Path(folder)
+    x = np.load(folder / info.x, mmap_mode="r", allow_pickle=False)
+    y = np.load(folder / info.y, allow_pickle=False)
+    h, w = manifest.image_hw
+    if x.shape != (info.count, h, w, manifest.channels) or y.shape != (info.count,):
+        raise ConvpipeError(
+            f"split '{split}' arrays have shapes {x.shape} and {y.shape}, the manifest says "
+            f"{(info.count, h, w, manifest.channels)}",
+            f"in {folder}",
+            "rerun `dvc repro --force`",
+        )
+    return x, y

@@ -1,0 +1,345 @@
+"""The prepare stage: probe, split, normalise and write a dataset the loaders can memory-map.
+
+Pure pieces (:func:`stratified_split`, :func:`resolve_geometry`, :class:`ChannelStats`) take
+arrays and values; :func:`write_prepared` is the one function that streams images to disk,
+chunk by chunk, so memory stays bounded whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from convpipe.config import DataParams
+from convpipe.data.dataset import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    SkippedInfo,
+    SplitInfo,
+    class_counts,
+)
+from convpipe.data.images import channels_of, normalize
+from convpipe.data.raw import ALL, SPLITS, BadFileError, ImageInfo, RawDataset, RawSplit
+from convpipe.errors import ConvpipeError
+from convpipe.io import atomic_dir, atomic_path
+
+SKIPPED_REPORT = "skipped_files.csv"
+
+
+def _carve(n: int, fraction: float) -> int:
+    """Images of an ``n``-image class that go to a split of ``fraction`` (at least one)."""
+    return max(1, round(n * fraction)) if fraction > 0 else 0
+
+
+def stratified_split(
+    labels: np.ndarray,
+    fractions: dict[str, float],
+    seed: int,
+    class_names: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Split positions ``0..N-1`` class by class, seeded, keeping class proportions.
+
+    Args:
+        labels: ``(N,)`` integer class of each image.
+        fractions: split name → fraction of each class carved out for it (e.g. val, test);
+            whatever is left is ``train``.
+        seed: makes the split reproducible.
+        class_names: for error messages.
+
+    Returns:
+        split name → sorted ``(n_split,)`` positions; ``train`` always present.
+
+    Raises:
+        ConvpipeError: a class too small to give every split at least one image.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in ("train", *fractions)}
+    for cls in range(len(class_names)):
+        members = np.flatnonzero(labels == cls)
+        if members.size == 0:
+            continue
+        takes = {name: _carve(members.size, frac) for name, frac in fractions.items()}
+        if sum(takes.values()) >= members.size:
+            needed = sum(takes.values()) + 1
+            raise ConvpipeError(
+                f"class '{class_names[cls]}' has {members.size} image(s), too few to stratify "
+                f"into train/{'/'.join(fractions)} (needs at least {needed})",
+                "in the prepared data source",
+                "add images to that class, remove it, or give the splits as folders",
+            )
+        members = rng.permutation(members)
+        start = 0
+        for name, take in takes.items():
+            out[name].append(members[start : start + take])
+            start += take
+        out["train"].append(members[start:])
+    return {name: np.sort(np.concatenate(parts)) for name, parts in out.items() if parts}
+
+
+def resolve_geometry(
+    infos: Iterable[ImageInfo], channels: int | str, size_hw: tuple[int, int] | None
+) -> tuple[int, tuple[int, int]]:
+    """Decide the output channels and ``(height, width)`` from the probed images and params.
+
+    ``channels='auto'`` gives 3 if any image is in a colour mode, else 1. With no
+    ``size_hw`` every image must already have the same size.
+
+    Raises:
+        ConvpipeError: mixed sizes with ``data.image_size: null``, or no images at all.
+    """
+    sizes: set[tuple[int, int]] = set()
+    colour = False
+    for info in infos:
+        sizes.add((info.height, info.width))
+        colour = colour or channels_of(info.mode) == 3
+    if not sizes:
+        raise ConvpipeError("no usable images found", "in the data source", "check data.path")
+    out_channels = (3 if colour else 1) if channels == "auto" else int(channels)
+    if size_hw is not None:
+        return out_channels, size_hw
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4])
+        raise ConvpipeError(
+            f"images have {len(sizes)} different sizes ({shown}, ...) and data.image_size is null",
+            "in params.yaml",
+            "set data.image_size to e.g. 32 or [32, 32] to resize them all",
+        )
+    return out_channels, next(iter(sizes))
+
+
+class ChannelStats:
+    """Streaming per-channel mean and std of uint8 images scaled to ``[0, 1]``."""
+
+    def __init__(self, channels: int) -> None:
+        self._sum = np.zeros(channels, dtype=np.float64)
+        self._sumsq = np.zeros(channels, dtype=np.float64)
+        self._count = 0
+
+    def update(self, chunk: np.ndarray) -> None:
+        """Add a uint8 chunk ``(N, H, W, C)``."""
+        flat = chunk.reshape(-1, chunk.shape[-1]).astype(np.float64) / 255.0
+        self._sum += flat.sum(axis=0)
+        self._sumsq += np.square(flat).sum(axis=0)
+        self._count += flat.shape[0]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """``(mean, std)`` per channel; std is floored so normalising never divides by 0."""
+        mean = self._sum / max(self._count, 1)
+        var = np.maximum(self._sumsq / max(self._count, 1) - np.square(mean), 0.0)
+        std = np.maximum(np.sqrt(var), 1e-6)
+        return [float(v) for v in mean], [float(v) for v in std]
+
+
+@dataclass
+class _Plan:
+    """Which source positions each output split takes, after probing and splitting."""
+
+    splits: dict[str, tuple[RawSplit, np.ndarray]]
+    skipped: list[BadFileError]
+    channels: int
+    size_hw: tuple[int, int]
+
+
+def _probe_all(
+    raw: RawDataset, on_bad_file: str
+) -> tuple[dict[str, np.ndarray], list[ImageInfo], list[BadFileError]]:
+    """Probe every image; return usable positions per source split, their infos, the bad ones."""
+    keep: dict[str, np.ndarray] = {}
+    infos: list[ImageInfo] = []
+    bad: list[BadFileError] = []
+    total = sum(len(s.reader) for s in raw.splits.values())
+    with tqdm(total=total, desc="probe", unit="img", disable=None, leave=False) as bar:
+        for name, split in raw.splits.items():
+            ok = []
+            for i in range(len(split.reader)):
+                try:
+                    infos.append(split.reader.probe(i))
+                    ok.append(i)
+                except BadFileError as exc:
+                    if on_bad_file == "error":
+                        raise
+                    bad.append(exc)
+                bar.update(1)
+            keep[name] = np.asarray(ok, dtype=np.int64)
+    return keep, infos, bad
+
+
+def _check_classes(labels: np.ndarray, class_names: Sequence[str], where: str) -> None:
+    """Refuse data with fewer than two classes, or a class left without any usable image."""
+    if len(class_names) < 2:
+        raise ConvpipeError(
+            f"found {len(class_names)} class ({', '.join(class_names) or 'none'}), a classifier "
+            "needs at least 2",
+            where,
+            "add a folder per class",
+        )
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = [class_names[int(i)] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ConvpipeError(
+            f"class '{empty[0]}' has no usable images", where, "add images or remove the class"
+        )
+
+
+def plan_splits(raw: RawDataset, params: DataParams, seed: int) -> _Plan:
+    """Probe, drop bad files per ``data.on_bad_file``, and assign positions to splits."""
+    keep, infos, bad = _probe_all(raw, params.on_bad_file)
+    channels, size_hw = resolve_geometry(infos, params.channels, params.size_hw())
+    where = f"in {params.path or raw.source}"
+    fractions = {"val": params.val_fraction, "test": params.test_fraction}
+    if ALL in raw.splits:
+        pool = raw.splits[ALL]
+        labels = pool.labels[keep[ALL]]
+        _check_classes(labels, raw.class_names, where)
+        parts = stratified_split(labels, fractions, seed, raw.class_names)
+        splits = {name: (pool, keep[ALL][pos]) for name, pos in parts.items()}
+    else:
+        train = raw.splits["train"]
+        labels = train.labels[keep["train"]]
+        _check_classes(labels, raw.class_names, where)
+        missing = {k: v for k, v in fractions.items() if k not in raw.splits}
+        parts = stratified_split(labels, missing, seed, raw.class_names)
+        splits = {name: (train, keep["train"][pos]) for name, pos in parts.items()}
+        splits.update({k: (raw.splits[k], keep[k]) for k in raw.splits if k != "train"})
+    for name in SPLITS:
+        if name not in splits or splits[name][1].size == 0:
+            raise ConvpipeError(
+                f"the {name} split is empty",
+                where,
+                f"set data.{name}_fraction > 0 or provide a {name}/ folder",
+            )
+    return _Plan(splits, [*raw.skipped, *bad], channels, size_hw)
+
+
+def _write_split(
+    out_dir: Path,
+    name: str,
+    plan: _Plan,
+    chunk: int,
+    skipped: list[BadFileError] | None,
+) -> tuple[np.ndarray, ChannelStats]:
+    """Decode split ``name`` of ``plan`` into ``out_dir/<name>_x.npy``.
+
+    Args:
+        out_dir: the (temporary) output folder.
+        name: the split to write (``train``, ``val`` or ``test``).
+        plan: the source positions of every split, and the output geometry.
+        chunk: images per chunk between statistics updates.
+        skipped: where to record undecodable files; None makes them fatal.
+
+    Returns:
+        The ``(n_kept,)`` labels of the images written, and their channel statistics.
+    """
+    split, positions = plan.splits[name]
+    h, w = plan.size_hw
+    stats = ChannelStats(plan.channels)
+    x = np.lib.format.open_memmap(
+        out_dir / f"{name}_x.npy",
+        mode="w+",
+        dtype=np.uint8,
+        shape=(positions.size, h, w, plan.channels),
+    )
+    kept = np.ones(positions.size, dtype=bool)
+    with tqdm(total=positions.size, desc=name, unit="img", disable=None, leave=False) as bar:
+        for start in range(0, positions.size, chunk):
+            for j in range(start, min(start + chunk, positions.size)):
+                try:
+                    image = split.reader.load(int(positions[j]))
+                    x[j] = normalize(image, plan.channels, plan.size_hw)
+                except BadFileError as exc:
+                    if skipped is None:
+                        raise
+                    skipped.append(exc)
+                    kept[j] = False
+                bar.update(1)
+            stats.update(x[start : start + chunk][kept[start : start + chunk]])
+    x.flush()
+    del x
+    if not kept.all():
+        _compact(out_dir / f"{name}_x.npy", kept)
+    return split.labels[positions[kept]], stats
+
+
+def _compact(path: Path, kept: np.ndarray) -> None:
+    """Rewrite an ``.npy`` file keeping only the rows where ``kept`` is true."""
+    src = np.load(path, mmap_mode="r")
+    with atomic_path(path) as tmp:
+        dst = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=src.dtype, shape=(int(kept.sum()), *src.shape[1:])
+        )
+        rows = np.flatnonzero(kept)
+        for start in range(0, rows.size, 4096):
+            sel = rows[start : start + 4096]
+            dst[start : start + sel.size] = src[sel]
+        dst.flush()
+        del dst
+    del src
+
+
+def _file_hash(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _skipped_report(skipped: Sequence[BadFileError]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "reason"])
+    writer.writerows([exc.path, exc.reason] for exc in skipped)
+    return buf.getvalue()
+
+
+def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str | Path) -> Manifest:
+    """Probe, split, normalise and write ``raw`` into ``out_dir`` (replaced atomically).
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``.
+    """
+    plan = plan_splits(raw, params, seed)
+    skipped = plan.skipped if params.on_bad_file == "skip" else None
+    splits: dict[str, SplitInfo] = {}
+    stats = ChannelStats(plan.channels)
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            labels, split_stats = _write_split(tmp, name, plan, params.chunk_size, skipped)
+            np.save(tmp / f"{name}_y.npy", labels.astype(np.int64), allow_pickle=False)
+            if name == "train":
+                # files skipped while decoding may have emptied a class
+                _check_classes(labels, raw.class_names, "in the train split")
+                stats = split_stats
+            splits[name] = SplitInfo(
+                count=int(labels.size),
+                per_class=class_counts(labels, raw.class_names),
+                x=f"{name}_x.npy",
+                y=f"{name}_y.npy",
+            )
+        (tmp / SKIPPED_REPORT).write_text(_skipped_report(plan.skipped), encoding="utf-8")
+        mean, std = stats.result()
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            stage="prepare",
+            source=raw.source,
+            class_names=list(raw.class_names),
+            num_classes=len(raw.class_names),
+            channels=plan.channels,
+            image_size=plan.size_hw,
+            mean=mean,
+            std=std,
+            splits=splits,
+            skipped=SkippedInfo(count=len(plan.skipped), report=SKIPPED_REPORT),
+            content_hash=_file_hash(tmp / f"{n}_{part}.npy" for n in SPLITS for part in ("x", "y")),
+        )
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return manifest

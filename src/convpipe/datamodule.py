@@ -1,0 +1,176 @@
+"""The LightningDataModule over the prepared (and augmented) memory-mapped arrays.
+
+Batches are fetched whole (``__getitems__``): one fancy-indexing read of the memmap per batch
+instead of one Python call per image, then normalised with the manifest's mean/std (and
+augmented online if ``augment.online``) by the transform from :mod:`convpipe.transforms`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from convpipe.data.dataset import Manifest, load_manifest, load_split
+from convpipe.transforms import BatchTransform, load_augmentation
+
+PIPELINE_FILE = "pipeline.json"
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class ArrayDataset(Dataset[Batch]):
+    """Images ``(N, H, W, C)`` uint8 and labels ``(N,)``, served a batch at a time.
+
+    Args:
+        x: uint8 images, usually a read-only memmap.
+        y: int64 labels.
+        transform: maps a uint8 ``(B, H, W, C)`` batch to float ``(B, C, H, W)``.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: BatchTransform) -> None:
+        self.x = x
+        self.y = np.asarray(y, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, index: int) -> Batch:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """Fetch and transform a whole batch: float ``(B, C, H, W)``, int64 ``(B,)``."""
+        order = np.asarray(indices, dtype=np.int64)
+        # memmaps read fastest in ascending order; the original order is restored after
+        ascending = np.argsort(order, kind="stable")
+        images = np.empty((order.size, *self.x.shape[1:]), dtype=np.uint8)
+        images[ascending] = self.x[order[ascending]]
+        return self.transform(images), torch.from_numpy(self.y[order])
+
+
+class _ConcatBatches(ConcatDataset[Batch]):
+    """ConcatDataset that keeps whole-batch fetching across its parts."""
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        bounds = np.asarray(self.cumulative_sizes)
+        idx = np.asarray(indices, dtype=np.int64)
+        part = np.searchsorted(bounds, idx, side="right")
+        images: torch.Tensor | None = None
+        labels = torch.empty(idx.size, dtype=torch.int64)
+        for p in np.unique(part):
+            rows = torch.from_numpy(np.flatnonzero(part == p))
+            offset = int(bounds[p - 1]) if p > 0 else 0
+            dataset = cast(ArrayDataset, self.datasets[int(p)])
+            x, y = dataset.__getitems__((idx[rows.numpy()] - offset).tolist())
+            if images is None:
+                images = torch.empty((idx.size, *x.shape[1:]), dtype=x.dtype)
+            images[rows] = x
+            labels[rows] = y
+        assert images is not None  # indices is never empty: DataLoader batches have >= 1
+        return images, labels
+
+
+def collate_batch(batch: Any) -> Any:
+    """The dataset already returns a collated ``(x, y)`` batch; pass it through."""
+    return batch
+
+
+class ConvDataModule(L.LightningDataModule):
+    """Train = prepared train split + augmented copies; val and test = prepared splits.
+
+    Args:
+        prepared_dir: the prepare stage's output folder.
+        augmented_dir: the augment stage's output folder, or None to train without it.
+        batch_size: images per batch, or ``"full"`` for batch gradient descent.
+        num_workers: DataLoader worker processes.
+        online: augment every training batch with the augment stage's saved pipeline.
+        seed: seeds the online augmentation stream.
+    """
+
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        augmented_dir: str | Path | None,
+        batch_size: int | str,
+        num_workers: int,
+        online: bool,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.prepared_dir = Path(prepared_dir)
+        self.augmented_dir = Path(augmented_dir) if augmented_dir is not None else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.online = online
+        self.seed = seed
+        self.manifest: Manifest = load_manifest(self.prepared_dir)
+        self.datasets: dict[str, Dataset[Batch]] = {}
+
+    @property
+    def train_size(self) -> int:
+        """M in the course's λ/m: the number of training images, copies included."""
+        size = self.manifest.splits["train"].count
+        if self.augmented_dir is not None:
+            size += load_manifest(self.augmented_dir).splits["train"].count
+        return size
+
+    def transform(self, train: bool) -> BatchTransform:
+        """The batch transform for the training side (``train``) or for evaluation."""
+        augmentation = None
+        if train and self.online and self.augmented_dir is not None:
+            augmentation = load_augmentation(self.augmented_dir / PIPELINE_FILE, self.seed)
+        return BatchTransform(augmentation, self.manifest.mean, self.manifest.std, self.seed)
+
+    def split(self, name: str) -> ArrayDataset:
+        """One prepared split as a dataset with the evaluation transform."""
+        x, y = load_split(self.prepared_dir, self.manifest, name)
+        return ArrayDataset(x, y, self.transform(train=False))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the splits (cheap: nothing is read until a batch is fetched)."""
+        if self.datasets:
+            return
+        train_tf = self.transform(train=True)
+        parts = [ArrayDataset(*load_split(self.prepared_dir, self.manifest, "train"), train_tf)]
+        if self.augmented_dir is not None:
+            aug = load_manifest(self.augmented_dir)
+            if aug.splits["train"].count:
+                parts.append(ArrayDataset(*load_split(self.augmented_dir, aug, "train"), train_tf))
+        self.datasets["train"] = parts[0] if len(parts) == 1 else _ConcatBatches(parts)
+        self.datasets["val"] = self.split("val")
+        self.datasets["test"] = self.split("test")
+
+    def _batch(self, dataset: Dataset[Batch]) -> int:
+        size = len(dataset)  # type: ignore[arg-type]
+        return size if self.batch_size == "full" else min(int(self.batch_size), size)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader[Batch]:
+        dataset = self.datasets[name]
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self._batch(dataset),
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Batch]:
+        """Shuffled (seeded) training batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Batch]:
+        """Validation batches in order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[Batch]:
+        """Test batches in order."""
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,40 @@
+"""What every DVC stage entry point shares: arguments, params loading, logging, failure.
+
+``pipelines/<stage>.py`` files stay a few lines long: they define one function taking the
+validated :class:`~convpipe.config.Params` and hand it to :func:`run_stage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+
+from convpipe.config import DEFAULT_PARAMS, Params, load_params
+from convpipe.errors import entrypoint
+
+log = logging.getLogger("convpipe")
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Log convpipe's own messages to stderr, one line each."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_stage(stage: Callable[[Params], None], argv: Sequence[str] | None = None) -> None:
+    """Parse the stage's arguments, load params, and run ``stage`` under :func:`entrypoint`."""
+    parser = argparse.ArgumentParser(description=stage.__doc__)
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file to read")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    args = parser.parse_args(argv)
+
+    @entrypoint
+    def main() -> None:
+        setup_logging(args.debug)
+        stage(load_params(args.params))
+
+    main()

@@ -1,0 +1,77 @@
+"""A throwaway copy of the convpipe project in its own git + DVC repo, driven by the real CLIs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ["src", "pipelines", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def project_env(root: Path) -> dict[str, str]:
+    """Environment where `python`/`dvc` are this venv's and `convpipe` is the copy's code."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(root / "src")
+    env["TQDM_DISABLE"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "convpipe-test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@localhost")
+    env.setdefault("GIT_COMMITTER_NAME", "convpipe-test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@localhost")
+    return env
+
+
+class Project:
+    """A copy of the project under ``root`` with helpers to run commands in it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = project_env(root)
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` in the project; fail with its output when ``check`` and it fails."""
+        proc = subprocess.run(
+            cmd, cwd=self.root, env=self.env, capture_output=True, text=True, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def set_params(self, **updates: object) -> None:
+        """Edit params.yaml in place with dotted keys, keeping its comments."""
+        yaml = YAML()
+        path = self.root / "params.yaml"
+        data = yaml.load(path)
+        for key, value in updates.items():
+            node = data
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        yaml.dump(data, path)
+
+
+def make_project(dest: Path) -> Project:
+    """Copy the project's sources into ``dest`` and make it a git repo with one commit."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in COPIED:
+        src = ROOT / item
+        target = dest / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    project = Project(dest)
+    project.run("git", "init", "-q", "-b", "main")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "init")
+    return project

@@ -1,0 +1,371 @@
+"""Fast tests of the transforms factory (convpipe.transforms)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+# Imported before convpipe.transforms here: skip albumentations' PyPI version check too.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convpipe import transforms as T
+from convpipe.config import AugmentParams, load_params
+from convpipe.errors import ConvpipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every section present and disabled; tests switch on what they need.
+OFF: dict[str, Any] = {
+    "copies": 1,
+    "online": False,
+    "preview_count": 4,
+    "crop": {"p": 0.0, "padding": 2},
+    "resized_crop": {"p": 0.0, "scale": [0.5, 0.9], "ratio": [0.8, 1.25]},
+    "affine": {"p": 0.0, "shift": 0.1, "scale": [0.9, 1.1], "rotate": 10.0},
+    "rotate": {"p": 0.0, "limit": 15.0},
+    "horizontal_flip": {"p": 0.0},
+    "vertical_flip": {"p": 0.0},
+    "color_jitter": {"p": 0.0, "brightness": 0.3, "contrast": 0.3, "saturation": 0.0, "hue": 0.0},
+    "gaussian_noise": {"p": 0.0, "std": [0.02, 0.05]},
+}
+
+EXPECTED_CLASS = {
+    "crop": A.Sequential,
+    "resized_crop": A.RandomResizedCrop,
+    "affine": A.Affine,
+    "rotate": A.Rotate,
+    "horizontal_flip": A.HorizontalFlip,
+    "vertical_flip": A.VerticalFlip,
+    "color_jitter": A.ColorJitter,
+    "gaussian_noise": A.GaussNoise,
+}
+
+HW = (12, 10)
+
+
+def make_params(**sections: dict[str, Any]) -> AugmentParams:
+    """OFF with the given sections' keys overridden."""
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in OFF.items()}
+    for name, update in sections.items():
+        raw[name].update(update)
+    return AugmentParams.model_validate(raw)
+
+
+def make_images(n: int = 6, channels: int = 1, hw: tuple[int, int] = HW) -> np.ndarray:
+    return np.random.default_rng(123).integers(0, 256, (n, *hw, channels), dtype=np.uint8)
+
+
+def run(pipeline: A.Compose, images: np.ndarray, copies: int = 1) -> np.ndarray:
+    return np.concatenate(list(T.augment_batches(images, pipeline, copies, chunk_size=4)))
+
+
+# --------------------------------------------------------------------------- building
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("section", T.SECTIONS)
+def test_each_section_alone_changes_images_and_keeps_shape(section: str, channels: int) -> None:
+    params = make_params(**{section: {"p": 1.0}})
+    pipeline = T.build_augmentation(params, HW, channels, seed=0)
+    assert [type(t) for t in pipeline.transforms] == [EXPECTED_CLASS[section]]
+    images = make_images(channels=channels)
+    out = run(pipeline, images)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert any(not np.array_equal(a, b) for a, b in zip(images, out, strict=True))
+
+
+def test_p_zero_leaves_sections_out_of_the_compose() -> None:
+    pipeline = T.build_augmentation(make_params(), HW, 3, seed=0)
+    assert len(pipeline.transforms) == 0
+    images = make_images(channels=3)
+    np.testing.assert_array_equal(run(pipeline, images), images)
+
+    two = make_params(affine={"p": 0.5}, gaussian_noise={"p": 0.2})
+    classes = [type(t) for t in T.build_augmentation(two, HW, 3, seed=0).transforms]
+    assert classes == [A.Affine, A.GaussNoise]
+
+
+def test_crop_pads_and_crops_back_as_one_unit() -> None:
+    pipeline = T.build_augmentation(make_params(crop={"p": 0.4, "padding": 3}), HW, 1, seed=0)
+    (unit,) = pipeline.transforms
+    assert unit.p == 0.4
+    pad, crop = unit.transforms
+    assert pad.padding == 3
+    assert (crop.height, crop.width) == HW
+    # Padding is black and the crop window moves over the padded canvas.
+    white = np.full((1, *HW, 1), 255, dtype=np.uint8)
+    always = T.build_augmentation(make_params(crop={"p": 1.0, "padding": 3}), HW, 1, seed=0)
+    out = run(always, np.repeat(white, 20, axis=0))
+    assert out.shape == (20, *HW, 1) and (out == 0).any() and (out == 255).any()
+
+
+@pytest.mark.parametrize("key", ["saturation", "hue"])
+def test_colour_keys_on_grayscale_are_a_clear_user_error(key: str) -> None:
+    params = make_params(color_jitter={"p": 0.5, key: 0.1})
+    with pytest.raises(ConvpipeError) as info:
+        T.build_augmentation(params, HW, 1, seed=0)
+    message = str(info.value)
+    assert f"augment.color_jitter.{key}=0.1" in message
+    assert "1 channel" in message
+    assert "data.channels: 3" in message
+    # Meaningful for RGB, and irrelevant while the section is off.
+    T.build_augmentation(params, HW, 3, seed=0)
+    T.build_augmentation(make_params(color_jitter={"p": 0.0, key: 0.1}), HW, 1, seed=0)
+
+
+def test_grayscale_colour_jitter_scales_brightness_multiplicatively() -> None:
+    params = make_params(color_jitter={"p": 1.0, "brightness": 0.5, "contrast": 0.0})
+    pipeline = T.build_augmentation(params, HW, 1, seed=3)
+    image = np.full((1, *HW, 1), 100, dtype=np.uint8)
+    out = run(pipeline, image)
+    # One factor per image in [0.5, 1.5], applied to every pixel: a flat image stays flat.
+    assert out.shape == image.shape and np.unique(out).size == 1
+    assert 50 <= int(out[0, 0, 0, 0]) <= 150
+
+
+def test_invalid_range_names_the_section() -> None:
+    params = make_params(resized_crop={"p": 1.0, "scale": [0.9, 0.5]})
+    with pytest.raises(ConvpipeError) as info:
+        T.build_augmentation(params, HW, 3, seed=0)
+    assert "augment.resized_crop is invalid: scale: First value should be less" in str(info.value)
+
+
+def test_shipped_params_build_for_grayscale_and_rgb() -> None:
+    augment = load_params(ROOT / "params.yaml").augment
+    for channels in (1, 3):
+        pipeline = T.build_augmentation(augment, (8, 8), channels, seed=1)
+        images = make_images(channels=channels, hw=(8, 8))
+        assert run(pipeline, images, copies=2).shape == (12, 8, 8, channels)
+
+
+# --------------------------------------------------------------------------- seeding
+
+ALL_ON = {
+    "crop": {"p": 0.5},
+    "affine": {"p": 0.5},
+    "horizontal_flip": {"p": 0.5},
+    "color_jitter": {"p": 0.5, "saturation": 0.2, "hue": 0.05},
+    "gaussian_noise": {"p": 0.5},
+}
+
+
+def test_same_seed_is_byte_identical_and_different_seed_differs() -> None:
+    params = make_params(**ALL_ON)
+    images = make_images(n=10, channels=3)
+    first = run(T.build_augmentation(params, HW, 3, seed=11), images, copies=2)
+    second = run(T.build_augmentation(params, HW, 3, seed=11), images, copies=2)
+    other = run(T.build_augmentation(params, HW, 3, seed=12), images, copies=2)
+    assert first.tobytes() == second.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_same_seed_is_byte_identical_across_processes() -> None:
+    script = (
+        "import hashlib, numpy as np\n"
+        "from convpipe import transforms as T\n"
+        "from tests.test_transforms import ALL_ON, HW, make_images, make_params, run\n"
+        "p = T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=11)\n"
+        "print(hashlib.sha256(run(p, make_images(n=10, channels=3)).tobytes()).hexdigest())\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    here = run(T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=11), make_images(10, 3))
+    assert child.stdout.strip() == hashlib.sha256(here.tobytes()).hexdigest()
+
+
+def test_sections_draw_independently() -> None:
+    # A.Compose(seed=...) alone gives both flips the same stream, so they always fire together.
+    params = make_params(horizontal_flip={"p": 0.5}, vertical_flip={"p": 0.5})
+    image = make_images(n=1)
+    out = run(T.build_augmentation(params, HW, 1, seed=0), np.repeat(image, 64, axis=0))
+    h_only = [np.array_equal(o, image[0][:, ::-1]) for o in out]
+    v_only = [np.array_equal(o, image[0][::-1]) for o in out]
+    assert any(h_only) and any(v_only)
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+@pytest.mark.filterwarnings("error")  # albumentations warns on keys it cannot reload
+def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    params = make_params(**ALL_ON, rotate={"p": 0.3}, resized_crop={"p": 0.3})
+    target = tmp_path / "out" / "pipeline.json"
+    T.save_augmentation(T.build_augmentation(params, HW, 3, seed=5), target)
+    assert json.loads(target.read_text())["transform"]["__class_fullname__"] == "Compose"
+    assert [p.name for p in target.parent.iterdir()] == ["pipeline.json"]  # no temp files
+
+    images = make_images(n=10, channels=3)
+    fresh = run(T.build_augmentation(params, HW, 3, seed=5), images, copies=2)
+    loaded = run(T.load_augmentation(target, seed=5), images, copies=2)
+    assert fresh.tobytes() == loaded.tobytes()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # albumentations' own note on a bad file
+def test_load_errors_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConvpipeError, match="not found"):
+        T.load_augmentation(tmp_path / "missing.json", seed=0)
+    bad = tmp_path / "bad.json"
+    for text in ('{"transform": {"__class_fullname__": "NoSuchTransform"}}', "{not json", "[]"):
+        bad.write_text(text)
+        with pytest.raises(ConvpipeError, match="dvc repro augment"):
+            T.load_augmentation(bad, seed=0)
+    bad.write_text(json.dumps(A.to_dict(A.HorizontalFlip())))
+    with pytest.raises(ConvpipeError, match="expected an albumentations Compose"):
+        T.load_augmentation(bad, seed=0)
+
+
+# --------------------------------------------------------------------------- augment_batches
+
+
+def test_augment_batches_order_length_and_chunking() -> None:
+    images = make_images(n=5, channels=1)
+    labels = np.arange(5)
+    chunks = list(T.augment_batches(images, T.build_augmentation(make_params(), HW, 1, 0), 3, 4))
+    assert [len(c) for c in chunks] == [4, 4, 4, 3]
+    out = np.concatenate(chunks)
+    # Copy-major order: output row k comes from images[k % N], so labels tile.
+    np.testing.assert_array_equal(out, np.concatenate([images] * 3))
+    np.testing.assert_array_equal(np.tile(labels, 3)[[0, 5, 7, 14]], [0, 0, 2, 4])
+
+
+def test_augment_batches_pairs_each_output_with_its_source() -> None:
+    images = make_images(n=5, channels=3)
+    pipeline = T.build_augmentation(make_params(horizontal_flip={"p": 1.0}), HW, 3, seed=0)
+    out = np.concatenate(list(T.augment_batches(images, pipeline, copies=2, chunk_size=3)))
+    np.testing.assert_array_equal(out, np.tile(images[:, :, ::-1], (2, 1, 1, 1)))
+
+
+def test_augment_batches_does_not_depend_on_chunk_size_and_reads_memmaps(tmp_path: Path) -> None:
+    params = make_params(**ALL_ON)
+    images = make_images(n=7, channels=3)
+    np.save(tmp_path / "x.npy", images)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    small = list(T.augment_batches(mapped, T.build_augmentation(params, HW, 3, 9), 2, 1))
+    large = list(T.augment_batches(images, T.build_augmentation(params, HW, 3, 9), 2, 100))
+    assert len(small) == 14 and len(large) == 1
+    np.testing.assert_array_equal(np.concatenate(small), large[0])
+
+
+def test_augment_batches_edge_cases() -> None:
+    pipeline = T.build_augmentation(make_params(), HW, 1, seed=0)
+    assert list(T.augment_batches(make_images(), pipeline, copies=0, chunk_size=4)) == []
+    with pytest.raises(ValueError):
+        next(T.augment_batches(make_images(), pipeline, copies=1, chunk_size=0))
+    with pytest.raises(ValueError):
+        next(T.augment_batches(make_images()[..., 0], pipeline, copies=1, chunk_size=4))
+
+
+# --------------------------------------------------------------------------- previews
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_preview_grid_layout_and_original_column(channels: int) -> None:
+    originals = make_images(n=3, channels=channels, hw=(8, 8))
+    augmented = [255 - originals, originals // 2]
+    grid = T.preview_grid(originals, augmented, headers=False)
+    scale = T.preview_scale((8, 8))
+    tile, gap = 8 * scale, T.PREVIEW_GAP
+    assert scale * 8 >= T.PREVIEW_MIN_TILE
+    assert grid.shape == (3 * tile + 4 * gap, 3 * tile + 4 * gap, 3)
+    assert grid.dtype == np.uint8
+    for row in range(3):
+        y = gap + row * (tile + gap)
+        up = np.repeat(np.repeat(originals[row], scale, 0), scale, 1)
+        expected = np.broadcast_to(up, (tile, tile, 3))
+        np.testing.assert_array_equal(grid[y : y + tile, gap : gap + tile], expected)
+        second = grid[y : y + tile, 2 * gap + tile : 2 * gap + 2 * tile]
+        np.testing.assert_array_equal(second, np.broadcast_to(255 - up, (tile, tile, 3)))
+
+
+def test_preview_grid_headers_only_add_a_band_on_top() -> None:
+    originals = make_images(n=2, channels=3, hw=(32, 32))
+    plain = T.preview_grid(originals, [originals])
+    assert plain.shape[0] == T.preview_grid(originals, [originals], headers=False).shape[0] + 16
+    assert (plain[: T.PREVIEW_HEADER] < 128).any()  # some dark text was drawn
+    np.testing.assert_array_equal(
+        plain[T.PREVIEW_HEADER :], T.preview_grid(originals, [originals], headers=False)
+    )
+
+
+def test_preview_grid_rejects_mismatched_columns() -> None:
+    with pytest.raises(ValueError, match=r"augmented\[0\]"):
+        T.preview_grid(make_images(n=2), [make_images(n=3)])
+
+
+def test_save_png_round_trip(tmp_path: Path) -> None:
+    grid = T.preview_grid(make_images(n=2, hw=(8, 8)), [make_images(n=2, hw=(8, 8))])
+    target = tmp_path / "reports" / "augment_preview.png"
+    T.save_png(grid, target)
+    np.testing.assert_array_equal(np.asarray(Image.open(target)), grid)
+    T.save_png(make_images(n=1)[0], tmp_path / "gray.png")
+    assert Image.open(tmp_path / "gray.png").mode == "L"
+
+
+# --------------------------------------------------------------------------- model input
+
+
+def test_normalize_batch_by_hand() -> None:
+    images = torch.tensor([[[[0], [255]], [[51], [102]]]], dtype=torch.uint8)  # (1, 2, 2, 1)
+    out = T.normalize_batch(images, mean=[0.5], std=[0.25])
+    expected = torch.tensor([[[[-2.0, 2.0], [-1.2, -0.4]]]])  # (x/255 - 0.5) / 0.25
+    assert out.shape == (1, 1, 2, 2) and out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, expected)
+
+
+def test_normalize_batch_is_per_channel() -> None:
+    images = torch.zeros((2, 3, 4, 3), dtype=torch.uint8)
+    images[..., 0], images[..., 1], images[..., 2] = 255, 0, 51
+    out = T.normalize_batch(images, mean=[0.0, 0.5, 0.2], std=[1.0, 0.5, 0.1])
+    assert out.shape == (2, 3, 3, 4)
+    torch.testing.assert_close(out[:, 0], torch.full((2, 3, 4), 1.0))
+    torch.testing.assert_close(out[:, 1], torch.full((2, 3, 4), -1.0))
+    torch.testing.assert_close(out[:, 2], torch.zeros((2, 3, 4)))
+    with pytest.raises(ValueError):
+        T.normalize_batch(images, mean=[0.5], std=[0.5])
+    with pytest.raises(ValueError):
+        T.normalize_batch(images.float(), mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def test_create_transforms_train_and_eval_sides() -> None:
+    images = make_images(n=4, channels=1)
+    online = make_params(horizontal_flip={"p": 1.0}).model_copy(update={"online": True})
+    train = T.create_transforms(online, HW, 1, [0.5], [0.5], seed=0, train=True)
+    evaluate = T.create_transforms(online, HW, 1, [0.5], [0.5], seed=0, train=False)
+    not_online = online.model_copy(update={"online": False})
+    offline = T.create_transforms(not_online, HW, 1, [0.5], [0.5], seed=0, train=True)
+    assert train.train and not evaluate.train and not offline.train
+    as_tensor = torch.from_numpy(images)
+    expected_eval = T.normalize_batch(as_tensor, [0.5], [0.5])
+    torch.testing.assert_close(evaluate(as_tensor), expected_eval)
+    torch.testing.assert_close(evaluate(images), expected_eval)  # numpy input too
+    flipped = T.normalize_batch(torch.from_numpy(images[:, :, ::-1].copy()), [0.5], [0.5])
+    torch.testing.assert_close(train(as_tensor), flipped)
+
+
+def test_batch_transform_reseeds_once_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    online = make_params(gaussian_noise={"p": 1.0}).model_copy(update={"online": True})
+    images = torch.from_numpy(make_images(n=2, channels=3))
+
+    def in_worker(worker_seed: int) -> list[torch.Tensor]:
+        transform = T.create_transforms(online, HW, 3, [0.5] * 3, [0.5] * 3, seed=1, train=True)
+        info = types.SimpleNamespace(seed=worker_seed, id=0)
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
+        return [transform(images), transform(images)]
+
+    worker_a, worker_b, worker_a_again = in_worker(100), in_worker(101), in_worker(100)
+    assert not torch.equal(worker_a[0], worker_b[0])  # workers do not replay one stream
+    assert not torch.equal(worker_a[0], worker_a[1])  # the stream continues within a worker
+    torch.testing.assert_close(worker_a, worker_a_again, rtol=0, atol=0)  # and is seeded
