@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 ui: setup
-	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+	convpipe ui
 
 bench: setup
 	$(PY) benchmarks/bench_prepare.py

@@ -11,7 +11,16 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["src", "pipelines", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+COPIED = [
+    "src",
+    "pipelines",
+    "params.yaml",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+]
 
 
 def project_env(root: Path) -> dict[str, str]:

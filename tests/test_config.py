@@ -3,10 +3,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from tests.conftest import ROOT
 
 from convpipe.config import load_params, parse_params
 from convpipe.errors import ConvpipeError
+from tests.conftest import ROOT
 
 
 def test_shipped_params_validate():

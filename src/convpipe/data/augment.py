@@ -13,6 +13,7 @@ import numpy as np
 from convpipe.config import Params
 from convpipe.data.dataset import (
     MANIFEST,
+    PIPELINE_FILE,
     Manifest,
     SplitInfo,
     class_counts,
@@ -28,7 +29,6 @@ from convpipe.transforms import (
     save_png,
 )
 
-PIPELINE_FILE = "pipeline.json"
 PREVIEW_VERSIONS = 4
 
 
@@ -90,13 +90,12 @@ def write_augmented(params: Params) -> Manifest:
             }
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    _write_preview(params, x, np.asarray(y))
+    _write_preview(params, prepared, x, np.asarray(y))
     return manifest
 
 
-def _write_preview(params: Params, x: np.ndarray, y: np.ndarray) -> None:
+def _write_preview(params: Params, prepared: Manifest, x: np.ndarray, y: np.ndarray) -> None:
     """Save originals beside freshly augmented versions as one PNG grid."""
-    prepared = load_manifest(params.paths.prepared)
     # its own seed, so the preview never shifts the random stream of the saved copies
     transform = build_augmentation(
         params.augment, prepared.image_hw, prepared.channels, params.base.seed + 1

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from convpipe.errors import ConvpipeError
 
 MANIFEST = "manifest.json"
+PIPELINE_FILE = "pipeline.json"  # the augment stage's saved albumentations pipeline
 FORMAT_VERSION = 1
 
 

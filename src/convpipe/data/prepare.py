@@ -252,8 +252,7 @@ def _write_split(
         for start in range(0, positions.size, chunk):
             for j in range(start, min(start + chunk, positions.size)):
                 try:
-                    image = split.reader.load(int(positions[j]))
-                    x[j] = normalize(image, plan.channels, plan.size_hw)
+                    x[j] = _decode(split, int(positions[j]), plan)
                 except BadFileError as exc:
                     if skipped is None:
                         raise
@@ -266,6 +265,15 @@ def _write_split(
     if not kept.all():
         _compact(out_dir / f"{name}_x.npy", kept)
     return split.labels[positions[kept]], stats
+
+
+def _decode(split: RawSplit, position: int, plan: _Plan) -> np.ndarray:
+    """Load and normalise one image to ``(H, W, C)`` uint8; any failure names the file."""
+    image = split.reader.load(position)
+    try:
+        return normalize(image, plan.channels, plan.size_hw)
+    except ValueError as exc:  # a mode Pillow decodes but convpipe cannot convert
+        raise BadFileError(split.reader.name(position), str(exc)) from None
 
 
 def _compact(path: Path, kept: np.ndarray) -> None:

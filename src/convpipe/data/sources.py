@@ -268,15 +268,15 @@ def _walk_images(folder: str) -> tuple[list[str], int]:
     ignored = 0
     while pending:
         for entry in _entries(pending.pop()):
-            if not _is_dir(entry):
-                is_image = is_image_file(entry.name)
-                files += [entry.path] if is_image else []
-                ignored += 0 if is_image else 1
-                continue
-            real = os.path.realpath(entry.path)
-            if real not in seen and os.path.commonpath([top, real]) != real:
-                seen.add(real)
-                pending.append(entry.path)
+            if _is_dir(entry):
+                real = os.path.realpath(entry.path)
+                if real not in seen and os.path.commonpath([top, real]) != real:
+                    seen.add(real)
+                    pending.append(entry.path)
+            elif is_image_file(entry.name):
+                files.append(entry.path)
+            else:
+                ignored += 1
     return sorted(files), ignored
 
 
@@ -439,7 +439,7 @@ def _gunzip_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise _idx_error(path, f"not a valid gzip file or truncated ({exc})") from None
     _check_idx_size(path, dims, len(data))
-    return np.frombuffer(bytes(data), dtype=np.uint8).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _map_idx(path: Path, magic: int, ndim: int) -> np.ndarray:

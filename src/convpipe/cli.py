@@ -1,0 +1,88 @@
+"""The ``convpipe`` console script: what people run outside ``dvc repro``.
+
+Each sub-command is one small function registered in :data:`COMMANDS`; failures go through
+:func:`convpipe.errors.entrypoint`, so a user error is one ``convpipe: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from convpipe import __version__
+from convpipe.config import DEFAULT_PARAMS, load_params
+from convpipe.errors import entrypoint
+from convpipe.stage import setup_logging
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check params.yaml against the schema and say so."""
+    params = load_params(args.params)
+    print(
+        f"{args.params}: valid (data.source={params.data.source}, model: "
+        f"{len(params.model.conv)} conv blocks, train.optimizer={params.train.optimizer})"
+    )
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Open the MLflow UI on the tracking store of params.yaml (127.0.0.1 unless told)."""
+    from convpipe.tracking import mask_uri, tracking_uri
+
+    uri = tracking_uri(load_params(args.params).mlflow)
+    print(f"MLflow UI for {mask_uri(uri)} on http://{args.host}:{args.port}", flush=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "validate": (cmd_validate, "check params.yaml against the schema"),
+    "ui": (cmd_ui, "open the MLflow UI (binds 127.0.0.1 by default)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="convpipe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"convpipe {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file to read")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    ui = sub.choices["ui"]
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``convpipe`` command line."""
+    args = build_parser().parse_args(argv)
+
+    @entrypoint
+    def run() -> int:
+        setup_logging(args.debug)
+        return COMMANDS[args.command][0](args)
+
+    return run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
