@@ -74,8 +74,10 @@ def measure(name: str, params: dict, images: int, repeats: int) -> None:
     )
 
 
-def write_png_folder(root: Path, count: int) -> None:
-    """Write ``count`` 28x28 grayscale PNGs in 10 class folders (from sklearn digits)."""
+def write_image_folder(
+    root: Path, count: int, fmt: str = "png", size: int = 28, rgb: bool = False
+) -> None:
+    """Write ``count`` images in 10 class folders (sklearn digits, upscaled; RGB like CIFAR)."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -85,8 +87,10 @@ def write_png_folder(root: Path, count: int) -> None:
         (root / str(cls)).mkdir(parents=True, exist_ok=True)
     for i in range(count):
         j = i % len(digits.images)
-        img = Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8)).resize((28, 28))
-        img.save(root / str(digits.target[j]) / f"{i:06d}.png")
+        img = Image.fromarray((digits.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
+        if rgb:
+            img = img.convert("RGB")
+        img.save(root / str(digits.target[j]) / f"{i:06d}.{fmt}")
 
 
 def main() -> None:
@@ -94,6 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--png", type=int, default=0, help="also time a PNG folder of N images")
+    parser.add_argument(
+        "--jpg", type=int, default=0, help="also time N 32x32 RGB JPEGs (CIFAR-sized)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     if MNIST.is_dir():
@@ -104,10 +111,18 @@ def main() -> None:
         print(f"prepare mnist_idx: skipped, {MNIST} not found")
     if args.png:
         with tempfile.TemporaryDirectory() as tmp:
-            write_png_folder(Path(tmp) / "png", args.png)
+            write_image_folder(Path(tmp) / "png", args.png)
             params = base_params()
             params["data"].update(source="imagefolder", path=str(Path(tmp) / "png"))
-            measure(f"prepare imagefolder ({args.png} PNG)", params, args.png, args.repeats)
+            measure(f"prepare imagefolder ({args.png} 28x28 PNG)", params, args.png, args.repeats)
+    if args.jpg:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_image_folder(Path(tmp) / "jpg", args.jpg, fmt="jpg", size=32, rgb=True)
+            params = base_params()
+            params["data"].update(source="imagefolder", path=str(Path(tmp) / "jpg"))
+            measure(
+                f"prepare imagefolder ({args.jpg} 32x32 RGB JPEG)", params, args.jpg, args.repeats
+            )
 
 
 if __name__ == "__main__":
