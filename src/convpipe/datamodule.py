@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from convpipe.data.dataset import Manifest, load_manifest, load_split
+from convpipe.data.dataset import PIPELINE_FILE, Manifest, load_manifest, load_split
+from convpipe.errors import ConvpipeError
 from convpipe.transforms import BatchTransform, load_augmentation
-
-PIPELINE_FILE = "pipeline.json"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,6 +75,26 @@ class _ConcatBatches(ConcatDataset[Batch]):
         return images, labels
 
 
+def check_compatible(prepared: Manifest, augmented: Manifest, where: str | Path) -> None:
+    """Refuse augmented copies made from data of another shape or class list.
+
+    Raises:
+        ConvpipeError: naming the first field that differs.
+    """
+    if "train" not in augmented.splits:
+        raise ConvpipeError(
+            "the augmented data has no train split", f"in {where}", "rerun `dvc repro augment`"
+        )
+    for field in ("class_names", "channels", "image_size"):
+        mine, theirs = getattr(prepared, field), getattr(augmented, field)
+        if mine != theirs:
+            raise ConvpipeError(
+                f"the augmented data has {field} {theirs}, the prepared data {mine}",
+                f"in {where}",
+                "rerun `dvc repro augment` after prepare",
+            )
+
+
 def collate_batch(batch: Any) -> Any:
     """The dataset already returns a collated ``(x, y)`` batch; pass it through."""
     return batch
@@ -110,14 +129,18 @@ class ConvDataModule(L.LightningDataModule):
         self.online = online
         self.seed = seed
         self.manifest: Manifest = load_manifest(self.prepared_dir)
+        self.augmented: Manifest | None = None
+        if self.augmented_dir is not None:
+            self.augmented = load_manifest(self.augmented_dir)
+            check_compatible(self.manifest, self.augmented, self.augmented_dir)
         self.datasets: dict[str, Dataset[Batch]] = {}
 
     @property
     def train_size(self) -> int:
         """M in the course's λ/m: the number of training images, copies included."""
         size = self.manifest.splits["train"].count
-        if self.augmented_dir is not None:
-            size += load_manifest(self.augmented_dir).splits["train"].count
+        if self.augmented is not None:
+            size += self.augmented.splits["train"].count
         return size
 
     def transform(self, train: bool) -> BatchTransform:
@@ -138,10 +161,9 @@ class ConvDataModule(L.LightningDataModule):
             return
         train_tf = self.transform(train=True)
         parts = [ArrayDataset(*load_split(self.prepared_dir, self.manifest, "train"), train_tf)]
-        if self.augmented_dir is not None:
-            aug = load_manifest(self.augmented_dir)
-            if aug.splits["train"].count:
-                parts.append(ArrayDataset(*load_split(self.augmented_dir, aug, "train"), train_tf))
+        aug = self.augmented
+        if self.augmented_dir is not None and aug is not None and aug.splits["train"].count:
+            parts.append(ArrayDataset(*load_split(self.augmented_dir, aug, "train"), train_tf))
         self.datasets["train"] = parts[0] if len(parts) == 1 else _ConcatBatches(parts)
         self.datasets["val"] = self.split("val")
         self.datasets["test"] = self.split("test")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,10 +25,14 @@ from convpipe.datamodule import ArrayDataset, ConvDataModule
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.model import CNNClassifier, probabilities
-from convpipe.tracking import RunInfo, check_reachable
+from convpipe.tracking import RunInfo, check_reachable, mask_uri, mlflow_error
 from convpipe.tracking import tracking_uri as resolve_uri
 
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
 EVAL_BATCH = 512
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 
 
 def load_model(path: str | Path) -> CNNClassifier:
@@ -159,11 +164,14 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
 
 
 def worst_mistakes(probs: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` most confident wrong predictions, worst first."""
+    """Positions of the ``count`` most confident wrong predictions, worst first.
+
+    Ties keep dataset order (a stable sort), so the picture is the same on every run.
+    """
     preds = probs.argmax(dim=1)
     wrong = torch.nonzero(preds != labels).flatten()
     confidence = probs[wrong, preds[wrong]]
-    return wrong[torch.argsort(confidence, descending=True)[:count]]
+    return wrong[torch.sort(confidence, descending=True, stable=True).indices[:count]]
 
 
 def plot_misclassified(
@@ -177,7 +185,7 @@ def plot_misclassified(
     n = max(len(images), 1)
     cols = min(n, 8)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(1.8 * cols, 2.0 * rows))
+    fig = Figure(figsize=(max(1.8 * cols, 4.5), 2.0 * rows + 0.4))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -189,7 +197,7 @@ def plot_misclassified(
         )
     if not len(images):
         axes.flat[0].text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
-    fig.suptitle("Worst mistakes: true → predicted (confidence)")
+    fig.suptitle("Worst mistakes: true → predicted (confidence)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -233,9 +241,54 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def read_history(path: str | Path) -> list[dict[str, str]]:
+    """The train stage's per-epoch history rows.
+
+    Raises:
+        ConvpipeError: If the file is missing.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise ConvpipeError(
+            "training history not found", f"at {path}", "run `dvc repro train`"
+        ) from None
+
+
+def open_run(params: Params) -> tuple[MlflowClient, RunInfo]:
+    """The client and run of the training, checked to exist before anything is computed.
+
+    Raises:
+        ConvpipeError: If the run record is missing, the server unreachable or the run unknown.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run = RunInfo.load(params.paths.run_info)
+    uri = resolve_uri(params.mlflow)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run.run_id)
+    except (MlflowException, OSError) as exc:
+        raise ConvpipeError(
+            f"MLflow run {run.run_id} of the training not found ({type(exc).__name__})",
+            f"at {mask_uri(uri)} (the training logged to {run.tracking_uri})",
+            "use the tracking URI of the training, or rerun `dvc repro train`",
+        ) from None
+    return client, run
+
+
 def evaluate(params: Params) -> dict[str, Any]:
-    """Evaluate the trained model on the test split and write every evaluate-stage output."""
+    """Evaluate the trained model on the test split and write every evaluate-stage output.
+
+    Raises:
+        ConvpipeError: A missing or unsafe checkpoint, data the model was not trained for, or a
+            tracking store without the training's run.
+    """
     paths = params.paths
+    client, run = open_run(params)
     model = load_model(paths.model)
     datamodule = ConvDataModule(paths.prepared, None, EVAL_BATCH, 0, False, params.base.seed)
     manifest = datamodule.manifest
@@ -263,7 +316,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     worst = worst_mistakes(probs, labels, params.evaluate.misclassified)
     save_figure(
         plot_misclassified(
-            np.asarray(dataset.x[np.sort(worst.numpy())])[np.argsort(np.argsort(worst.numpy()))],
+            np.asarray(dataset.x[worst.numpy()]),  # a handful of rows: read order is moot
             labels[worst].tolist(),
             preds[worst].tolist(),
             probs[worst, preds[worst]].tolist(),
@@ -271,26 +324,24 @@ def evaluate(params: Params) -> dict[str, Any]:
         ),
         paths.misclassified_png,
     )
-    with open(paths.train_history, encoding="utf-8") as fh:
-        save_figure(plot_curves(list(csv.DictReader(fh))), paths.curves_png)
-    _log_to_run(params, metrics)
+    save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
+    _log_to_run(client, run.run_id, params, metrics)
     return metrics
 
 
-def _log_to_run(params: Params, metrics: dict[str, Any]) -> None:
-    """Add the test metrics and pictures to the MLflow run of the training."""
-    from mlflow.tracking import MlflowClient
+def _log_to_run(client: MlflowClient, run_id: str, params: Params, metrics: dict[str, Any]) -> None:
+    """Add the test metrics (batched) and pictures to the MLflow run of the training."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
-    run = RunInfo.load(params.paths.run_info)
-    uri = resolve_uri(params.mlflow)
-    check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
-    for key, value in mlflow_metrics(metrics).items():
-        client.log_metric(run.run_id, key, value)
-    for path in (
-        params.paths.confusion_png,
-        params.paths.misclassified_png,
-        params.paths.curves_png,
-    ):
-        client.log_artifact(run.run_id, path, "evaluation")
-    client.log_artifact(run.run_id, params.paths.eval_metrics, "evaluation")
+    paths = params.paths
+    stamp = int(time.time() * 1000)
+    values = [Metric(k, v, stamp, 0) for k, v in mlflow_metrics(metrics).items()]
+    try:
+        for start in range(0, len(values), METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=values[start : start + METRICS_PER_BATCH])
+        for path in (paths.confusion_png, paths.misclassified_png, paths.curves_png):
+            client.log_artifact(run_id, path, "evaluation")
+        client.log_artifact(run_id, paths.eval_metrics, "evaluation")
+    except (MlflowException, OSError) as exc:
+        raise mlflow_error(exc, resolve_uri(params.mlflow), f"logging to run {run_id}") from None

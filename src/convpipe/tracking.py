@@ -8,6 +8,7 @@ tracking URI is always passed explicitly, because MLFlowLogger would otherwise f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,14 +17,23 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convpipe.config import MlflowParams, Params
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json
 
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
 ENV_URI = "MLFLOW_TRACKING_URI"
 CONNECT_TIMEOUT_S = 5.0
+MASK = "***"
+# query-string keys whose values are secrets (e.g. ``postgresql://h/db?password=...``)
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "access_key", "api_key")
+# MLflow limits: values per log_batch call, characters per param value
+PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
 
 
 def tracking_uri(params: MlflowParams) -> str:
@@ -31,15 +41,29 @@ def tracking_uri(params: MlflowParams) -> str:
     return os.environ.get(ENV_URI) or params.tracking_uri
 
 
+def _mask_query(query: str) -> str:
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
+        return query
+    masked = [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
+    return urllib.parse.urlencode(masked, safe="*")
+
+
 def mask_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (safe to print, log and store)."""
+    """``uri`` with any password replaced by ``***`` (safe to print, log and store).
+
+    Both the ``user:password@`` part and secret query parameters (``?password=...``,
+    ``?token=...``) are masked; the rest of the URI is kept verbatim.
+    """
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:{MASK}@{hostport}"
+    query = _mask_query(parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return uri
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def check_reachable(uri: str) -> None:
@@ -47,11 +71,21 @@ def check_reachable(uri: str) -> None:
 
     MLflow's own client retries for minutes before giving up; a user deserves to know in
     seconds that the server is down.
+
+    Raises:
+        ConvpipeError: If nothing accepts a TCP connection at the URI's host and port.
     """
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConvpipeError(
+            "MLflow tracking URI has an invalid port",
+            f"at {mask_uri(uri)}",
+            f"fix mlflow.tracking_uri / {ENV_URI}",
+        ) from None
     try:
         with socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
             pass
@@ -61,6 +95,16 @@ def check_reachable(uri: str) -> None:
             f"at {mask_uri(uri)}",
             f"start it, or set mlflow.tracking_uri / {ENV_URI} to a reachable store",
         ) from None
+
+
+def mlflow_error(exc: Exception, uri: str, doing: str) -> ConvpipeError:
+    """A one-line user error for an MLflow failure while ``doing`` something at ``uri``."""
+    first = " ".join(str(getattr(exc, "message", exc)).split())[:300]
+    return ConvpipeError(
+        f"MLflow failed while {doing} ({type(exc).__name__}: {first})",
+        f"at {mask_uri(uri)}",
+        f"check mlflow.tracking_uri / {ENV_URI} and that the store is writable",
+    )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -74,12 +118,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 
 def params_for_mlflow(params: Params) -> dict[str, str]:
-    """Every resolved param as ``{"train.lr": "0.003", ...}``, URIs masked."""
+    """Every resolved param as ``{"train.lr": "0.003", ...}``, URIs masked.
+
+    Lists (e.g. ``model.conv``) are one JSON value each; values are never truncated below
+    MLflow's own limit.
+    """
     out = {}
     for key, value in flatten(params.model_dump(mode="json")):
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         out[key] = mask_uri(text) if "uri" in key else text
     return out
+
+
+def masked_params(params: Params) -> dict[str, Any]:
+    """``params`` as a plain nested mapping with every URI masked (safe to store as artifact)."""
+    data = params.model_dump(mode="json")
+    data["mlflow"]["tracking_uri"] = mask_uri(data["mlflow"]["tracking_uri"])
+    return data
+
+
+def log_params(client: MlflowClient, run_id: str, values: Mapping[str, str]) -> None:
+    """Log ``values`` as run params in batches of at most MLflow's 100 per request."""
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in values.items()]
+    for start in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
 
 
 def _git(*args: str) -> str | None:
@@ -92,26 +156,54 @@ def _git(*args: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def dvc_lock_hashes(lock: str | Path = "dvc.lock", stages: tuple[str, ...] = ()) -> dict[str, str]:
-    """``{"dvc.<stage>.<out path>": md5}`` for the outputs recorded in ``dvc.lock``."""
+def _read_lock(path: Path) -> dict[str, Any]:
+    """The ``stages`` mapping of a ``dvc.lock`` file ({} when it has none)."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
+    try:
+        data = YAML(typ="safe", pure=True).load(path)
+    except (OSError, YAMLError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise ConvpipeError(
+            f"cannot read dvc.lock ({first})", f"at {path}", "restore it or rerun `dvc repro`"
+        ) from None
+    stages = data.get("stages") if isinstance(data, dict) else None
+    return stages if isinstance(stages, dict) else {}
+
+
+def dvc_lock_hashes(lock: str | Path = "dvc.lock", stages: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{"dvc.<stage>.<out path>": md5}`` for the outputs recorded in ``dvc.lock``.
+
+    Args:
+        lock: The lock file; a missing file gives ``{}`` (not a DVC run).
+        stages: Only these stages (all when empty).
+
+    Raises:
+        ConvpipeError: If the file exists but is not readable YAML.
+    """
     path = Path(lock)
     if not path.exists():
         return {}
-    data = YAML(typ="safe", pure=True).load(path) or {}
     tags = {}
-    for stage, entry in (data.get("stages") or {}).items():
+    for stage, entry in _read_lock(path).items():
         if stages and stage not in stages:
             continue
-        for out in entry.get("outs") or []:
-            tags[f"dvc.{stage}.{out['path']}"] = str(out.get("md5", ""))
+        outs = entry.get("outs") if isinstance(entry, dict) else None
+        for out in outs or []:
+            if isinstance(out, dict) and "path" in out:
+                tags[f"dvc.{stage}.{out['path']}"] = str(out.get("md5", ""))
     return tags
 
 
-def run_tags(input_stages: tuple[str, ...]) -> dict[str, str]:
-    """Tags identifying a run's code and data: git commit, dirty flag, dvc.lock hashes."""
-    tags = dvc_lock_hashes(stages=input_stages)
+def run_tags(input_stages: tuple[str, ...], lock: str | Path = "dvc.lock") -> dict[str, str]:
+    """Tags identifying a run's code and data: git commit, dirty flag, dvc.lock hashes.
+
+    Args:
+        input_stages: The DVC stages whose outputs the run reads.
+        lock: The ``dvc.lock`` file to read hashes from.
+    """
+    tags = dvc_lock_hashes(lock, stages=input_stages)
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     tags["git.commit"] = commit or "unknown"
@@ -129,19 +221,28 @@ class RunInfo:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically."""
-        write_json(path, self.__dict__)
+        write_json(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> RunInfo:
-        """Read the file the train stage wrote."""
+        """Read the file the train stage wrote.
+
+        Raises:
+            ConvpipeError: If the file is missing or not a run record.
+        """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls(**data)
+            info = cls(**data)
         except FileNotFoundError:
             raise ConvpipeError(
                 "no MLflow run recorded", f"in {path}", "run `dvc repro train` first"
             ) from None
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
             raise ConvpipeError(
                 f"unreadable run record ({exc})", f"in {path}", "rerun `dvc repro train`"
             ) from None
+        if not all(isinstance(v, str) and v for v in dataclasses.astuple(info)):
+            raise ConvpipeError(
+                "run record fields must be non-empty strings", f"in {path}", "rerun dvc repro train"
+            )
+        return info

@@ -2,12 +2,21 @@
 
 :func:`train` is the one function ``pipelines/train.py`` calls. It trains on the prepared +
 augmented data, tests the best checkpoint, and writes the DVC outputs named in ``paths:``.
+
+The MLflow run gets, once each: every resolved param (``train.lr``, ``model.conv``, ...) plus
+the values derived from the data (``derived.*``), tags naming the code and data (git commit,
+dirty flag, ``dvc.lock`` hashes), per-epoch metrics, the test metrics of the best checkpoint,
+and the artifacts ``params.yaml`` (resolved, URIs masked), the data manifests, the model and
+the history. Whatever fails after the run is opened marks it FAILED (KILLED on an interrupt):
+no run is ever left RUNNING.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
+import logging
 import math
 import shutil
 from collections.abc import Iterator, Mapping
@@ -27,12 +36,21 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import MLFlowLogger
 
 from convpipe.config import Params, TrainParams
-from convpipe.data.dataset import MANIFEST
+from convpipe.data.dataset import MANIFEST, PIPELINE_FILE
 from convpipe.datamodule import ConvDataModule
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.model import CNNClassifier
-from convpipe.tracking import RunInfo, check_reachable, mask_uri, params_for_mlflow, run_tags
+from convpipe.tracking import (
+    RunInfo,
+    check_reachable,
+    log_params,
+    mask_uri,
+    masked_params,
+    mlflow_error,
+    params_for_mlflow,
+    run_tags,
+)
 from convpipe.tracking import tracking_uri as resolve_uri
 
 HISTORY_COLUMNS = (
@@ -44,6 +62,13 @@ HISTORY_COLUMNS = (
     "val/acc",
     "lr",
 )
+# What CNNClassifier logs at epoch level during fit: the metrics train.monitor may name.
+MONITORS = ("train/loss", "train/acc", "train/objective", "train/penalty", "val/loss", "val/acc")
+# The DVC stages whose outputs training reads (their dvc.lock hashes become run tags).
+INPUT_STAGES = ("prepare", "augment")
+BEST, LAST = "best", "last"
+
+log = logging.getLogger("convpipe")
 
 
 class EpochHistory(Callback):
@@ -74,10 +99,26 @@ class EpochHistory(Callback):
         return buf.getvalue()
 
 
+class RunLogger(MLFlowLogger):
+    """MLFlowLogger that leaves params to :func:`train`.
+
+    Lightning would log the LightningModule's ``hparams`` a second time under other names
+    (``train/lr`` beside ``train.lr``) and truncate every value to 250 characters; the run's
+    params are logged once, in full, by :func:`convpipe.tracking.log_params` instead.
+    """
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Ignore Lightning's hparams (see the class docstring)."""
+
+
 def build_trainer(
     train: TrainParams, callbacks: list[Callback], logger: MLFlowLogger | bool, root: str
 ) -> L.Trainer:
-    """A Trainer configured from the ``train`` section (deterministic, epoch-level logging)."""
+    """A Trainer configured from the ``train`` section (deterministic, epoch-level logging).
+
+    Raises:
+        ConvpipeError: If the accelerator, devices, strategy or precision are not usable here.
+    """
     try:
         return L.Trainer(
             accelerator=train.accelerator,
@@ -101,7 +142,11 @@ def build_trainer(
 
 
 def check_batch_size(train: TrainParams, train_size: int) -> None:
-    """Refuse a batch size larger than the training set (every epoch would be one short batch)."""
+    """Refuse a batch size larger than the training set (every epoch would be one short batch).
+
+    Raises:
+        ConvpipeError: If ``train.batch_size`` is a number above ``train_size``.
+    """
     if train.batch_size != "full" and int(train.batch_size) > train_size:
         raise ConvpipeError(
             f"train.batch_size is {train.batch_size} but the train split has {train_size} images",
@@ -110,14 +155,48 @@ def check_batch_size(train: TrainParams, train_size: int) -> None:
         )
 
 
+def check_monitor(train: TrainParams) -> None:
+    """Refuse a ``train.monitor`` the model never logs (Lightning would fail mid-training).
+
+    Raises:
+        ConvpipeError: naming the closest valid metric.
+    """
+    if train.monitor in MONITORS:
+        return
+    close = difflib.get_close_matches(train.monitor, MONITORS, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(MONITORS)}"
+    raise ConvpipeError(
+        f"train.monitor is '{train.monitor}', a metric the model does not log",
+        "in params.yaml",
+        hint,
+    )
+
+
+def _terminate(logger: MLFlowLogger, status: str) -> None:
+    """Set the run's final status; a tracking failure here must not hide the original error."""
+    try:
+        logger.experiment.set_terminated(str(logger.run_id), status)
+    except Exception as exc:  # already failing: the first error is the one to report
+        log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, exc)
+
+
 @contextmanager
 def failed_run_on_error(logger: MLFlowLogger) -> Iterator[None]:
-    """Mark the MLflow run FAILED if anything below raises, so no run stays RUNNING."""
+    """Mark the MLflow run FAILED (KILLED on an interrupt) if anything below raises.
+
+    The run must already exist (see :func:`start_run`), so no run stays RUNNING. Lightning
+    answers Ctrl+C inside ``fit``/``test`` with ``sys.exit(1)`` after its own cleanup; that
+    exit is re-raised as the KeyboardInterrupt it was, so the stage reports it in one line.
+    """
     try:
         yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _terminate(logger, "KILLED")
+        if isinstance(exc, SystemExit):
+            raise KeyboardInterrupt from exc
+        raise
     except BaseException:
-        if logger.run_id is not None:
-            logger.experiment.set_terminated(logger.run_id, "FAILED")
+        _terminate(logger, "FAILED")
         raise
 
 
@@ -130,34 +209,46 @@ class TrainResult:
     run: RunInfo
 
 
-def _make_logger(params: Params) -> MLFlowLogger:
-    uri = resolve_uri(params.mlflow)
+def start_run(params: Params, uri: str) -> RunLogger:
+    """Open the MLflow run (creating the experiment if needed) and return its logger.
+
+    Raises:
+        ConvpipeError: If the tracking store is unreachable or refuses the run.
+    """
+    from mlflow.exceptions import MlflowException
+
     check_reachable(uri)
-    logger = MLFlowLogger(
-        experiment_name=params.mlflow.experiment,
-        tracking_uri=uri,
-        tags=run_tags(("prepare", "augment")),
-    )
-    logger.log_hyperparams(params_for_mlflow(params))
+    tags = run_tags(INPUT_STAGES)
+    try:
+        logger = RunLogger(experiment_name=params.mlflow.experiment, tracking_uri=uri, tags=tags)
+        _ = logger.experiment  # creates the experiment and the run now, not mid-training
+    except (MlflowException, OSError) as exc:
+        raise mlflow_error(exc, uri, "opening a run") from None
     return logger
 
 
 def _callbacks(
     train: TrainParams, checkpoints: str
 ) -> tuple[ModelCheckpoint, EpochHistory, list[Callback]]:
-    checkpoint = ModelCheckpoint(
+    """The best-checkpoint and history callbacks, and the full list."""
+    best = ModelCheckpoint(
         dirpath=checkpoints,
-        filename="best",
+        filename=BEST,
         monitor=train.monitor,
         mode=train.monitor_mode,
         save_top_k=1,
-        save_last=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    # Lightning 2.6 rewrites save_last's last.ckpt only when a better checkpoint is saved in
+    # the same step, so an unmonitored ModelCheckpoint writes last.ckpt after every epoch.
+    last = ModelCheckpoint(
+        dirpath=checkpoints, filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False
     )
     history = EpochHistory()
     early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
     lr = LearningRateMonitor(logging_interval="epoch")
-    return checkpoint, history, [checkpoint, early, lr, history]
+    return best, history, [best, last, early, lr, history]
 
 
 def _summary(
@@ -175,6 +266,31 @@ def _summary(
     }
 
 
+def _datamodule(params: Params) -> ConvDataModule:
+    cfg = params.train
+    return ConvDataModule(
+        params.paths.prepared,
+        params.paths.augmented,
+        cfg.batch_size,
+        cfg.num_workers,
+        params.augment.online,
+        params.base.seed,
+    )
+
+
+def _derived(datamodule: ConvDataModule, uri: str) -> dict[str, str]:
+    """Run params that come from the data and the environment, not from params.yaml."""
+    manifest = datamodule.manifest
+    return {
+        "derived.tracking_uri": mask_uri(uri),  # $MLFLOW_TRACKING_URI may override the param
+        "derived.num_classes": str(manifest.num_classes),
+        "derived.in_channels": str(manifest.channels),
+        "derived.image_hw": str(list(manifest.image_hw)),
+        "derived.train_size": str(datamodule.train_size),
+        "derived.content_hash": manifest.content_hash,
+    }
+
+
 def train(params: Params) -> TrainResult:
     """Train, test the best checkpoint and write every train-stage output.
 
@@ -183,14 +299,8 @@ def train(params: Params) -> TrainResult:
     """
     L.seed_everything(params.base.seed, workers=True, verbose=False)
     paths, cfg = params.paths, params.train
-    datamodule = ConvDataModule(
-        paths.prepared,
-        paths.augmented,
-        cfg.batch_size,
-        cfg.num_workers,
-        params.augment.online,
-        params.base.seed,
-    )
+    check_monitor(cfg)
+    datamodule = _datamodule(params)
     manifest = datamodule.manifest
     check_batch_size(cfg, datamodule.train_size)
     model = CNNClassifier(
@@ -202,38 +312,45 @@ def train(params: Params) -> TrainResult:
         train_size=datamodule.train_size,
         class_names=manifest.class_names,
     )
-    shutil.rmtree(paths.checkpoints, ignore_errors=True)
-    logger = _make_logger(params)
-    checkpoint, history, callbacks = _callbacks(cfg, paths.checkpoints)
+    uri = resolve_uri(params.mlflow)
+    logger = start_run(params, uri)
     with failed_run_on_error(logger):
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        best, history, callbacks = _callbacks(cfg, paths.checkpoints)
+        client, run_id = logger.experiment, str(logger.run_id)
+        log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
+        client.log_dict(run_id, masked_params(params), "params.yaml")
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints)
         trainer.fit(model, datamodule=datamodule)
         test = trainer.test(
-            model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False
+            model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
         )
-        metrics = _summary(trainer, checkpoint, test[0])
-        run = RunInfo(
-            str(logger.run_id), str(logger.experiment_id), mask_uri(resolve_uri(params.mlflow))
-        )
-        _write_outputs(params, checkpoint.best_model_path, history, metrics, run)
+        metrics = _summary(trainer, best, test[0])
+        run = RunInfo(run_id, str(logger.experiment_id), mask_uri(uri))
+        _write_outputs(params, best.best_model_path, history, metrics)
         _log_artifacts(logger, params)
+        run.save(paths.run_info)  # last: evaluate only ever finds a complete run
+        client.set_terminated(run_id, "FINISHED")
     return TrainResult(paths.model, metrics, run)
 
 
 def _write_outputs(
-    params: Params, best: str, history: EpochHistory, metrics: dict[str, Any], run: RunInfo
+    params: Params, best: str, history: EpochHistory, metrics: dict[str, Any]
 ) -> None:
     paths = params.paths
     with atomic_path(paths.model) as tmp:
         shutil.copyfile(best, tmp)
     write_json(paths.train_metrics, metrics)
     write_text(paths.train_history, history.to_csv())
-    run.save(paths.run_info)
 
 
 def _log_artifacts(logger: MLFlowLogger, params: Params) -> None:
+    """The data manifests (and augmentation pipeline), the model and the history."""
     client, run_id = logger.experiment, str(logger.run_id)
-    client.log_artifact(run_id, "params.yaml")
     client.log_artifact(run_id, str(Path(params.paths.prepared) / MANIFEST), "data")
+    augmented = Path(params.paths.augmented)
+    for name in (MANIFEST, PIPELINE_FILE):
+        if (augmented / name).is_file():
+            client.log_artifact(run_id, str(augmented / name), "data/augmented")
     client.log_artifact(run_id, params.paths.model, "model")
     client.log_artifact(run_id, params.paths.train_history, "plots")

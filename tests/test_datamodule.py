@@ -1,0 +1,228 @@
+"""ConvDataModule over real prepared + augmented digits: batching, order, normalisation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from convpipe.config import Params, parse_params
+from convpipe.data.augment import write_augmented
+from convpipe.data.dataset import MANIFEST, load_manifest, load_split
+from convpipe.data.prepare import write_prepared
+from convpipe.data.sources import open_source
+from convpipe.datamodule import ArrayDataset, ConvDataModule
+from convpipe.errors import ConvpipeError
+from convpipe.tracking import ENV_URI
+from convpipe.training import check_batch_size, train
+
+
+def params_in(raw: dict[str, Any], root: Path, **overrides: Any) -> Params:
+    """The shipped params with every path under ``root`` and dotted-key overrides."""
+    raw = copy.deepcopy(raw)
+    raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
+    raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def data(raw_params, tmp_path_factory) -> Params:
+    """Prepared digits (70/15/15) and one augmented copy of the train split."""
+    root = tmp_path_factory.mktemp("dm")
+    params = params_in(raw_params, root)
+    write_prepared(open_source(params.data), params.data, params.base.seed, params.paths.prepared)
+    write_augmented(params)
+    return params
+
+
+def module(params: Params, batch_size: int | str = 64, augmented: bool = True) -> ConvDataModule:
+    dm = ConvDataModule(
+        params.paths.prepared,
+        params.paths.augmented if augmented else None,
+        batch_size,
+        0,
+        False,
+        params.base.seed,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def normalised(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    """What the model must see: (x/255 - mean) / std per channel, as (N, C, H, W)."""
+    scaled = x.astype(np.float64) / 255.0
+    out = (scaled - np.asarray(mean)) / np.asarray(std)
+    return torch.from_numpy(out.transpose(0, 3, 1, 2).astype(np.float32))
+
+
+def test_train_is_prepared_plus_augmented(data: Params) -> None:
+    dm = module(data)
+    prepared = load_manifest(data.paths.prepared)
+    augmented = load_manifest(data.paths.augmented)
+    n_prep = prepared.splits["train"].count
+    n_aug = augmented.splits["train"].count
+    assert n_aug == n_prep * data.augment.copies > 0
+    assert dm.train_size == n_prep + n_aug == len(dm.datasets["train"])
+    assert len(dm.datasets["val"]) == prepared.splits["val"].count
+    assert len(dm.datasets["test"]) == prepared.splits["test"].count
+    # the first n_prep training images are the prepared split, the rest the augmented copies
+    px, py = load_split(data.paths.prepared, prepared, "train")
+    ax, ay = load_split(data.paths.augmented, augmented, "train")
+    x, y = dm.datasets["train"].__getitems__([0, n_prep - 1, n_prep, n_prep + n_aug - 1])  # type: ignore[attr-defined]
+    expected = np.stack([px[0], px[n_prep - 1], ax[0], ax[n_aug - 1]])
+    torch.testing.assert_close(x, normalised(expected, prepared.mean, prepared.std))
+    assert y.tolist() == [py[0], py[n_prep - 1], ay[0], ay[n_aug - 1]]
+    assert module(data, augmented=False).train_size == n_prep
+
+
+@pytest.mark.parametrize("batch_size", [1, 64, "full"])
+def test_batch_sizes(data: Params, batch_size: int | str) -> None:
+    dm = module(data, batch_size)
+    m = dm.train_size
+    loader = dm.train_dataloader()
+    expected = m if batch_size == "full" else int(batch_size)
+    assert len(loader) == math.ceil(m / expected)
+    x, y = next(iter(loader))
+    assert x.shape == (expected, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (expected,) and y.dtype == torch.int64
+    if batch_size == "full":
+        # batch gradient descent: one batch per epoch holding every training image once
+        batches = list(loader)
+        assert len(batches) == 1
+        folders = (data.paths.prepared, data.paths.augmented)
+        labels = [load_split(path, load_manifest(path), "train")[1] for path in folders]
+        assert sorted(batches[0][1].tolist()) == sorted(np.concatenate(labels).tolist())
+        assert len(dm.val_dataloader()) == 1 and len(dm.test_dataloader()) == 1
+
+
+def test_pure_sgd_sees_every_image_once_per_epoch(data: Params) -> None:
+    dm = module(data, 1, augmented=False)
+    labels = [int(y) for _, y in dm.train_dataloader()]
+    assert len(labels) == dm.train_size
+    train_y = dm.datasets["train"].y  # type: ignore[attr-defined]
+    assert sorted(labels) == sorted(train_y.tolist())
+    assert labels != train_y.tolist()  # shuffled
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_whole_batch_fetch_equals_per_item_in_order(data: Params, augmented: bool) -> None:
+    dataset = module(data, augmented=augmented).datasets["train"]
+    n = len(dataset)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    # unsorted, with duplicates, spanning both parts of the concatenation
+    indices = [*rng.integers(0, n, 40).tolist(), n - 1, 0, n - 1, n // 2 + 1, n // 2]
+    x, y = dataset.__getitems__(indices)  # type: ignore[attr-defined]
+    items = [dataset[i] for i in indices]
+    torch.testing.assert_close(x, torch.stack([item[0] for item in items]), rtol=0, atol=0)
+    assert y.tolist() == [int(item[1]) for item in items]
+
+
+def test_normalisation_uses_the_manifest_mean_and_std(data: Params, tmp_path: Path) -> None:
+    manifest = load_manifest(data.paths.prepared)
+    x, y = load_split(data.paths.prepared, manifest, "val")
+    val = module(data).datasets["val"]
+    got, labels = val.__getitems__(list(range(len(val))))  # type: ignore[attr-defined]
+    torch.testing.assert_close(got, normalised(np.asarray(x), manifest.mean, manifest.std))
+    assert labels.tolist() == y.tolist()
+    # the manifest's statistics are those of the train split: it comes out standardised
+    train = module(data, augmented=False).datasets["train"]
+    tx, _ = train.__getitems__(list(range(len(train))))  # type: ignore[attr-defined]
+    assert abs(float(tx.mean())) < 1e-4 and abs(float(tx.std()) - 1) < 1e-3
+    # other statistics in the manifest change what the loader produces accordingly
+    copied = tmp_path / "prepared"
+    shutil.copytree(data.paths.prepared, copied)
+    raw = json.loads((copied / MANIFEST).read_text())
+    raw["mean"], raw["std"] = [0.5], [0.25]
+    (copied / MANIFEST).write_text(json.dumps(raw))
+    other = ConvDataModule(copied, None, 64, 0, False, 0)
+    other.setup()
+    got2, _ = other.datasets["val"].__getitems__([0, 1])  # type: ignore[attr-defined]
+    torch.testing.assert_close(got2, normalised(np.asarray(x[:2]), [0.5], [0.25]))
+
+
+def test_val_and_test_are_in_order_and_train_is_seeded(data: Params) -> None:
+    dm = module(data, 32)
+    manifest = dm.manifest
+    for split, loader in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
+        _, y = load_split(data.paths.prepared, manifest, split)
+        first = torch.cat([b[1] for b in loader()]).tolist()
+        assert first == y.tolist()
+        assert torch.cat([b[1] for b in loader()]).tolist() == first
+
+    def first_epoch(seed: int) -> list[int]:
+        other = ConvDataModule(data.paths.prepared, data.paths.augmented, 32, 0, False, seed)
+        other.setup()
+        return torch.cat([b[1] for b in other.train_dataloader()]).tolist()
+
+    epoch = first_epoch(data.base.seed)
+    assert epoch == first_epoch(data.base.seed)  # same seed, same order
+    assert epoch != first_epoch(data.base.seed + 1)
+    loader = dm.train_dataloader()
+    one, two = (torch.cat([b[1] for b in loader]).tolist() for _ in range(2))
+    assert one != two and sorted(one) == sorted(two)  # reshuffled every epoch
+
+
+def test_item_access_returns_one_image_and_an_int64_label(data: Params) -> None:
+    manifest = load_manifest(data.paths.prepared)
+    x, y = load_split(data.paths.prepared, manifest, "test")
+    ds = ArrayDataset(x, y.astype(np.int32), module(data).transform(train=False))
+    image, label = ds[3]
+    assert image.shape == (1, 8, 8) and label.dtype == torch.int64 and int(label) == y[3]
+
+
+def test_check_batch_size(make_params) -> None:
+    check_batch_size(make_params(**{"train.batch_size": 100}).train, 100)
+    check_batch_size(make_params(**{"train.batch_size": "full"}).train, 3)
+    with pytest.raises(ConvpipeError) as info:
+        check_batch_size(make_params(**{"train.batch_size": 101}).train, 100)
+    line = info.value.line()
+    assert "train.batch_size is 101" in line and "100 images" in line and "full" in line
+
+
+def test_train_refuses_a_batch_larger_than_the_train_split(
+    data: Params, raw_params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_URI, raising=False)
+    m = module(data).train_size
+    params = params_in(raw_params, tmp_path, **{"train.batch_size": m + 1})
+    params = params.model_copy(
+        update={
+            "paths": params.paths.model_copy(
+                update={"prepared": data.paths.prepared, "augmented": data.paths.augmented}
+            )
+        }
+    )
+    start = time.monotonic()
+    with pytest.raises(ConvpipeError, match=rf"batch_size is {m + 1} .* {m} images"):
+        train(params)
+    assert time.monotonic() - start < 5
+    # refused before anything was tracked or written
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not Path(params.paths.model).exists() and not Path(params.paths.checkpoints).exists()
+
+
+def test_augmented_data_must_match_the_prepared_data(data: Params, tmp_path: Path) -> None:
+    copied = tmp_path / "augmented"
+    shutil.copytree(data.paths.augmented, copied)
+    raw = json.loads((copied / MANIFEST).read_text())
+    raw["image_size"] = [16, 16]
+    (copied / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(ConvpipeError, match=r"augmented data has image_size \(16, 16\)"):
+        ConvDataModule(data.paths.prepared, copied, 64, 0, False, 0)
+    with pytest.raises(ConvpipeError, match=r"no manifest\.json"):
+        ConvDataModule(data.paths.prepared, tmp_path / "missing", 64, 0, False, 0)

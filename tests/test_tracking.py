@@ -1,0 +1,302 @@
+"""tracking.py: URI masking, params flattening, dvc.lock/git tags, run records, reachability."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from convpipe.config import Params
+from convpipe.errors import ConvpipeError
+from convpipe.tracking import (
+    ENV_URI,
+    RunInfo,
+    check_reachable,
+    dvc_lock_hashes,
+    flatten,
+    log_params,
+    mask_uri,
+    masked_params,
+    params_for_mlflow,
+    run_tags,
+    tracking_uri,
+)
+
+# The shape DVC 3 writes (schema 2.0): deps/params/outs per stage, outs with md5 + size.
+DVC_LOCK = """\
+schema: '2.0'
+stages:
+  prepare:
+    cmd: python pipelines/prepare.py
+    deps:
+    - path: pipelines/prepare.py
+      hash: md5
+      md5: f4b30f4234373732dc6f1bd502c90501
+      size: 871
+    params:
+      params.yaml:
+        base.seed: 42
+    outs:
+    - path: data/prepared
+      hash: md5
+      md5: 0123456789abcdef0123456789abcdef.dir
+      size: 1234567
+      nfiles: 8
+  augment:
+    cmd: python pipelines/augment.py
+    outs:
+    - path: data/augmented
+      hash: md5
+      md5: fedcba9876543210fedcba9876543210.dir
+      size: 7654321
+      nfiles: 4
+    - path: reports/augment_preview.png
+      hash: md5
+      md5: 11111111111111111111111111111111
+      size: 2048
+  train:
+    cmd: python pipelines/train.py
+    outs:
+    - path: models/model.ckpt
+      hash: md5
+      md5: 22222222222222222222222222222222
+      size: 656336
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("http://alice:s3cr%40t@mlflow.example.com/", "http://alice:***@mlflow.example.com/"),
+        ("http://u:secret@[::1]:5000/path", "http://u:***@[::1]:5000/path"),
+        ("https://u:secret@Host.Example:8443", "https://u:***@Host.Example:8443"),
+        ("mysql://u:secret@h/db?charset=utf8", "mysql://u:***@h/db?charset=utf8"),
+        ("postgresql://h/db?user=u&password=secret", "postgresql://h/db?user=u&password=***"),
+        ("http://h:5000/?token=secret", "http://h:5000/?token=***"),
+    ],
+)
+def test_mask_uri_hides_the_password(uri: str, expected: str) -> None:
+    masked = mask_uri(uri)
+    assert masked == expected
+    assert "secret" not in masked and "s3cr" not in masked
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlflow.db",
+        "sqlite:////abs/path/mlflow.db",
+        "http://127.0.0.1:5000",
+        "http://user@h:5000",
+        "databricks",
+        "postgresql://h/db?sslmode=require",
+    ],
+)
+def test_mask_uri_keeps_uris_without_a_password(uri: str) -> None:
+    assert mask_uri(uri) == uri
+
+
+def test_tracking_uri_env_wins(make_params, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = make_params(**{"mlflow.tracking_uri": "sqlite:///from-params.db"})
+    monkeypatch.delenv(ENV_URI, raising=False)
+    assert tracking_uri(params.mlflow) == "sqlite:///from-params.db"
+    monkeypatch.setenv(ENV_URI, "http://127.0.0.1:5999")
+    assert tracking_uri(params.mlflow) == "http://127.0.0.1:5999"
+    monkeypatch.setenv(ENV_URI, "")  # empty counts as unset
+    assert tracking_uri(params.mlflow) == "sqlite:///from-params.db"
+
+
+# --------------------------------------------------------------------------- params
+
+
+def test_params_for_mlflow_has_every_leaf_and_masks_uris(make_params) -> None:
+    params: Params = make_params(**{"mlflow.tracking_uri": "postgresql://u:secret@db:5432/ml"})
+    flat = params_for_mlflow(params)
+    leaves = dict(flatten(params.model_dump(mode="json")))
+    assert set(flat) == set(leaves)
+    assert all(isinstance(v, str) for v in flat.values())
+    assert flat["train.lr"] == str(params.train.lr)
+    assert flat["model.dropout"] == str(params.model.dropout)
+    assert flat["data.source"] == "digits"
+    assert flat["data.csv.label_column"] == "0"
+    assert flat["mlflow.tracking_uri"] == "postgresql://u:***@db:5432/ml"
+    # lists stay whole, as JSON that reads back to the same value
+    assert json.loads(flat["model.conv"]) == params.model.model_dump(mode="json")["conv"]
+    assert json.loads(flat["model.hidden"]) == list(params.model.hidden)
+    assert not any("secret" in v for v in flat.values())
+
+
+def test_masked_params_is_the_resolved_mapping_without_secrets(make_params) -> None:
+    params = make_params(**{"mlflow.tracking_uri": "http://u:secret@h:5000"})
+    data = masked_params(params)
+    assert data["mlflow"]["tracking_uri"] == "http://u:***@h:5000"
+    assert data["train"] == params.train.model_dump(mode="json")
+    assert params.mlflow.tracking_uri == "http://u:secret@h:5000"  # the params are untouched
+
+
+def test_log_params_batches_and_never_truncates(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    values = {f"p.{i:03d}": str(i) for i in range(230)}  # > 2 batches of 100
+    values["model.conv"] = json.dumps([{"filters": i, "padding": "same"} for i in range(40)])
+    assert len(values["model.conv"]) > 1000
+    log_params(client, run_id, values)
+    assert client.get_run(run_id).data.params == values
+
+
+# --------------------------------------------------------------------------- tags
+
+
+def test_dvc_lock_hashes_reads_a_dvc_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(DVC_LOCK, encoding="utf-8")
+    assert dvc_lock_hashes(lock, stages=("prepare", "augment")) == {
+        "dvc.prepare.data/prepared": "0123456789abcdef0123456789abcdef.dir",
+        "dvc.augment.data/augmented": "fedcba9876543210fedcba9876543210.dir",
+        "dvc.augment.reports/augment_preview.png": "11111111111111111111111111111111",
+    }
+    everything = dvc_lock_hashes(lock)
+    assert everything["dvc.train.models/model.ckpt"] == "22222222222222222222222222222222"
+    assert len(everything) == 4
+    # deps and params are not outputs
+    assert not any("pipelines/prepare.py" in key for key in everything)
+
+
+def test_dvc_lock_hashes_missing_empty_and_broken(tmp_path: Path) -> None:
+    assert dvc_lock_hashes(tmp_path / "absent.lock") == {}
+    empty = tmp_path / "empty.lock"
+    empty.write_text("", encoding="utf-8")
+    assert dvc_lock_hashes(empty) == {}
+    broken = tmp_path / "broken.lock"
+    broken.write_text("stages: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConvpipeError, match=r"cannot read dvc.lock") as info:
+        dvc_lock_hashes(broken)
+    assert "\n" not in info.value.line()
+
+
+def _git(cwd: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@localhost",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@localhost",
+    }
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True
+    )
+    return proc.stdout.strip()
+
+
+def test_run_tags_name_the_commit_dirty_flag_and_data(tmp_path: Path, monkeypatch) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "dvc.lock").write_text(DVC_LOCK, encoding="utf-8")
+    (repo / "params.yaml").write_text("base: {seed: 1}\n", encoding="utf-8")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "init")
+    monkeypatch.chdir(repo)
+    tags = run_tags(("prepare", "augment"))
+    assert tags["git.commit"] == _git(repo, "rev-parse", "HEAD")
+    assert tags["git.dirty"] == "false"
+    assert tags["dvc.prepare.data/prepared"].endswith(".dir")
+    assert "dvc.train.models/model.ckpt" not in tags
+    (repo / "params.yaml").write_text("base: {seed: 2}\n", encoding="utf-8")
+    assert run_tags(())["git.dirty"] == "true"
+    (repo / "untracked.txt").write_text("x", encoding="utf-8")
+    (repo / "params.yaml").write_text("base: {seed: 1}\n", encoding="utf-8")
+    assert run_tags(())["git.dirty"] == "false"  # untracked files do not make it dirty
+
+
+def test_run_tags_outside_git(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    tags = run_tags(("prepare",))
+    assert tags == {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+# --------------------------------------------------------------------------- run record
+
+
+def test_run_info_round_trip(tmp_path: Path) -> None:
+    info = RunInfo("a" * 32, "7", "http://u:***@h:5000")
+    path = tmp_path / "models" / "mlflow_run.json"
+    info.save(path)
+    assert json.loads(path.read_text()) == {
+        "run_id": "a" * 32,
+        "experiment_id": "7",
+        "tracking_uri": "http://u:***@h:5000",
+    }
+    assert RunInfo.load(path) == info
+    assert [p.name for p in path.parent.iterdir()] == ["mlflow_run.json"]  # no temp files
+
+
+def test_run_info_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConvpipeError) as info:
+        RunInfo.load(tmp_path / "nope.json")
+    line = info.value.line()
+    assert line.startswith("convpipe: error: no MLflow run recorded")
+    assert "nope.json" in line and "dvc repro train" in line
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"run_id": "x"}',
+        '{"run_id": "x", "experiment_id": "1", "tracking_uri": "u", "extra": 1}',
+        '{"run_id": "", "experiment_id": "1", "tracking_uri": "u"}',
+        '{"run_id": 5, "experiment_id": "1", "tracking_uri": "u"}',
+    ],
+)
+def test_run_info_unreadable(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConvpipeError, match="run record"):
+        RunInfo.load(path)
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+def test_check_reachable_closed_port_fails_fast_without_the_password() -> None:
+    uri = f"http://admin:hunter2@127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ConvpipeError) as info:
+        check_reachable(uri)
+    assert time.monotonic() - start < 5
+    line = info.value.line()
+    assert "unreachable" in line and "admin:***@127.0.0.1" in line
+    assert "hunter2" not in line
+
+
+def test_check_reachable_accepts_a_listening_server_and_local_stores() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"http://127.0.0.1:{server.getsockname()[1]}")
+    check_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to check
+
+
+def test_check_reachable_bad_port() -> None:
+    with pytest.raises(ConvpipeError, match="invalid port"):
+        check_reachable("http://127.0.0.1:99999999")
