@@ -270,7 +270,7 @@ def test_build_trainer_unsupported_accelerator(make_params) -> None:
         pytest.skip("this machine has a GPU")
     params = make_params(**{"train.accelerator": "cuda"})
     with pytest.raises(ConvpipeError, match="cannot build the Trainer") as info:
-        build_trainer(params.train, [], False, "unused")
+        build_trainer(params.train, [], False, "unused", interactive=False)
     assert "train.accelerator" in info.value.line()
 
 

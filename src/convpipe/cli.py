@@ -51,9 +51,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run or continue the Optuna campaign of ``tune:``; optionally apply its best values."""
+    from convpipe.errors import ConvpipeError
+    from convpipe.tuning import apply_best, tune
+
+    if args.n_trials is not None and args.n_trials < 0:
+        raise ConvpipeError(
+            f"--n-trials must be 0 or more, got {args.n_trials}", "on the command line", ""
+        )
+    params = load_params(args.params)
+    study = tune(params, args.n_trials)
+    print(f"study {study.study_name}: reports in {params.paths.tuning_reports}/")
+    if args.apply:
+        values = apply_best(study, args.params)
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"{args.params}: applied best trial {study.best_trial.number}: {shown}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "validate": (cmd_validate, "check params.yaml against the schema"),
     "ui": (cmd_ui, "open the MLflow UI (binds 127.0.0.1 by default)"),
+    "tune": (cmd_tune, "run or continue the Optuna tuning campaign of params.yaml's tune:"),
 }
 
 
@@ -69,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.choices["ui"]
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     ui.add_argument("--port", type=int, default=5000)
+    tune = sub.choices["tune"]
+    tune.add_argument(
+        "--n-trials",
+        type=int,
+        help="run exactly N more trials in this worker (default: continue the study up to "
+        "tune.n_trials finished trials)",
+    )
+    tune.add_argument(
+        "--apply", action="store_true", help="write the best values into the params file"
+    )
     return parser
 
 

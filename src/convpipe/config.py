@@ -54,6 +54,7 @@ class PathsParams(Section):
     confusion_png: str
     misclassified_png: str
     curves_png: str
+    tuning_reports: str
 
 
 class CsvParams(Section):
@@ -233,6 +234,66 @@ class MlflowParams(Section):
     experiment: str
 
 
+class FloatDim(Section):
+    """A float drawn from ``[low, high]`` (log-uniform if ``log``)."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatDim:
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class IntDim(Section):
+    """An integer drawn from ``[low, high]`` (log-uniform if ``log``)."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool
+
+    @model_validator(mode="after")
+    def _check(self) -> IntDim:
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class CategoricalDim(Section):
+    """One of ``choices``."""
+
+    type: Literal["categorical"]
+    choices: list[str | int | float | bool] = Field(min_length=1)
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"a search range needs low <= high, got low={low}, high={high}")
+    if log and low <= 0:
+        raise ValueError(f"a log-scale search range needs low > 0, got low={low}")
+
+
+SearchDim = Annotated[FloatDim | IntDim | CategoricalDim, Field(discriminator="type")]
+
+
+class TuneParams(Section):
+    """``convpipe tune``: an Optuna study over any params keys, on the validation split."""
+
+    study_name: str
+    storage: str
+    n_trials: PositiveInt
+    max_epochs: PositiveInt
+    sampler: Literal["tpe", "random"]
+    startup_trials: NonNegInt
+    pruner: Literal["median", "hyperband", "none"]
+    warmup_epochs: NonNegInt
+    heartbeat_seconds: PositiveInt
+    space: dict[str, SearchDim] = Field(min_length=1)
+
+
 class Params(Section):
     """All of ``params.yaml``."""
 
@@ -244,6 +305,7 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
     mlflow: MlflowParams
+    tune: TuneParams
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

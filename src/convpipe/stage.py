@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 from convpipe.config import DEFAULT_PARAMS, Params, load_params
@@ -17,12 +18,17 @@ log = logging.getLogger("convpipe")
 
 
 def setup_logging(debug: bool = False) -> None:
-    """Log convpipe's own messages to stderr, one line each."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Log convpipe's own messages to stderr, one line each; leave other loggers alone."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s convpipe: %(message)s", "%H:%M:%S")
+        )
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Lightning 2.6 calls an API torch 2.13 deprecated; the warning is theirs, not the user's.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run_stage(stage: Callable[[Params], None], argv: Sequence[str] | None = None) -> None:

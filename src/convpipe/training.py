@@ -112,9 +112,21 @@ class RunLogger(MLFlowLogger):
 
 
 def build_trainer(
-    train: TrainParams, callbacks: list[Callback], logger: MLFlowLogger | bool, root: str
+    train: TrainParams,
+    callbacks: list[Callback],
+    logger: MLFlowLogger | bool,
+    root: str,
+    *,
+    interactive: bool,
 ) -> L.Trainer:
     """A Trainer configured from the ``train`` section (deterministic, epoch-level logging).
+
+    Args:
+        train: the ``train`` section.
+        callbacks: every callback (checkpointing only happens through these).
+        logger: the MLflow logger, or False.
+        root: Lightning's working folder.
+        interactive: show the progress bar and model summary (off for tuning trials).
 
     Raises:
         ConvpipeError: If the accelerator, devices, strategy or precision are not usable here.
@@ -132,6 +144,9 @@ def build_trainer(
             logger=logger,
             default_root_dir=root,
             log_every_n_steps=1,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            enable_progress_bar=interactive,
+            enable_model_summary=interactive,
         )
     except (ValueError, RuntimeError, MisconfigurationException) as exc:
         raise ConvpipeError(
@@ -266,7 +281,8 @@ def _summary(
     }
 
 
-def _datamodule(params: Params) -> ConvDataModule:
+def build_datamodule(params: Params) -> ConvDataModule:
+    """The DataModule over ``paths.prepared`` + ``paths.augmented`` as params configure it."""
     cfg = params.train
     return ConvDataModule(
         params.paths.prepared,
@@ -291,6 +307,29 @@ def _derived(datamodule: ConvDataModule, uri: str) -> dict[str, str]:
     }
 
 
+def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
+    """The DataModule and a fresh CNN for it, after checking params against the data.
+
+    Raises:
+        ConvpipeError: an unknown monitor, a batch larger than the train split, a network
+            that does not fit the images.
+    """
+    check_monitor(params.train)
+    datamodule = build_datamodule(params)
+    manifest = datamodule.manifest
+    check_batch_size(params.train, datamodule.train_size)
+    model = CNNClassifier(
+        model=params.model.model_dump(mode="json"),
+        train=params.train.model_dump(mode="json"),
+        in_channels=manifest.channels,
+        image_hw=manifest.image_hw,
+        num_classes=manifest.num_classes,
+        train_size=datamodule.train_size,
+        class_names=manifest.class_names,
+    )
+    return datamodule, model
+
+
 def train(params: Params) -> TrainResult:
     """Train, test the best checkpoint and write every train-stage output.
 
@@ -299,19 +338,7 @@ def train(params: Params) -> TrainResult:
     """
     L.seed_everything(params.base.seed, workers=True, verbose=False)
     paths, cfg = params.paths, params.train
-    check_monitor(cfg)
-    datamodule = _datamodule(params)
-    manifest = datamodule.manifest
-    check_batch_size(cfg, datamodule.train_size)
-    model = CNNClassifier(
-        model=params.model.model_dump(mode="json"),
-        train=cfg.model_dump(mode="json"),
-        in_channels=manifest.channels,
-        image_hw=manifest.image_hw,
-        num_classes=manifest.num_classes,
-        train_size=datamodule.train_size,
-        class_names=manifest.class_names,
-    )
+    datamodule, model = build_model(params)
     uri = resolve_uri(params.mlflow)
     logger = start_run(params, uri)
     with failed_run_on_error(logger):
@@ -320,7 +347,7 @@ def train(params: Params) -> TrainResult:
         client, run_id = logger.experiment, str(logger.run_id)
         log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
         client.log_dict(run_id, masked_params(params), "params.yaml")
-        trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints)
+        trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
         trainer.fit(model, datamodule=datamodule)
         test = trainer.test(
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
