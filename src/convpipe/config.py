@@ -208,6 +208,7 @@ class TrainParams(Section):
     strategy: str
     num_nodes: PositiveInt
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"]
+    sync_batchnorm: bool
     num_workers: NonNegInt
 
     @field_validator("monitor")

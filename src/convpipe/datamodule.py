@@ -7,19 +7,28 @@ augmented online if ``augment.online``) by the transform from :mod:`convpipe.tra
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+)
 
 from convpipe.data.dataset import PIPELINE_FILE, Manifest, load_manifest, load_split
 from convpipe.errors import ConvpipeError
 from convpipe.transforms import BatchTransform, load_augmentation
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+EVAL_BATCH_SIZE = 512
 
 
 class ArrayDataset(Dataset[Batch]):
@@ -95,6 +104,28 @@ def check_compatible(prepared: Manifest, augmented: Manifest, where: str | Path)
             )
 
 
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s contiguous share of ``0..size-1``, without DistributedSampler's padding.
+
+    Over all ranks an evaluation then sees every image exactly once.
+
+    Args:
+        size: number of images.
+        world: number of processes.
+        rank: this process's global rank.
+    """
+
+    def __init__(self, size: int, world: int, rank: int) -> None:
+        bounds = np.linspace(0, size, world + 1).astype(int)
+        self.indices = range(int(bounds[rank]), int(bounds[rank + 1]))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def collate_batch(batch: Any) -> Any:
     """The dataset already returns a collated ``(x, y)`` batch; pass it through."""
     return batch
@@ -168,31 +199,69 @@ class ConvDataModule(L.LightningDataModule):
         self.datasets["val"] = self.split("val")
         self.datasets["test"] = self.split("test")
 
-    def _batch(self, dataset: Dataset[Batch]) -> int:
-        size = len(dataset)  # type: ignore[arg-type]
-        return size if self.batch_size == "full" else min(int(self.batch_size), size)
+    def world(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the attached Trainer (``(1, 0)`` without one)."""
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader[Batch]:
-        dataset = self.datasets[name]
-        generator = torch.Generator().manual_seed(self.seed)
+    def device_batch_size(self, size: int) -> int:
+        """Images per process and step: ``train.batch_size`` is the *global* batch.
+
+        Under DDP each of the W processes takes ``batch_size / W`` images, so the gradient
+        (averaged by DDP) is that of one global batch: the same optimisation, learning rate and
+        λ/m as on one device, with no learning-rate scaling rule needed.
+
+        Raises:
+            ConvpipeError: if the global batch does not split evenly over the processes.
+        """
+        world, _ = self.world()
+        if self.batch_size == "full":
+            return -(-size // world)
+        batch = min(int(self.batch_size), size)
+        if batch < world or batch % world:
+            raise ConvpipeError(
+                f"train.batch_size {self.batch_size} (the global batch) cannot be split evenly "
+                f"over {world} processes",
+                "in params.yaml",
+                f"use a multiple of {world} (devices x num_nodes), or batch_size: full",
+            )
+        return batch // world
+
+    def _loader(self, name: str, sampler: Sampler[int] | None, batch: int) -> DataLoader[Batch]:
         return DataLoader(
-            dataset,
-            batch_size=self._batch(dataset),
-            shuffle=shuffle,
+            self.datasets[name],
+            batch_size=batch,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
-            generator=generator,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        """Shuffled (seeded) training batches."""
-        return self._loader("train", shuffle=True)
+        """Shuffled (seeded) training batches; a seeded ``DistributedSampler`` under DDP."""
+        dataset = self.datasets["train"]
+        size = len(dataset)  # type: ignore[arg-type]
+        world, rank = self.world()
+        sampler: Sampler[int]
+        if world > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+            )
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = RandomSampler(cast(Sized, dataset), generator=generator)
+        return self._loader("train", sampler, self.device_batch_size(size))
+
+    def _eval_loader(self, name: str) -> DataLoader[Batch]:
+        size = len(self.datasets[name])  # type: ignore[arg-type]
+        world, rank = self.world()
+        # results do not depend on the evaluation batch size; only memory and speed do
+        return self._loader(name, ShardSampler(size, world, rank), EVAL_BATCH_SIZE)
 
     def val_dataloader(self) -> DataLoader[Batch]:
-        """Validation batches in order."""
-        return self._loader("val", shuffle=False)
+        """Validation batches in order, each image on exactly one rank."""
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader[Batch]:
-        """Test batches in order."""
-        return self._loader("test", shuffle=False)
+        """Test batches in order, each image on exactly one rank."""
+        return self._eval_loader("test")

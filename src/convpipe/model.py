@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLR
 from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from convpipe.config import ConvBlock, ModelParams, TrainParams
@@ -564,7 +565,8 @@ class CNNClassifier(L.LightningModule):
 
     Logged keys (all epoch-level): ``train/loss`` (data loss J), ``train/penalty``,
     ``train/objective`` (J + penalty, what is minimised), ``train/acc``, ``val/loss``,
-    ``val/acc``, ``test/loss``, ``test/acc``.
+    ``val/acc``, ``val/count``, ``test/loss``, ``test/acc``, ``test/count`` (images evaluated,
+    summed over DDP ranks).
 
     ``hparams`` (plain data, so checkpoints reload with ``weights_only=True``)::
 
@@ -627,6 +629,9 @@ class CNNClassifier(L.LightningModule):
         self.train_acc = _accuracy(num_classes)
         self.val_acc = _accuracy(num_classes)
         self.test_acc = _accuracy(num_classes)
+        # Images seen per evaluation split, summed over DDP ranks: proves each counts once.
+        self.val_count = SumMetric()
+        self.test_count = SumMetric()
         self.example_input_array = torch.zeros(1, *self.input_shape)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -693,6 +698,9 @@ class CNNClassifier(L.LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=bar, sync_dist=True, **opts)
         self.log(f"{split}/acc", accuracy, prog_bar=split == "val", **opts)
         if split != "train":
+            counter: Metric = getattr(self, f"{split}_count")
+            counter.update(torch.tensor(float(size), device=x.device))
+            self.log(f"{split}/count", counter, **opts)
             return loss
         penalty = self.penalty()
         objective = loss + penalty

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,15 @@ from convpipe.config import DEFAULT_PARAMS, Params, load_params
 from convpipe.errors import entrypoint
 
 log = logging.getLogger("convpipe")
+
+
+def distributed_rank() -> int:
+    """This process's global rank as the launcher (Lightning, torchrun, SLURM) announced it."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) != 0:
+            return int(value)
+    return 0
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -27,6 +37,8 @@ def setup_logging(debug: bool = False) -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
+    if distributed_rank() != 0:  # under DDP every rank runs the stage; rank 0 speaks for all
+        log.setLevel(logging.WARNING)
     # Lightning 2.6 calls an API torch 2.13 deprecated; the warning is theirs, not the user's.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -34,6 +34,8 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
 )
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyLogger, Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from convpipe.config import Params, TrainParams
 from convpipe.data.dataset import MANIFEST, PIPELINE_FILE
@@ -114,7 +116,7 @@ class RunLogger(MLFlowLogger):
 def build_trainer(
     train: TrainParams,
     callbacks: list[Callback],
-    logger: MLFlowLogger | bool,
+    logger: Logger | bool,
     root: str,
     *,
     interactive: bool,
@@ -135,7 +137,7 @@ def build_trainer(
         return L.Trainer(
             accelerator=train.accelerator,
             devices=train.devices,
-            strategy=train.strategy,
+            strategy=check_strategy(train.strategy),
             num_nodes=train.num_nodes,
             precision=train.precision,
             max_epochs=train.max_epochs,
@@ -147,6 +149,9 @@ def build_trainer(
             enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
             enable_progress_bar=interactive,
             enable_model_summary=interactive,
+            sync_batchnorm=train.sync_batchnorm,
+            # the DataModule shards itself: seeded for train, unpadded for val/test
+            use_distributed_sampler=False,
         )
     except (ValueError, RuntimeError, MisconfigurationException) as exc:
         raise ConvpipeError(
@@ -154,6 +159,26 @@ def build_trainer(
             "in params.yaml train.accelerator/devices/strategy/num_nodes/precision",
             "choose values your machine supports",
         ) from None
+
+
+def check_strategy(strategy: str) -> str:
+    """``strategy`` if Lightning knows it.
+
+    Raises:
+        ConvpipeError: listing the strategies Lightning knows.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if strategy in known:
+        return strategy
+    close = difflib.get_close_matches(strategy, known, n=1)
+    raise ConvpipeError(
+        f"train.strategy '{strategy}' is not a Lightning strategy"
+        + (f" (did you mean '{close[0]}'?)" if close else ""),
+        "in params.yaml",
+        f"choose one of: {', '.join(known)}",
+    )
 
 
 def check_batch_size(train: TrainParams, train_size: int) -> None:
@@ -187,7 +212,7 @@ def check_monitor(train: TrainParams) -> None:
     )
 
 
-def _terminate(logger: MLFlowLogger, status: str) -> None:
+def _terminate(logger: MLFlowLogger | DummyLogger, status: str) -> None:
     """Set the run's final status; a tracking failure here must not hide the original error."""
     try:
         logger.experiment.set_terminated(str(logger.run_id), status)
@@ -196,7 +221,7 @@ def _terminate(logger: MLFlowLogger, status: str) -> None:
 
 
 @contextmanager
-def failed_run_on_error(logger: MLFlowLogger) -> Iterator[None]:
+def failed_run_on_error(logger: MLFlowLogger | DummyLogger) -> Iterator[None]:
     """Mark the MLflow run FAILED (KILLED on an interrupt) if anything below raises.
 
     The run must already exist (see :func:`start_run`), so no run stays RUNNING. Lightning
@@ -224,12 +249,18 @@ class TrainResult:
     run: RunInfo
 
 
-def start_run(params: Params, uri: str) -> RunLogger:
+def start_run(params: Params, uri: str) -> RunLogger | DummyLogger:
     """Open the MLflow run (creating the experiment if needed) and return its logger.
+
+    Under DDP only rank 0 opens the run: the other ranks get a logger that does nothing
+    (Lightning logs from rank 0 anyway), so they never touch the store — several processes
+    creating one fresh sqlite database at once would race.
 
     Raises:
         ConvpipeError: If the tracking store is unreachable or refuses the run.
     """
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return DummyLogger()
     from mlflow.exceptions import MlflowException
 
     check_reachable(uri)
@@ -342,9 +373,11 @@ def train(params: Params) -> TrainResult:
     uri = resolve_uri(params.mlflow)
     logger = start_run(params, uri)
     with failed_run_on_error(logger):
-        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        if getattr(rank_zero_only, "rank", 0) == 0:  # other DDP ranks start later
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
         best, history, callbacks = _callbacks(cfg, paths.checkpoints)
-        client, run_id = logger.experiment, str(logger.run_id)
+        client: Any = logger.experiment  # a no-op stand-in on DDP ranks other than 0
+        run_id = str(getattr(logger, "run_id", ""))
         log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
         client.log_dict(run_id, masked_params(params), "params.yaml")
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
@@ -353,11 +386,12 @@ def train(params: Params) -> TrainResult:
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
         )
         metrics = _summary(trainer, best, test[0])
-        run = RunInfo(run_id, str(logger.experiment_id), mask_uri(uri))
-        _write_outputs(params, best.best_model_path, history, metrics)
-        _log_artifacts(logger, params)
-        run.save(paths.run_info)  # last: evaluate only ever finds a complete run
-        client.set_terminated(run_id, "FINISHED")
+        run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask_uri(uri))
+        if trainer.is_global_zero:  # under DDP every rank gets here; one writes
+            _write_outputs(params, best.best_model_path, history, metrics)
+            _log_artifacts(cast(MLFlowLogger, logger), params)
+            run.save(paths.run_info)  # last: evaluate only ever finds a complete run
+            client.set_terminated(run_id, "FINISHED")
     return TrainResult(paths.model, metrics, run)
 
 
