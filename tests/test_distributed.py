@@ -171,3 +171,33 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     metrics = json.loads((project.root / "metrics/train.json").read_text())
     assert metrics["test/count"] == 269
     assert np.isfinite(metrics["test/acc"])
+
+
+@pytest.mark.slow
+def test_ddp_tuning_trial_samples_once_for_both_ranks(tmp_path):
+    import optuna
+
+    project = make_project(tmp_path / "tune")
+    project.run("dvc", "repro", "augment")
+    project.set_params(
+        **{
+            "train.devices": 2,
+            "train.accelerator": "cpu",
+            "tune.max_epochs": 2,
+            "tune.study_name": "ddp",
+        }
+    )
+    project.run("convpipe", "tune", "--n-trials", "1")
+    study = optuna.load_study(study_name="ddp", storage=f"sqlite:///{project.root}/optuna.db")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["ddp_ranks_agreed"] == 2  # both ranks gathered one digest
+    assert len(trial.intermediate_values) == 2  # rank 0 reported each epoch to the pruner
+
+
+def test_ddp_tuning_refuses_journal_storage(make_params):
+    from convpipe.tuning import check_distributed_storage
+
+    params = make_params(**{"train.devices": 2, "tune.storage": "journal:optuna.journal"})
+    with pytest.raises(ConvpipeError, match=r"must be an RDB URL"):
+        check_distributed_storage(params)

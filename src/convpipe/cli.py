@@ -53,6 +53,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run or continue the Optuna campaign of ``tune:``; optionally apply its best values."""
+    from collections import Counter
+
     from convpipe.errors import ConvpipeError
     from convpipe.tuning import apply_best, tune
 
@@ -62,7 +64,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     params = load_params(args.params)
     study = tune(params, args.n_trials)
-    print(f"study {study.study_name}: reports in {params.paths.tuning_reports}/")
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+    reports = params.paths.tuning_reports
+    print(f"study {study.study_name}: {shown or 'no trials'}; reports in {reports}/")
     if args.apply:
         values = apply_best(study, args.params)
         shown = ", ".join(f"{k}={v}" for k, v in values.items())

@@ -124,17 +124,26 @@ def params_for_mlflow(params: Params) -> dict[str, str]:
     MLflow's own limit.
     """
     out = {}
-    for key, value in flatten(params.model_dump(mode="json")):
-        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        out[key] = mask_uri(text) if "uri" in key else text
+    for key, value in flatten(masked_params(params)):
+        out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
 
 
+def _mask_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_tree(v) for v in value]
+    return mask_uri(value) if isinstance(value, str) and "://" in value else value
+
+
 def masked_params(params: Params) -> dict[str, Any]:
-    """``params`` as a plain nested mapping with every URI masked (safe to store as artifact)."""
-    data = params.model_dump(mode="json")
-    data["mlflow"]["tracking_uri"] = mask_uri(data["mlflow"]["tracking_uri"])
-    return data
+    """``params`` as a plain nested mapping with every URL's password masked.
+
+    Any string value that is a URL is masked, whatever its key (``mlflow.tracking_uri``,
+    ``tune.storage``, ...), so no database password reaches a run or an artifact.
+    """
+    return dict(_mask_tree(params.model_dump(mode="json")))
 
 
 def log_params(client: MlflowClient, run_id: str, values: Mapping[str, str]) -> None:
