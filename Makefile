@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-fast ui bench lint
+.PHONY: setup run test test-fast ui bench lint tune
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ test-fast: setup
 ui: setup
 	convpipe ui
 
+tune: setup
+	convpipe tune
+
 bench: setup
 	$(PY) benchmarks/bench_prepare.py
+	$(PY) benchmarks/bench_tuning.py
 
 lint: setup
 	$(VENV)/bin/ruff check src pipelines tests benchmarks

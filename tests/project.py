@@ -29,6 +29,7 @@ def project_env(root: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(root / "src")
     env["TQDM_DISABLE"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)  # a test project tracks into its own mlflow.db
     env.setdefault("GIT_AUTHOR_NAME", "convpipe-test")
     env.setdefault("GIT_AUTHOR_EMAIL", "test@localhost")
     env.setdefault("GIT_COMMITTER_NAME", "convpipe-test")

@@ -172,7 +172,10 @@ def test_val_and_test_are_in_order_and_train_is_seeded(data: Params) -> None:
     assert epoch == first_epoch(data.base.seed)  # same seed, same order
     assert epoch != first_epoch(data.base.seed + 1)
     loader = dm.train_dataloader()
-    one, two = (torch.cat([b[1] for b in loader]).tolist() for _ in range(2))
+    one = torch.cat([b[1] for b in loader]).tolist()
+    assert torch.cat([b[1] for b in loader]).tolist() == one  # a function of (seed, epoch)
+    loader.sampler.set_epoch(1)  # as Lightning does before every epoch
+    two = torch.cat([b[1] for b in loader]).tolist()
     assert one != two and sorted(one) == sorted(two)  # reshuffled every epoch
 
 

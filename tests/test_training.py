@@ -504,7 +504,11 @@ def test_divergence_fails_the_run_and_writes_no_model(
     with inside(tmp_path), pytest.raises(ConvpipeError) as info:
         train(params)
     line = info.value.line()
-    assert line.startswith("convpipe: error: loss became") and "lower train.lr" in line
+    assert (
+        line.startswith("convpipe: error: training diverged: loss became")
+        and "lower train.lr" in line
+    )
+    assert "last finite loss" in line and "epoch 0" in line
     client = MlflowClient(sqlite_uri)
     experiment = client.get_experiment_by_name("diverge")
     assert experiment is not None

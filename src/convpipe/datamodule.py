@@ -7,7 +7,7 @@ augmented online if ``augment.online``) by the transform from :mod:`convpipe.tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +19,6 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     DistributedSampler,
-    RandomSampler,
     Sampler,
 )
 
@@ -238,18 +237,15 @@ class ConvDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        """Shuffled (seeded) training batches; a seeded ``DistributedSampler`` under DDP."""
+        """Shuffled training batches, seeded per epoch; sharded over the ranks under DDP."""
         dataset = self.datasets["train"]
         size = len(dataset)  # type: ignore[arg-type]
         world, rank = self.world()
-        sampler: Sampler[int]
-        if world > 1:
-            sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
-            )
-        else:
-            generator = torch.Generator().manual_seed(self.seed)
-            sampler = RandomSampler(cast(Sized, dataset), generator=generator)
+        # The shuffle is a function of (seed, epoch) only (Lightning calls set_epoch), so a
+        # training resumed at epoch k sees the same batches as one that never stopped.
+        sampler: Sampler[int] = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
         return self._loader("train", sampler, self.device_batch_size(size))
 
     def _eval_loader(self, name: str) -> DataLoader[Batch]:

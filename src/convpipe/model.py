@@ -22,6 +22,7 @@ training-set size; optimisers get no ``weight_decay``, so the penalty is the onl
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -709,13 +710,18 @@ class CNNClassifier(L.LightningModule):
         return objective
 
     def _check_finite(self, objective: Tensor) -> None:
-        if not bool(torch.isfinite(objective.detach())):
-            raise ConvpipeError(
-                f"loss became {float(objective.detach())} at epoch {self.current_epoch}, "
-                f"step {self.global_step}",
-                "while training",
-                "lower train.lr (or check the data for nan/inf values)",
-            )
+        value = float(objective.detach())
+        if math.isfinite(value):
+            self._last_finite_loss = value
+            return
+        last = getattr(self, "_last_finite_loss", None)
+        before = f", last finite loss {last:.6g}" if last is not None else " at the first step"
+        raise ConvpipeError(
+            f"training diverged: loss became {value} at epoch {self.current_epoch}, "
+            f"step {self.global_step}{before}",
+            "while training",
+            f"lower train.lr (now {self.train_params.lr:g}) or check the data for nan/inf values",
+        )
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         """Minimise J + penalty on one training batch; stop with an error if it is nan/inf."""

@@ -43,6 +43,13 @@ from convpipe.datamodule import ConvDataModule
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.model import CNNClassifier
+from convpipe.resume import (
+    RngState,
+    clear_record,
+    find_resume_point,
+    fingerprint,
+    start_record,
+)
 from convpipe.tracking import (
     RunInfo,
     check_reachable,
@@ -90,6 +97,14 @@ class EpochHistory(Callback):
                 row[key] = float(metrics[key])
         row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far: saved in checkpoints so a resumed training keeps its history."""
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the rows of the epochs before an interruption."""
+        self.rows = [dict(row) for row in state_dict["rows"]]
 
     def to_csv(self) -> str:
         """The history as CSV text, one row per epoch."""
@@ -240,6 +255,25 @@ def failed_run_on_error(logger: MLFlowLogger | DummyLogger) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def _resume_record_on(folder: str, rank_zero: bool) -> Iterator[None]:
+    """Keep the resume record only while training may still be resumed.
+
+    A finished training, or one that failed for a reason a rerun would meet again (bad
+    params, divergence), removes it; an interrupted one (Ctrl+C, a kill) keeps it.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        if rank_zero:
+            clear_record(folder)
+        raise
+    if rank_zero:
+        clear_record(folder)
+
+
 @dataclass
 class TrainResult:
     """What a training produced."""
@@ -249,7 +283,7 @@ class TrainResult:
     run: RunInfo
 
 
-def start_run(params: Params, uri: str) -> RunLogger | DummyLogger:
+def start_run(params: Params, uri: str, run_id: str | None = None) -> RunLogger | DummyLogger:
     """Open the MLflow run (creating the experiment if needed) and return its logger.
 
     Under DDP only rank 0 opens the run: the other ranks get a logger that does nothing
@@ -266,8 +300,12 @@ def start_run(params: Params, uri: str) -> RunLogger | DummyLogger:
     check_reachable(uri)
     tags = run_tags(INPUT_STAGES)
     try:
-        logger = RunLogger(experiment_name=params.mlflow.experiment, tracking_uri=uri, tags=tags)
+        logger = RunLogger(
+            experiment_name=params.mlflow.experiment, tracking_uri=uri, tags=tags, run_id=run_id
+        )
         _ = logger.experiment  # creates the experiment and the run now, not mid-training
+        if run_id is not None:  # a resumed run was left RUNNING (or KILLED) by the kill
+            logger.experiment.update_run(run_id, status="RUNNING")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, uri, "opening a run") from None
     return logger
@@ -294,7 +332,7 @@ def _callbacks(
     history = EpochHistory()
     early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
     lr = LearningRateMonitor(logging_interval="epoch")
-    return best, history, [best, last, early, lr, history]
+    return best, history, [best, last, early, lr, history, RngState()]
 
 
 def _summary(
@@ -362,47 +400,54 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
 
 
 def train(params: Params) -> TrainResult:
-    """Train, test the best checkpoint and write every train-stage output.
+    """Train (or resume an interrupted training), test the best checkpoint, write outputs.
 
     Raises:
-        ConvpipeError: bad params for this data, an unreachable tracking server, divergence.
+        ConvpipeError: bad params for this data, an unreachable tracking server, divergence,
+            an interrupted training with other params in ``paths.checkpoints``.
     """
     L.seed_everything(params.base.seed, workers=True, verbose=False)
     paths, cfg = params.paths, params.train
     datamodule, model = build_model(params)
+    current = fingerprint(params, datamodule.manifest.content_hash, datamodule.train_size)
+    resume = find_resume_point(paths.checkpoints, current)
     uri = resolve_uri(params.mlflow)
-    logger = start_run(params, uri)
-    with failed_run_on_error(logger):
-        if getattr(rank_zero_only, "rank", 0) == 0:  # other DDP ranks start later
-            shutil.rmtree(paths.checkpoints, ignore_errors=True)
-        best, history, callbacks = _callbacks(cfg, paths.checkpoints)
+    logger = start_run(params, uri, resume.run_id if resume else None)
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    with failed_run_on_error(logger), _resume_record_on(paths.checkpoints, rank_zero):
         client: Any = logger.experiment  # a no-op stand-in on DDP ranks other than 0
         run_id = str(getattr(logger, "run_id", ""))
-        log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
-        client.log_dict(run_id, masked_params(params), "params.yaml")
+        if resume is None and rank_zero:  # other DDP ranks start later
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+            start_record(paths.checkpoints, run_id, current)
+            log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
+            client.log_dict(run_id, masked_params(params), "params.yaml")
+        elif resume is not None:
+            log.info("resuming the interrupted training from %s", resume.checkpoint)
+        best, history, callbacks = _callbacks(cfg, paths.checkpoints)
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
+        # before test(): restoring the best checkpoint also restores its (shorter) history
+        history_csv = history.to_csv()
         test = trainer.test(
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
         )
         metrics = _summary(trainer, best, test[0])
         run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask_uri(uri))
         if trainer.is_global_zero:  # under DDP every rank gets here; one writes
-            _write_outputs(params, best.best_model_path, history, metrics)
+            _write_outputs(params, best.best_model_path, history_csv, metrics)
             _log_artifacts(cast(MLFlowLogger, logger), params)
             run.save(paths.run_info)  # last: evaluate only ever finds a complete run
             client.set_terminated(run_id, "FINISHED")
     return TrainResult(paths.model, metrics, run)
 
 
-def _write_outputs(
-    params: Params, best: str, history: EpochHistory, metrics: dict[str, Any]
-) -> None:
+def _write_outputs(params: Params, best: str, history_csv: str, metrics: dict[str, Any]) -> None:
     paths = params.paths
     with atomic_path(paths.model) as tmp:
         shutil.copyfile(best, tmp)
     write_json(paths.train_metrics, metrics)
-    write_text(paths.train_history, history.to_csv())
+    write_text(paths.train_history, history_csv)
 
 
 def _log_artifacts(logger: MLFlowLogger, params: Params) -> None:

@@ -91,6 +91,7 @@ FIXED = {
     "train.monitor": "it is the objective",
     "train.monitor_mode": "it sets the study's direction",
 }
+SCHEMA_ATTEMPTS = 4
 HEARTBEAT_ATTR = "convpipe_heartbeat"
 RUN_ATTR = "mlflow_run_id"
 REASON_ATTR = "fail_reason"
@@ -289,7 +290,7 @@ def open_storage(url: str) -> BaseStorage:
     if url.startswith("sqlite"):
         engine["connect_args"] = {"timeout": 60}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        return _rdb_storage(url, engine)
     except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers
         first = _scrub(" ".join(str(exc).split()), url)[:200]
         raise ConvpipeError(
@@ -297,6 +298,23 @@ def open_storage(url: str) -> BaseStorage:
             f"at {mask_uri(url)}",
             "check the URL, its database driver, and that the server is running",
         ) from None
+
+
+def _rdb_storage(url: str, engine: dict[str, Any]) -> BaseStorage:
+    """RDBStorage, retried while another worker creates the schema of a fresh database."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            # "already exists" / "duplicate key": the other worker won the creation race
+            if attempt == SCHEMA_ATTEMPTS or (
+                "exist" not in str(exc) and "duplicate" not in str(exc)
+            ):
+                raise
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
 
 
 def load_study(params: Params) -> optuna.Study:
