@@ -1,0 +1,107 @@
+"""A real SIGKILL of a real training, then `dvc repro` again: it resumes, loses nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from tests.project import make_project
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {"train.max_epochs": 8, "train.patience": 3}
+
+
+def _history(root):
+    with open(root / "plots/train/history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _epochs_checkpointed(root) -> int:
+    import torch
+
+    try:
+        ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    except Exception:  # being written or not there yet
+        return -1
+    return int(ckpt["epoch"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("ref"))
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "train")
+    return _history(project.root)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("killed"))
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "augment")
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while _epochs_checkpointed(project.root) < 2 and time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((project.root / "checkpoints/resume.json").read_text())
+    return project, state
+
+
+def test_resumed_training_matches_an_uninterrupted_one(killed, reference):
+    project, state = killed
+    assert not (project.root / "models/model.ckpt").exists()
+    project.run("dvc", "repro", "train")
+    resumed = _history(project.root)
+    assert len(resumed) == len(reference)  # same number of epochs
+    for got, want in zip(resumed, reference, strict=True):
+        assert abs(float(got["val/loss"]) - float(want["val/loss"])) < 1e-5
+    with sqlite3.connect(project.root / "mlflow.db") as db:
+        runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
+    assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued
+    run_info = json.loads((project.root / "models/mlflow_run.json").read_text())
+    assert run_info["run_id"] == state["run_id"]
+    assert not (project.root / "checkpoints/resume.json").exists()
+
+
+def test_other_params_refuse_to_resume(tmp_path):
+    project = make_project(tmp_path / "p")
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "augment")
+    proc = subprocess.Popen(
+        ["python", "pipelines/train.py"],
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while _epochs_checkpointed(project.root) < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    project.set_params(**{"model.dropout": 0.4})
+    result = project.run("python", "pipelines/train.py", check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2
+    assert lines[-1].startswith("convpipe: error: an interrupted training was found")
+    assert "model.dropout" in lines[-1] and "Traceback" not in result.stderr
+    assert (project.root / "checkpoints/last.ckpt").exists()  # nothing was thrown away
