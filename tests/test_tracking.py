@@ -17,6 +17,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.tracking import (
     ENV_URI,
     RunInfo,
+    artifact_location,
     check_reachable,
     dvc_lock_hashes,
     flatten,
@@ -112,14 +113,30 @@ def test_mask_uri_keeps_uris_without_a_password(uri: str) -> None:
     assert mask_uri(uri) == uri
 
 
-def test_tracking_uri_env_wins(make_params, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tracking_uri_env_wins(make_params, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     params = make_params(**{"mlflow.tracking_uri": "sqlite:///from-params.db"})
     monkeypatch.delenv(ENV_URI, raising=False)
-    assert tracking_uri(params.mlflow) == "sqlite:///from-params.db"
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    local = f"sqlite:///{tmp_path.resolve()}/from-params.db"
+    assert tracking_uri(params.mlflow) == local
     monkeypatch.setenv(ENV_URI, "http://127.0.0.1:5999")
     assert tracking_uri(params.mlflow) == "http://127.0.0.1:5999"
     monkeypatch.setenv(ENV_URI, "")  # empty counts as unset
-    assert tracking_uri(params.mlflow) == "sqlite:///from-params.db"
+    assert tracking_uri(params.mlflow) == local
+
+
+def test_relative_sqlite_store_lives_in_the_dvc_project(make_params, monkeypatch, tmp_path):
+    # queued `dvc exp run` experiments run in a temporary copy; DVC_ROOT names the project
+    params = make_params(**{"mlflow.tracking_uri": "sqlite:///mlflow.db"})
+    monkeypatch.delenv(ENV_URI, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking_uri(params.mlflow) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    expected = (tmp_path.resolve() / "mlruns").as_uri()
+    assert artifact_location(tracking_uri(params.mlflow)) == expected
+    absolute = make_params(**{"mlflow.tracking_uri": "sqlite:////srv/runs.db"})
+    assert tracking_uri(absolute.mlflow) == "sqlite:////srv/runs.db"
+    assert artifact_location("http://127.0.0.1:5000") is None
 
 
 # --------------------------------------------------------------------------- params

@@ -8,11 +8,14 @@ tracking URI is always passed explicitly, because MLFlowLogger would otherwise f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import socket
 import subprocess
+import tempfile
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -36,9 +39,65 @@ PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
 
+def repo_root() -> Path:
+    """The project folder: ``$DVC_ROOT`` under DVC, else the current folder.
+
+    DVC sets ``DVC_ROOT`` to the project also for queued experiments, which run in a copy.
+    """
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def tracking_uri(params: MlflowParams) -> str:
-    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri``."""
-    return os.environ.get(ENV_URI) or params.tracking_uri
+    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri``.
+
+    A relative sqlite path is taken from the project folder, so ``dvc exp run --queue``
+    experiments, which run in temporary copies, still track into the project's store.
+    """
+    uri = os.environ.get(ENV_URI) or params.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(repo_root() / uri.removeprefix(prefix))
+    return uri
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first steps of local processes on one tracking store.
+
+    Two processes that open a fresh sqlite store at once both create MLflow's schema and one
+    dies ("duplicate column"); two tuning workers would both create a parent run.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (start workers a few seconds apart)
+        yield
+        return
+    key = uri
+    if uri.startswith("sqlite:///"):
+        key = str(Path(uri.removeprefix("sqlite:///")).resolve())
+    name = f"convpipe-mlflow-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
+    try:
+        handle = open(Path(tempfile.gettempdir()) / name, "a+")  # noqa: SIM115
+    except OSError:  # e.g. another user's lock file: go on unserialised
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: ``mlruns/`` in the project for a local store.
+
+    MLflow's own default is ``./mlruns`` of whatever folder first creates the experiment,
+    which for a queued DVC experiment is a temporary copy that is deleted afterwards.
+    """
+    if uri.startswith("sqlite:"):
+        return (repo_root() / "mlruns").as_uri()
+    return None
 
 
 def _mask_query(query: str) -> str:

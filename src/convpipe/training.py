@@ -52,6 +52,7 @@ from convpipe.resume import (
 )
 from convpipe.tracking import (
     RunInfo,
+    artifact_location,
     check_reachable,
     log_params,
     mask_uri,
@@ -59,6 +60,7 @@ from convpipe.tracking import (
     mlflow_error,
     params_for_mlflow,
     run_tags,
+    store_lock,
 )
 from convpipe.tracking import tracking_uri as resolve_uri
 
@@ -300,12 +302,17 @@ def start_run(params: Params, uri: str, run_id: str | None = None) -> RunLogger 
     check_reachable(uri)
     tags = run_tags(INPUT_STAGES)
     try:
-        logger = RunLogger(
-            experiment_name=params.mlflow.experiment, tracking_uri=uri, tags=tags, run_id=run_id
-        )
-        _ = logger.experiment  # creates the experiment and the run now, not mid-training
-        if run_id is not None:  # a resumed run was left RUNNING (or KILLED) by the kill
-            logger.experiment.update_run(run_id, status="RUNNING")
+        with store_lock(uri):
+            logger = RunLogger(
+                experiment_name=params.mlflow.experiment,
+                tracking_uri=uri,
+                tags=tags,
+                run_id=run_id,
+                artifact_location=artifact_location(uri),
+            )
+            _ = logger.experiment  # creates the experiment and the run now, not mid-training
+            if run_id is not None:  # a resumed run was left RUNNING (or KILLED) by the kill
+                logger.experiment.update_run(run_id, status="RUNNING")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, uri, "opening a run") from None
     return logger

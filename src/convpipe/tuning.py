@@ -59,6 +59,7 @@ from convpipe.config import (
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_text
 from convpipe.tracking import (
+    artifact_location,
     check_reachable,
     flatten,
     log_params,
@@ -66,6 +67,7 @@ from convpipe.tracking import (
     mlflow_error,
     params_for_mlflow,
     run_tags,
+    store_lock,
 )
 from convpipe.tracking import tracking_uri as resolve_uri
 from convpipe.training import (
@@ -406,35 +408,6 @@ def fail_stale_trials(
 # --------------------------------------------------------------------------- MLflow nesting
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialise the first steps of local workers on one tracking store.
-
-    Two processes that open a fresh sqlite store at once both create MLflow's schema and one
-    dies; two that open a campaign at once would both create the experiment and a parent run.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (start workers a few seconds apart)
-        yield
-        return
-    key = uri
-    if uri.startswith("sqlite:"):
-        key = str((_storage_file(uri) or Path(uri)).resolve())
-    name = f"convpipe-mlflow-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
-    try:
-        handle = open(Path(tempfile.gettempdir()) / name, "a+")  # noqa: SIM115
-    except OSError:  # e.g. another user's lock file: go on unserialised
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def study_key(params: Params, study: optuna.Study) -> str:
     """An id of this study in this storage, tagged on its parent run (file storages are local)."""
     storage = params.tune.storage
@@ -458,7 +431,7 @@ class Campaign:
         self.key = study_key(params, study)
         check_reachable(self.uri)
         try:
-            with _store_lock(self.uri):
+            with store_lock(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.experiment_id = self._experiment()
                 self.parent_id = self._parent()
@@ -472,7 +445,9 @@ class Campaign:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                return self.client.create_experiment(name)
+                return self.client.create_experiment(
+                    name, artifact_location=artifact_location(self.uri)
+                )
             except Exception:  # created by a worker on another machine meanwhile
                 found = self.client.get_experiment_by_name(name)
                 if found is None:
