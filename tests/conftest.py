@@ -12,6 +12,20 @@ from convpipe.config import Params, parse_params, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: One small conv block (4 filters, same padding, batch norm, 2x2 max pooling): fast tests.
+TINY_CONV = [
+    {
+        "filters": 4,
+        "kernel": 3,
+        "stride": 1,
+        "padding": "same",
+        "activation": "relu",
+        "batch_norm": True,
+        "pool": "max",
+        "pool_size": 2,
+    }
+]
+
 
 @pytest.fixture(scope="session")
 def raw_params() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier
 from convpipe.tracking import ENV_URI, RunInfo
 from convpipe.transforms import BatchTransform
+from tests.conftest import TINY_CONV
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -202,18 +203,7 @@ def test_save_figure_writes_a_png_atomically(tmp_path: Path) -> None:
 
 
 SMALL_MODEL = {
-    "conv": [
-        {
-            "filters": 4,
-            "kernel": 3,
-            "stride": 1,
-            "padding": "same",
-            "activation": "relu",
-            "batch_norm": True,
-            "pool": "max",
-            "pool_size": 2,
-        }
-    ],
+    "conv": TINY_CONV,
     "hidden": [8],
     "dropout": 0.0,
 }

@@ -47,20 +47,10 @@ from convpipe.training import (
     start_run,
     train,
 )
+from tests.conftest import TINY_CONV
 
 SMALL_MODEL = {
-    "model.conv": [
-        {
-            "filters": 4,
-            "kernel": 3,
-            "stride": 1,
-            "padding": "same",
-            "activation": "relu",
-            "batch_norm": True,
-            "pool": "max",
-            "pool_size": 2,
-        }
-    ],
+    "model.conv": TINY_CONV,
     "model.hidden": [16],
     "model.dropout": 0.0,
 }

@@ -49,21 +49,11 @@ from convpipe.tuning import (
     with_values,
     yaml_scalar,
 )
+from tests.conftest import TINY_CONV
 from tests.project import ROOT, Project, make_project
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMALL_CONV = [
-    {
-        "filters": 4,
-        "kernel": 3,
-        "stride": 1,
-        "padding": "same",
-        "activation": "relu",
-        "batch_norm": True,
-        "pool": "max",
-        "pool_size": 2,
-    }
-]
+SMALL_CONV = TINY_CONV
 #: What every campaign of the slow tests shares: a tiny CNN, short trials, 1 s heartbeats.
 FAST = {
     "model.conv": SMALL_CONV,
