@@ -387,7 +387,9 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
         ) from None
     except YAMLError as exc:
         first = " ".join(str(exc).split())
-        raise ConvpipeError(f"params file is not valid YAML: {first}", f"in {path}", "") from None
+        raise ConvpipeError(
+            f"params file is not valid YAML: {first}", f"in {path}", "fix the syntax at that line"
+        ) from None
 
 
 def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:

@@ -38,8 +38,15 @@ class ConvpipeError(Exception):
         super().__init__(", ".join(part for part in (what, where, todo) if part))
 
     def line(self) -> str:
-        """The single line printed on stderr, newlines folded so it stays one line."""
-        return "convpipe: error: " + " ".join(str(self).split())
+        r"""The single line printed on stderr, newlines folded so it stays one line.
+
+        Other control characters (a file name may hold terminal escape sequences) are shown
+        escaped, as ``\x1b``, so the line prints as it reads.
+        """
+        folded = " ".join(str(self).split())
+        return "convpipe: error: " + "".join(
+            char if char.isprintable() else repr(char)[1:-1] for char in folded
+        )
 
 
 def debug_enabled(argv: list[str] | None = None) -> bool:

@@ -35,6 +35,26 @@ EVAL_BATCH = 512
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch's weights-only unpickler names the global it refused at the end of a long message
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _load_failure(exc: Exception, path: str | Path) -> ConvpipeError:
+    """The one-line error for a checkpoint torch or Lightning could not load."""
+    text = " ".join(_ANSI_ESCAPE.sub("", str(exc)).split())
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:  # say which code it would run, not torch's advice to load it unsafely
+        what = f": it would run code ({refused.group(1)}) instead of only loading weights"
+    else:  # the first sentence says what broke; torch's advice after it does not fit a line
+        what = f" ({type(exc).__name__}: {text.split('. ')[0][:200] or 'the file ends early'})"
+    return ConvpipeError(
+        f"cannot load checkpoint{what}",
+        f"at {path}",
+        "retrain with `dvc repro train`; never load checkpoints from untrusted sources",
+    )
+
+
 def load_model(path: str | Path) -> CNNClassifier:
     """Load a checkpoint safely (``weights_only=True``: no code in it can run)."""
     try:
@@ -42,12 +62,7 @@ def load_model(path: str | Path) -> CNNClassifier:
     except FileNotFoundError:
         raise ConvpipeError("checkpoint not found", f"at {path}", "run `dvc repro train`") from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        reason = " ".join(str(exc).split())[:300]
-        raise ConvpipeError(
-            f"cannot load checkpoint ({type(exc).__name__}: {reason})",
-            f"at {path}",
-            "retrain with `dvc repro train`; never load checkpoints from untrusted sources",
-        ) from None
+        raise _load_failure(exc, path) from None
     model.eval()
     return model
 

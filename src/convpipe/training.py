@@ -391,6 +391,7 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
             that does not fit the images.
     """
     check_monitor(params.train)
+    check_strategy(params.train.strategy)  # before any run is opened for a params typo
     datamodule = build_datamodule(params)
     manifest = datamodule.manifest
     check_batch_size(params.train, datamodule.train_size)

@@ -44,6 +44,7 @@ def stratified_split(
     fractions: dict[str, float],
     seed: int,
     class_names: Sequence[str],
+    where: str = "in the data source",
 ) -> dict[str, np.ndarray]:
     """Split positions ``0..N-1`` class by class, seeded, keeping class proportions.
 
@@ -53,6 +54,7 @@ def stratified_split(
             whatever is left is ``train``.
         seed: makes the split reproducible.
         class_names: for error messages.
+        where: the data the labels come from, for error messages (e.g. ``in data/cats``).
 
     Returns:
         split name → sorted ``(n_split,)`` positions; ``train`` always present.
@@ -72,7 +74,7 @@ def stratified_split(
             raise ConvpipeError(
                 f"class '{class_names[cls]}' has {members.size} image(s), too few to stratify "
                 f"into train/{'/'.join(fractions)} (needs at least {needed})",
-                "in the prepared data source",
+                where,
                 "add images to that class, remove it, or give the splits as folders",
             )
         members = rng.permutation(members)
@@ -199,14 +201,14 @@ def plan_splits(raw: RawDataset, params: DataParams, seed: int) -> _Plan:
         pool = raw.splits[ALL]
         labels = pool.labels[keep[ALL]]
         _check_classes(labels, raw.class_names, where)
-        parts = stratified_split(labels, fractions, seed, raw.class_names)
+        parts = stratified_split(labels, fractions, seed, raw.class_names, where)
         splits = {name: (pool, keep[ALL][pos]) for name, pos in parts.items()}
     else:
         train = raw.splits["train"]
         labels = train.labels[keep["train"]]
         _check_classes(labels, raw.class_names, where)
         missing = {k: v for k, v in fractions.items() if k not in raw.splits}
-        parts = stratified_split(labels, missing, seed, raw.class_names)
+        parts = stratified_split(labels, missing, seed, raw.class_names, where)
         splits = {name: (train, keep["train"][pos]) for name, pos in parts.items()}
         splits.update({k: (raw.splits[k], keep[k]) for k in raw.splits if k != "train"})
     for name in SPLITS:
