@@ -323,7 +323,9 @@ def test_outputs_checkpoints_and_history(trained: Trained) -> None:
     epochs = metrics["epochs"]
     assert epochs == 3 and metrics["stopped_early"] is False
     assert json.loads(Path(paths.train_metrics).read_text()) == metrics
-    assert set(metrics) == {"epochs", "stopped_early", "monitor", "best", "test/loss", "test/acc"}
+    keys = {"epochs", "stopped_early", "monitor", "best", "test/loss", "test/acc", "test/count"}
+    assert set(metrics) == keys
+    assert metrics["test/count"] == 269  # every test image counted once
     rows = history(paths.train_history)
     assert len(rows) == epochs
     assert tuple(rows[0]) == HISTORY_COLUMNS
