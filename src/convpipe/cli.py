@@ -75,10 +75,71 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Per-layer shapes, parameters, receptive fields; totals against a dense network."""
+    import json
+
+    from convpipe.data.dataset import load_manifest
+    from convpipe.inference import format_summary, summary_dict
+
+    params = load_params(args.params)
+    summary = summary_dict(params.model, load_manifest(params.paths.prepared))
+    if args.format == "json":
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary), end="")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with the trained model; one row per file, errors included."""
+    from convpipe.data.dataset import load_manifest
+    from convpipe.errors import ConvpipeError
+    from convpipe.evaluation import load_model
+    from convpipe.inference import (
+        check_data_matches,
+        find_images,
+        format_predictions,
+        predict_files,
+    )
+    from convpipe.io import atomic_path
+
+    if args.top_k < 1:
+        raise ConvpipeError(f"--top-k must be 1 or more, got {args.top_k}", "on the command line")
+    params = load_params(args.params)
+    manifest = load_manifest(params.paths.prepared)
+    model = load_model(params.paths.model)
+    check_data_matches(model, manifest, f"at {params.paths.model} and {params.paths.prepared}")
+    files = find_images(args.paths)
+    if not files:
+        raise ConvpipeError("no image files found", f"in {', '.join(args.paths)}", "")
+    predictions = predict_files(model, files, manifest.mean, manifest.std, args.top_k)
+    failed = [p for p in predictions if p.error is not None]
+    if len(failed) == len(predictions):
+        first = failed[0]
+        raise ConvpipeError(
+            f"none of the {len(files)} files could be classified "
+            f"(first: {first.path}: {first.error})",
+            "",
+            "pass image files or folders holding them",
+        )
+    text = format_predictions(predictions, args.format, args.top_k)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    ok = len(predictions) - len(failed)
+    print(f"{args.output}: {ok} predictions, {len(failed)} unreadable files")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "validate": (cmd_validate, "check params.yaml against the schema"),
     "ui": (cmd_ui, "open the MLflow UI (binds 127.0.0.1 by default)"),
     "tune": (cmd_tune, "run or continue the Optuna tuning campaign of params.yaml's tune:"),
+    "summary": (cmd_summary, "per-layer shapes, parameters and receptive fields of the model"),
+    "predict": (cmd_predict, "classify image files or folders with the trained model"),
 }
 
 
@@ -104,7 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--apply", action="store_true", help="write the best values into the params file"
     )
+    _add_inference_arguments(sub.choices["summary"], sub.choices["predict"])
     return parser
+
+
+def _add_inference_arguments(
+    summary: argparse.ArgumentParser, predict: argparse.ArgumentParser
+) -> None:
+    """The options of ``summary`` and ``predict``."""
+    summary.add_argument("--format", choices=("table", "json"), default="table")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("--top-k", type=int, default=1, help="classes shown per image")
+    predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    predict.add_argument("--output", help="write to this file (atomically) instead of stdout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
