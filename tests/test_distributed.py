@@ -201,3 +201,42 @@ def test_ddp_tuning_refuses_journal_storage(make_params):
     params = make_params(**{"train.devices": 2, "tune.storage": "journal:optuna.journal"})
     with pytest.raises(ConvpipeError, match=r"must be an RDB URL"):
         check_distributed_storage(params)
+
+
+@pytest.mark.slow
+def test_slurm_srun_launch_two_tasks(tmp_path):
+    # What `srun --ntasks-per-node=2` does: start every task with SLURM's variables set;
+    # Lightning's SLURMEnvironment takes ranks and the rendezvous from them.
+    project = make_project(tmp_path / "slurm")
+    project.run("dvc", "repro", "augment")
+    project.set_params(**{"train.devices": 2, "train.strategy": "ddp", "train.max_epochs": 2})
+    slurm = {
+        "SLURM_JOB_ID": str(_free_port()),
+        "SLURM_JOB_NAME": "convpipe",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "127.0.0.1",
+    }
+    tasks = [
+        subprocess.Popen(
+            ["python", "pipelines/train.py"],
+            cwd=project.root,
+            env={**project.env, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [task.communicate(timeout=300)[0] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "SLURM" in outputs[0] or "SLURM" in outputs[1]  # Lightning saw a SLURM job
+    runs = _runs(project.root)
+    assert len(runs) == 1 and runs[0][1] == "FINISHED"
+    assert json.loads((project.root / "metrics/train.json").read_text())["test/count"] == 269
