@@ -402,10 +402,12 @@ def good_model(good_data: Path) -> Path:
         params = load_params()
         checkpoint = write_checkpoint(Path(params.paths.model), num_classes=10)
         assert load_model(checkpoint).num_classes == 10  # the cases break a loadable file
-        client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+        # absolute: MLflow caches stores by URI string, and other tests used this relative one
+        uri = f"sqlite:///{Path(good_data).resolve() / 'mlflow.db'}"
+        client = MlflowClient(tracking_uri=uri)
         experiment = client.create_experiment(params.mlflow.experiment)
         run = client.create_run(experiment)
-        RunInfo(run.info.run_id, experiment, params.mlflow.tracking_uri).save(params.paths.run_info)
+        RunInfo(run.info.run_id, experiment, uri).save(params.paths.run_info)
     return good_data
 
 

@@ -267,7 +267,7 @@ def test_campaign_keeps_one_parent_run_per_study(make_params, tmp_path: Path, mo
     study = load_study(params)
     first = Campaign(params, study)
     assert study.user_attrs[RUN_ATTR] == first.parent_id
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(first.uri)  # absolute: MLflow caches stores by URI string
     parent = client.get_run(first.parent_id)
     assert parent.info.status == "RUNNING" and parent.info.run_name == "tune-convpipe"
     assert parent.data.params["storage"] == "journal:study.journal"
