@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from convpipe.config import Params, parse_params, read_yaml
+from convpipe.config import Params, parse_params, read_yaml, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +40,7 @@ def make_params(raw_params: dict[str, Any]):
     def build(overrides: dict[str, Any] | None = None, **kw: Any) -> Params:
         raw = copy.deepcopy(raw_params)
         for key, value in {**(overrides or {}), **kw}.items():
-            node = raw
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[last] = value
+            set_dotted(raw, key, value)
         return parse_params(raw)
 
     return build

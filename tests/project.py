@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from convpipe.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = [
     "src",
@@ -61,11 +63,7 @@ class Project:
         path = self.root / "params.yaml"
         data = yaml.load(path)
         for key, value in updates.items():
-            node = data
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[last] = value
+            set_dotted(data, key, value)
         yaml.dump(data, path)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
-from convpipe.config import load_params
+from convpipe.config import load_params, set_dotted
 from convpipe.data.dataset import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import FileReader, open_source
@@ -75,11 +75,7 @@ def write_params(cwd: Path, overrides: Mapping[str, Any]) -> None:
     yaml = YAML()
     data = yaml.load(SHIPPED_PARAMS)
     for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = copy.deepcopy(value)
+        set_dotted(data, key, copy.deepcopy(value))
     with open(cwd / "params.yaml", "w", encoding="utf-8") as fh:
         yaml.dump(data, fh)
 

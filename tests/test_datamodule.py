@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.config import Params, parse_params
+from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.dataset import MANIFEST, load_manifest, load_split
 from convpipe.data.prepare import write_prepared
@@ -31,11 +31,7 @@ def params_in(raw: dict[str, Any], root: Path, **overrides: Any) -> Params:
     raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(raw, key, value)
     return parse_params(raw)
 
 

@@ -34,6 +34,24 @@ def _epochs_checkpointed(root) -> int:
     return int(ckpt["epoch"])
 
 
+def _kill_after_epochs(project, cmd: list[str], epochs: int) -> None:
+    """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while _epochs_checkpointed(project.root) < epochs and time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("ref"))
@@ -47,20 +65,7 @@ def killed(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("killed"))
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    proc = subprocess.Popen(
-        ["dvc", "repro", "train"],
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while _epochs_checkpointed(project.root) < 2 and time.time() < deadline:
-        assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after_epochs(project, ["dvc", "repro", "train"], 2)
     state = json.loads((project.root / "checkpoints/resume.json").read_text())
     return project, state
 
@@ -85,19 +90,7 @@ def test_other_params_refuse_to_resume(tmp_path):
     project = make_project(tmp_path / "p")
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    proc = subprocess.Popen(
-        ["python", "pipelines/train.py"],
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while _epochs_checkpointed(project.root) < 1 and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
     project.set_params(**{"model.dropout": 0.4})
     result = project.run("python", "pipelines/train.py", check=False)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -28,7 +28,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
-from convpipe.config import Params, parse_params
+from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.dataset import load_manifest
 from convpipe.data.prepare import write_prepared
@@ -89,11 +89,7 @@ GIT_ENV = {
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(raw, key, value)
     return raw
 
 

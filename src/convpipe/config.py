@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -352,6 +353,15 @@ def _describe(error: Any, source: str) -> ConvpipeError:
     if error["type"] == "value_error":
         return ConvpipeError(msg.removeprefix("Value error, "), f"in {source}", "fix the value")
     return ConvpipeError(f"'{key}': {msg.lower()}, got {got!r}", f"in {source}", "fix the value")
+
+
+def set_dotted(tree: MutableMapping[str, Any], key: str, value: Any) -> None:
+    """Set ``tree["train"]["lr"] = value`` for ``key="train.lr"`` (any nested mapping)."""
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[last] = value
 
 
 def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:

@@ -55,6 +55,7 @@ from convpipe.config import (
     Params,
     TuneParams,
     parse_params,
+    set_dotted,
 )
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_text
@@ -179,11 +180,7 @@ def with_values(params: Params, values: Mapping[str, Any], source: str = "tune.s
     """
     raw = params.model_dump(mode="json")
     for key, value in values.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(raw, key, value)
     return parse_params(raw, source)
 
 
