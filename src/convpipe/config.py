@@ -234,6 +234,7 @@ class MlflowParams(Section):
 
     tracking_uri: str
     experiment: str
+    registered_model: str = Field(min_length=1)
 
 
 class FloatDim(Section):
