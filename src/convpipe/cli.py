@@ -134,12 +134,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the trained model as TorchScript or ONNX, checked against it on the test split."""
+    from convpipe.export import TOLERANCE, export_checkpoint
+
+    params = load_params(args.params)
+    result = export_checkpoint(params, args.format, args.output)
+    check = result.parity
+    print(
+        f"{result.path}: {result.fmt} export of {params.paths.model} ({result.size:,} bytes); "
+        f"max |logit difference| {check.max_abs_diff:.2g} on {check.images} test images "
+        f"(tolerance {TOLERANCE:g})"
+    )
+    return 0
+
+
+def cmd_feature_maps(args: argparse.Namespace) -> int:
+    """Draw one image's feature maps through every conv and pooling layer to a PNG."""
+    from pathlib import Path
+
+    from convpipe.data.dataset import load_manifest
+    from convpipe.evaluation import load_model, save_figure
+    from convpipe.feature_maps import picture
+    from convpipe.inference import check_data_matches, load_image
+
+    params = load_params(args.params)
+    manifest = load_manifest(params.paths.prepared)
+    model = load_model(params.paths.model)
+    check_data_matches(model, manifest, f"at {params.paths.model} and {params.paths.prepared}")
+    image = load_image(args.image, manifest.channels, manifest.image_hw)
+    name = Path(args.image).name
+    output = args.output or f"{Path(args.image).stem}.feature_maps.png"
+    save_figure(picture(model, image, manifest.mean, manifest.std, name), output)
+    print(f"{output}: feature maps of {name} through {len(model.model_params.conv)} conv blocks")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "validate": (cmd_validate, "check params.yaml against the schema"),
     "ui": (cmd_ui, "open the MLflow UI (binds 127.0.0.1 by default)"),
     "tune": (cmd_tune, "run or continue the Optuna tuning campaign of params.yaml's tune:"),
     "summary": (cmd_summary, "per-layer shapes, parameters and receptive fields of the model"),
     "predict": (cmd_predict, "classify image files or folders with the trained model"),
+    "export": (cmd_export, "export the trained model as TorchScript or ONNX, checked for parity"),
+    "feature-maps": (cmd_feature_maps, "picture of one image's feature maps through every layer"),
 }
 
 
@@ -166,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply", action="store_true", help="write the best values into the params file"
     )
     _add_inference_arguments(sub.choices["summary"], sub.choices["predict"])
+    _add_export_arguments(sub.choices["export"])
+    maps = sub.choices["feature-maps"]
+    maps.add_argument("image", metavar="IMAGE", help="an image file prepare could read")
+    maps.add_argument(
+        "--output", help="PNG to write (default: IMAGE's name + .feature_maps.png, here)"
+    )
     return parser
 
 
@@ -178,6 +222,21 @@ def _add_inference_arguments(
     predict.add_argument("--top-k", type=int, default=1, help="classes shown per image")
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
     predict.add_argument("--output", help="write to this file (atomically) instead of stdout")
+
+
+def _add_export_arguments(export: argparse.ArgumentParser) -> None:
+    """The options of ``export``."""
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("torchscript", "onnx"),
+        help="torchscript (torch.jit) or onnx (needs: pip install 'convpipe[onnx]')",
+    )
+    export.add_argument(
+        "--output",
+        help="file to write (atomically); default beside paths.model: "
+        "<name>.torchscript.pt or <name>.onnx",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,240 @@
+"""feature_maps.py and `convpipe feature-maps`: every layer's maps, one panel per channel."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from convpipe.cli import main
+from convpipe.config import parse_params
+from convpipe.data.dataset import load_manifest, load_split
+from convpipe.data.prepare import write_prepared
+from convpipe.data.sources import open_source
+from convpipe.feature_maps import (
+    MAX_COLUMNS,
+    feature_maps,
+    first_layer_filters,
+    picture,
+    plot_feature_maps,
+)
+from convpipe.model import CNNClassifier
+from convpipe.transforms import normalize_batch
+
+# 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling
+# (2x2). Receptive fields by hand: 3, 3 + 1*1 = 4, 4 + 2*2 = 8.
+CONV = [
+    {
+        "filters": 4,
+        "kernel": 3,
+        "stride": 1,
+        "padding": "same",
+        "activation": "relu",
+        "batch_norm": True,
+        "pool": "max",
+        "pool_size": 2,
+    },
+    {
+        "filters": 6,
+        "kernel": 3,
+        "stride": 1,
+        "padding": "valid",
+        "activation": "relu",
+        "batch_norm": False,
+        "pool": "none",
+        "pool_size": 2,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def setup(raw_params: dict[str, Any], tmp_path_factory) -> tuple[Path, Any, CNNClassifier]:
+    """Prepared digits and a checkpoint of a small two-block CNN (untrained weights suffice)."""
+    root = tmp_path_factory.mktemp("fmaps")
+    raw = copy.deepcopy(raw_params)
+    raw["paths"]["prepared"] = str(root / "prepared")
+    raw["paths"]["model"] = str(root / "model.ckpt")
+    raw["model"] = {"conv": CONV, "hidden": [], "dropout": 0.0}
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    params = parse_params(raw)
+    manifest = write_prepared(
+        open_source(params.data), params.data, params.base.seed, params.paths.prepared
+    )
+    torch.manual_seed(0)
+    model = CNNClassifier(
+        params.model,
+        params.train,
+        manifest.channels,
+        manifest.image_hw,
+        manifest.num_classes,
+        100,
+        manifest.class_names,
+    )
+    x, y = load_split(params.paths.prepared, manifest, "train")
+    data = TensorDataset(
+        normalize_batch(torch.from_numpy(np.array(x[:64])), manifest.mean, manifest.std),
+        torch.from_numpy(np.asarray(y[:64])),
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=32))
+    trainer.save_checkpoint(params.paths.model)
+    return params_path, params, model
+
+
+def _first_test_image(params: Any) -> np.ndarray:
+    manifest = load_manifest(params.paths.prepared)
+    x, _ = load_split(params.paths.prepared, manifest, "test")
+    return np.asarray(x[0])
+
+
+def test_maps_per_layer_with_shapes_fields_and_values(setup) -> None:
+    _, params, model = setup
+    manifest = load_manifest(params.paths.prepared)
+    image = _first_test_image(params)
+    x = normalize_batch(torch.from_numpy(image[None]), manifest.mean, manifest.std)
+    layers = feature_maps(model, x)
+    assert [layer.name for layer in layers] == [
+        "model.conv[0]",
+        "model.conv[0].pool",
+        "model.conv[1]",
+    ]
+    assert [tuple(layer.maps.shape) for layer in layers] == [(4, 8, 8), (4, 4, 4), (6, 2, 2)]
+    assert [layer.receptive_field for layer in layers] == [3, 4, 8]
+    assert layers[0].label.startswith("conv 3x3/1 same 1->4")
+    # The maps are what the network computes: block 0's output is the pooled maps, block 1's
+    # is the last maps; activations after ReLU are never negative.
+    with torch.no_grad():
+        block0 = model.net.features[0](x)
+        block1 = model.net.features[1](block0)
+    torch.testing.assert_close(layers[1].maps, block0[0])
+    torch.testing.assert_close(layers[2].maps, block1[0])
+    assert all(float(layer.maps.min()) >= 0.0 for layer in layers)
+    assert float(layers[0].maps.max()) > 0.0
+
+
+def test_feature_maps_rejects_a_batch_or_wrong_shape(setup) -> None:
+    _, _, model = setup
+    with pytest.raises(ValueError, match=r"one image of shape \(1, 1, 8, 8\)"):
+        feature_maps(model, torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="got"):
+        feature_maps(model, torch.zeros(1, 3, 8, 8))
+
+
+def test_first_layer_filters_are_the_conv_weights(setup) -> None:
+    _, _, model = setup
+    filters = first_layer_filters(model)
+    assert tuple(filters.shape) == (4, 1, 3, 3)
+    torch.testing.assert_close(filters, model.net.features[0].conv.weight)
+
+
+def _panel_counts(fig) -> Counter[str]:
+    return Counter(ax.get_label().rsplit("/", 1)[0] for ax in fig.axes)
+
+
+def test_figure_has_one_panel_per_layer_and_channel(setup) -> None:
+    _, params, model = setup
+    manifest = load_manifest(params.paths.prepared)
+    fig = picture(model, _first_test_image(params), manifest.mean, manifest.std, "digit.png")
+    assert _panel_counts(fig) == {
+        "input": 1,
+        "model.conv[0]": 4,
+        "model.conv[0].pool": 4,
+        "model.conv[1]": 6,
+        "filters": 4,
+    }
+    labels = {ax.get_label() for ax in fig.axes}
+    assert {f"model.conv[1]/{c}" for c in range(6)} <= labels
+    titles = [sub._suptitle.get_text() for sub in fig.subfigs]
+    assert titles[0].startswith("digit.png: predicted ")
+    assert "4 maps of 4x4, receptive field 4x4" in titles[2]
+    assert titles[-1] == "model.conv[0]: the 4 learned 3x3 filters"
+
+
+def test_wide_rgb_layers_wrap_and_show_colour_filters(raw_params) -> None:
+    torch.manual_seed(0)
+    block = {**CONV[0], "filters": MAX_COLUMNS + 4}
+    model = CNNClassifier(
+        {"conv": [block], "hidden": [], "dropout": 0.0},
+        raw_params["train"],
+        3,
+        (12, 12),
+        3,
+        10,
+    )
+    image = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    x = normalize_batch(torch.from_numpy(image[None]), [0.5] * 3, [0.25] * 3)
+    layers = feature_maps(model, x)
+    fig = plot_feature_maps(image, layers, first_layer_filters(model), "rgb")
+    counts = _panel_counts(fig)
+    assert counts["model.conv[0]"] == counts["filters"] == MAX_COLUMNS + 4
+    assert counts["model.conv[0].pool"] == MAX_COLUMNS + 4
+    colour = next(ax for ax in fig.axes if ax.get_label() == "filters/0")
+    assert colour.get_images()[0].get_array().shape == (3, 3, 3)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_the_png(setup, tmp_path, capsys) -> None:
+    params_path, params, _ = setup
+    source = tmp_path / "digit.png"
+    Image.fromarray(_first_test_image(params)[:, :, 0]).save(source)
+    out = tmp_path / "maps.png"
+    code, stdout, _ = _run(
+        capsys, "--params", str(params_path), "feature-maps", str(source), "--output", str(out)
+    )
+    assert code == 0
+    assert stdout.startswith(f"{out}: feature maps of digit.png")
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+        assert png.width >= 600 and png.height > 400
+
+
+def test_cli_default_output_beside_the_working_dir(setup, tmp_path, capsys, monkeypatch) -> None:
+    params_path, params, _ = setup
+    source = tmp_path / "seven.png"
+    Image.fromarray(_first_test_image(params)[:, :, 0]).save(source)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = _run(capsys, "--params", str(params_path), "feature-maps", str(source))
+    assert code == 0
+    assert stdout.startswith("seven.feature_maps.png: feature maps of seven.png through 2 conv")
+    assert (tmp_path / "seven.feature_maps.png").is_file()
+
+
+def test_cli_bad_image_is_one_line_and_writes_nothing(setup, tmp_path, capsys) -> None:
+    params_path, _, _ = setup
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    out = tmp_path / "maps.png"
+    code, _stdout, stderr = _run(
+        capsys, "--params", str(params_path), "feature-maps", str(bad), "--output", str(out)
+    )
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convpipe: error: unreadable image")
+    assert str(bad) in lines[0] and "Traceback" not in stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [bad]
