@@ -32,9 +32,11 @@ ui: setup
 tune: setup
 	convpipe tune
 
+# Every benchmark in one run (< 30 min on 2 cores): rewrites benchmarks/RESULTS.md at the end.
+# bench_tuning.py (two 12-trial tuning campaigns, too long for that budget) runs on its own:
+#   $(PY) benchmarks/bench_tuning.py
 bench: setup
-	$(PY) benchmarks/bench_prepare.py
-	$(PY) benchmarks/bench_tuning.py
+	$(PY) benchmarks/run_all.py
 
 lint: setup
 	$(VENV)/bin/ruff check src pipelines tests benchmarks

@@ -15,6 +15,7 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -369,3 +370,163 @@ def test_batch_transform_reseeds_once_per_worker(monkeypatch: pytest.MonkeyPatch
     assert not torch.equal(worker_a[0], worker_b[0])  # workers do not replay one stream
     assert not torch.equal(worker_a[0], worker_a[1])  # the stream continues within a worker
     torch.testing.assert_close(worker_a, worker_a_again, rtol=0, atol=0)  # and is seeded
+
+
+# --------------------------------------------------------------------------- batched online path
+
+#: The shipped-like ranges of every section, each applied to half of the images.
+EVERY_SECTION = {
+    "crop": {"p": 0.5, "padding": 2},
+    "resized_crop": {"p": 0.5},
+    "affine": {"p": 0.5, "shift": 0.15, "scale": [0.8, 1.2], "rotate": 20.0},
+    "rotate": {"p": 0.5, "limit": 30.0},
+    "horizontal_flip": {"p": 0.5},
+    "vertical_flip": {"p": 0.5},
+    "color_jitter": {"p": 0.5, "brightness": 0.4, "contrast": 0.4},
+    "gaussian_noise": {"p": 0.5},
+}
+
+
+def structured_image(channels: int, hw: tuple[int, int] = (16, 20)) -> np.ndarray:
+    """One uint8 ``(H, W, C)`` image with a bright off-centre block on a gradient."""
+    height, width = hw
+    image = np.add.outer(np.arange(height) * 4, np.arange(width) * 2).astype(np.float64)
+    image[3:9, 4:15] = 230
+    planes = [image, image[::-1] * 0.7, 255 - image][:channels]
+    return np.clip(np.stack(planes, axis=-1), 0, 255).astype(np.uint8)
+
+
+def both_paths(pipeline: A.Compose, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(albumentations per image, batched tensor path) outputs as float ``(N, H, W, C)``."""
+    per_image = run(pipeline, images).astype(np.float64)
+    batched = T.tensor_augmentation(pipeline, seed=0)
+    assert batched is not None
+    tensor = batched(torch.from_numpy(images)).permute(0, 2, 3, 1).numpy().astype(np.float64)
+    return per_image, tensor
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("section", T.SECTIONS)
+def test_batched_path_draws_from_the_same_distribution(section: str, channels: int) -> None:
+    settings = dict(EVERY_SECTION[section])
+    if section == "color_jitter" and channels == 3:
+        settings.update(saturation=0.5, hue=0.2)
+    pipeline = T.build_augmentation(make_params(**{section: settings}), (16, 20), channels, 0)
+    images = np.repeat(structured_image(channels)[None], 3000, axis=0)
+    per_image, batched = both_paths(pipeline, images)
+    # Per pixel, the mean and spread over 3,000 augmented copies of one image agree within
+    # sampling noise (and albumentations' uint8 rounding after every step).
+    assert np.abs(per_image.mean(0) - batched.mean(0)).mean() < 2.0
+    assert np.abs(per_image.std(0) - batched.std(0)).mean() < 2.0
+    assert abs(per_image.mean() - batched.mean()) < 1.5
+    assert batched.min() >= 0 and batched.max() <= 255
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        A.Affine(translate_px=(3, 3), scale=(0.7, 0.7), rotate=(25, 25), p=1.0),
+        A.Affine(translate_percent=(-0.2, -0.2), scale={"x": 1.3, "y": 0.8}, p=1.0),
+        A.Rotate(limit=(-35, -35), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+        A.HorizontalFlip(p=1.0),
+        A.VerticalFlip(p=1.0),
+    ],
+    ids=["affine-zoom-rotate", "affine-shift-aspect", "rotate", "hflip", "vflip"],
+)
+def test_batched_geometry_matches_albumentations_image_for_image(transform: Any) -> None:
+    # Fixed parameters: the only difference left is OpenCV's 1/32-pixel interpolation grid.
+    pipeline = A.Compose([transform], seed=0)
+    images = np.stack([structured_image(3), structured_image(3)[::-1]])
+    per_image, batched = both_paths(pipeline, images)
+    assert np.abs(per_image - batched).mean() < 1.0
+    assert np.abs(per_image - batched).max() <= 16
+
+
+def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``image`` (H, W) moved by whole pixels, black where nothing moved in."""
+    out = np.zeros_like(image)
+    height, width = image.shape
+    out[max(0, dy) : height + min(0, dy), max(0, dx) : width + min(0, dx)] = image[
+        max(0, -dy) : height - max(0, dy), max(0, -dx) : width - max(0, dx)
+    ]
+    return out
+
+
+def test_batched_crop_is_a_whole_pixel_shift_with_black_borders() -> None:
+    pipeline = T.build_augmentation(make_params(crop={"p": 1.0, "padding": 2}), HW, 1, seed=0)
+    batched = T.tensor_augmentation(pipeline, seed=4)
+    assert batched is not None
+    image = make_images(n=1)
+    out = batched(torch.from_numpy(np.repeat(image, 200, axis=0)))[:, 0].numpy()
+    offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    candidates = {o: shifted(image[0, :, :, 0].astype(np.float32), *o) for o in offsets}
+    seen = set()
+    for result in out:
+        matches = [o for o, c in candidates.items() if np.allclose(result, c, atol=1e-3)]
+        assert matches, "an output is not a whole-pixel shift of the input"
+        seen.add(matches[0])
+    assert seen == set(offsets)  # every position of the 5x5 crop window occurs
+
+
+def test_batched_path_is_seeded_and_restarts_on_reseed() -> None:
+    pipeline = T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=0)
+    images = torch.from_numpy(make_images(n=16, channels=3))
+    first, second, other = (T.tensor_augmentation(pipeline, s) for s in (7, 7, 8))
+    assert first is not None and second is not None and other is not None
+    a = first(images)
+    torch.testing.assert_close(a, second(images), rtol=0, atol=0)
+    assert not torch.equal(a, other(images))
+    assert not torch.equal(a, first(images))  # the stream moves on
+    first.reseed(7)
+    torch.testing.assert_close(first(images), a, rtol=0, atol=0)
+
+
+def test_batched_path_keeps_the_thread_count() -> None:
+    batched = T.tensor_augmentation(T.build_augmentation(make_params(**ALL_ON), HW, 3, 0), 0)
+    assert batched is not None
+    before = torch.get_num_threads()
+    batched(torch.from_numpy(make_images(channels=3)))
+    assert torch.get_num_threads() == before
+
+
+def test_the_shipped_pipeline_runs_batched_online() -> None:
+    augment = load_params(ROOT / "params.yaml").augment.model_copy(update={"online": True})
+    transform = T.create_transforms(augment, (28, 28), 1, [0.1], [0.3], seed=0, train=True)
+    assert transform.batched is not None
+    out = transform(make_images(n=8, hw=(28, 28)))
+    assert out.shape == (8, 1, 28, 28) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "unsupported",
+    [
+        A.Blur(p=1.0),
+        A.Affine(shear=(10, 10), p=1.0),
+        A.Rotate(limit=10, border_mode=cv2.BORDER_REFLECT_101, p=1.0),
+        A.Affine(scale=(0.8, 1.2), interpolation=cv2.INTER_CUBIC, p=1.0),
+    ],
+    ids=["other-transform", "shear", "reflect-border", "cubic"],
+)
+def test_pipelines_the_batched_path_lacks_run_per_image(unsupported: Any) -> None:
+    pipeline = A.Compose([A.HorizontalFlip(p=0.5), unsupported], seed=3)
+    assert T.tensor_augmentation(pipeline, seed=0) is None
+    transform = T.BatchTransform(pipeline, [0.5], [0.5], seed=0)
+    assert transform.batched is None and transform.train
+    images = make_images(n=4)
+    T.seed_augmentation(pipeline, 9)
+    out = transform(images)
+    T.seed_augmentation(pipeline, 9)
+    expected = T.normalize_batch(torch.from_numpy(run(pipeline, images)), [0.5], [0.5])
+    torch.testing.assert_close(out, expected)
+
+
+def test_per_image_path_on_request_matches_albumentations() -> None:
+    pipeline = T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=2)
+    transform = T.BatchTransform(pipeline, [0.5] * 3, [0.5] * 3, seed=2, batched=False)
+    assert transform.batched is None
+    images = make_images(n=6, channels=3)
+    out = transform(images)
+    expected = run(T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=2), images)
+    torch.testing.assert_close(
+        out, T.normalize_batch(torch.from_numpy(expected), [0.5] * 3, [0.5] * 3)
+    )

@@ -1,0 +1,87 @@
+"""The benchmark runner: a real quick benchmark, assembled into a results file by run_all.
+
+Speed targets are never asserted here: the figures depend on the machine and its load. What
+is checked is that the runner runs real benchmarks, reports them in full and never writes
+RESULTS.md from a quick or partial run.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import run_all
+from common import MNIST
+
+
+def _state(path: Path) -> tuple[bool, int, bytes]:
+    """Whether ``path`` exists, its mtime and its bytes (to prove nothing touched it)."""
+    if not path.exists():
+        return False, 0, b""
+    return True, path.stat().st_mtime_ns, path.read_bytes()
+
+
+def _figure(cell: str) -> float:
+    """The median of a ``median ± half-spread (n=...)`` table cell."""
+    found = re.match(r"\s*([\d,.]+) ± [\d,.]+.* \(n=\d+\)", cell)
+    assert found, cell
+    return float(found.group(1).replace(",", ""))
+
+
+def test_quick_prepare_run_is_assembled_into_a_full_report(tmp_path: Path) -> None:
+    before = _state(run_all.RESULTS)
+    out = tmp_path / "quick.md"
+    assert run_all.main(["--quick", "--only", "bench_prepare", "--output", str(out)]) == 0
+    assert _state(run_all.RESULTS) == before
+    text = out.read_text(encoding="utf-8")
+
+    assert text.startswith("# Benchmark results\n")
+    assert "Quick smoke run" in text
+    assert "`python benchmarks/run_all.py --quick --only bench_prepare --output" in text
+    for key in ("cpu", "cores", "torch threads", "memory", "os", "python", "torch", "lightning"):
+        assert re.search(rf"^\| {key} \| \S", text, re.M), key
+    summary = re.search(r"^\| Prepare \| peak RSS < 1 GiB .*\| (met|missed) \|$", text, re.M)
+    assert summary, "the summary table has no Prepare row with a verdict"
+    assert re.search(r"^\| bench_prepare \| \d+\.\d min \|$", text, re.M)
+    assert "## Prepare\n" in text and "**Goal:** peak RSS < 1 GiB" in text
+
+    # The section's own table carries real measurements of the generated PNG folder.
+    png = re.search(r"^\| 28x28 PNG folder \| 2,000 \| (.+) \| (.+) \|$", text, re.M)
+    assert png, "no row for the 2,000-PNG case"
+    rate, rss = _figure(png.group(1)), _figure(png.group(2))
+    assert rate > 0 and 20 < rss < 1024  # a Python process with numpy, within the bound
+    if MNIST.is_dir():
+        assert re.search(r"^\| MNIST IDX \(gzip\) \| 70,000 \| [\d,]+ ± ", text, re.M)
+    else:
+        assert "MNIST IDX skipped" in text
+
+
+def test_a_missing_benchmark_module_fails_loudly() -> None:
+    with pytest.raises(run_all.BenchError, match="bench_no_such_module not found"):
+        run_all.load(["bench_prepare", "bench_no_such_module"])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--quick"], ["--only", "bench_prepare"], ["--quick", "--only", "bench_augment"]],
+    ids=["quick", "partial", "quick-partial"],
+)
+def test_quick_and_partial_runs_never_write_results_md(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _state(run_all.RESULTS)
+    assert run_all.main([*args, "--output", str(run_all.RESULTS)]) == 2
+    assert _state(run_all.RESULTS) == before
+    assert "only a full run writes" in capsys.readouterr().err
+
+
+def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_all.main(["--quick", "--only", "bench_nope"]) == 2
+    assert "unknown benchmark bench_nope" in capsys.readouterr().err
