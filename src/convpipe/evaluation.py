@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from torchmetrics.functional import classification as tmf
 
 from convpipe.config import Params
+from convpipe.data.dataset import Manifest
 from convpipe.datamodule import ArrayDataset, ConvDataModule
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 EVAL_BATCH = 512
+EXAMPLE_IMAGES = 2  # test images saved with the registered model as its input example
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 
 
@@ -341,7 +343,25 @@ def evaluate(params: Params) -> dict[str, Any]:
     )
     save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
     _log_to_run(client, run.run_id, params, metrics)
+    _register(params, run.run_id, manifest, np.asarray(dataset.x[:EXAMPLE_IMAGES]), metrics)
     return metrics
+
+
+def _register(
+    params: Params, run_id: str, manifest: Manifest, examples: np.ndarray, metrics: dict[str, Any]
+) -> None:
+    """Log the model as a pyfunc into the run, register it, move ``champion`` if it is better."""
+    from convpipe.registry import log_and_register  # imports this module: import on use
+
+    log_and_register(
+        resolve_uri(params.mlflow),
+        run_id,
+        params.mlflow.registered_model,
+        params.paths.model,
+        manifest,
+        examples,
+        metrics["accuracy"],
+    )
 
 
 def _log_to_run(client: MlflowClient, run_id: str, params: Params, metrics: dict[str, Any]) -> None:

@@ -1,0 +1,418 @@
+"""The evaluated model in MLflow: a pyfunc on raw images, a registry version, the champion.
+
+The evaluate stage logs the checkpoint into the training's MLflow run as a pyfunc model that
+takes raw uint8 images and preprocesses them as training did (scale to ``[0, 1]``, normalise
+with the prepared data's mean and std), registers it as a new version of
+``mlflow.registered_model``, and moves the alias :data:`CHAMPION` to that version only when
+its test accuracy is strictly higher than the current champion's. So::
+
+    mlflow models serve -m models:/convpipe-cnn@champion --env-manager local
+
+always serves the best model evaluated so far.
+
+The model is logged as MLflow "models from code": the model directory holds a short Python
+file that builds :class:`ImageClassifier`, a copy of convpipe's source (``code/convpipe``,
+which MLflow puts first on ``sys.path``), the Lightning checkpoint (loaded with
+``weights_only=True``) and the prepared data's ``manifest.json``. Loading it unpickles
+nothing (MLflow 3.17 refuses cloudpickled pyfunc models by default anyway). Its
+``requirements.txt`` pins the libraries convpipe needs at serving time, so ``--env-manager
+local`` serves it from the project's environment and ``virtualenv``/``uv`` could rebuild one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types.schema import Map
+
+from convpipe.data.dataset import MANIFEST, Manifest, load_manifest
+from convpipe.evaluation import load_model
+from convpipe.inference import check_data_matches, predict_images
+from convpipe.tracking import mask_uri, mlflow_error, store_lock
+
+__all__ = [
+    "ACCURACY_TAG",
+    "CHAMPION",
+    "ImageClassifier",
+    "Registration",
+    "image_signature",
+    "log_and_register",
+    "model_input",
+    "prediction_frame",
+    "should_promote",
+    "tag_accuracy",
+]
+
+log = logging.getLogger("convpipe")
+
+CHAMPION = "champion"
+#: Model-version (and LoggedModel) tag holding the test accuracy the champion rule compares.
+ACCURACY_TAG = "test_accuracy"
+#: Tag naming the prepared data the accuracy was measured on (its manifest content hash).
+DATA_TAG = "data_content_hash"
+#: Name of the logged model: MLflow 3 lists its files in the run under ``classifier/`` (and
+#: ``runs:/<run_id>/classifier`` loads it). Not ``model``: the train stage's checkpoint is there.
+MODEL_NAME = "classifier"
+#: Distributions the pyfunc imports at serving time (convpipe itself travels as code), pinned
+#: to the installed versions. Listing them skips MLflow's requirement inference, which loads the
+#: model in a subprocess and takes seconds.
+SERVE_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "lightning",
+    "torchmetrics",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pydantic",
+    "albumentations",
+    "opencv-python-headless",
+    "matplotlib",
+)
+#: convpipe's own source, saved with the model: a registered version keeps loading and
+#: predicting with the code it was evaluated with after the project's code moves on (MLflow puts
+#: the model's ``code/`` folder first on ``sys.path`` before it runs the model's code file).
+PACKAGE = Path(__file__).resolve().parent
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_CODE_FILE = "convpipe_classifier.py"
+_CODE = '''\
+"""convpipe's image classifier as an MLflow pyfunc (models from code: nothing is unpickled)."""
+
+import mlflow
+
+from convpipe.registry import ImageClassifier
+
+mlflow.models.set_model(ImageClassifier())
+'''
+
+
+# --------------------------------------------------------------------------- the pyfunc
+
+
+def model_input(images: np.ndarray) -> np.ndarray:
+    """Convpipe's uint8 ``(N, H, W, C)`` images as the pyfunc takes them.
+
+    Returns:
+        ``(N, H, W)`` for grayscale (``C == 1``), else the images unchanged.
+    """
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
+def image_signature(channels: int, image_hw: tuple[int, int]) -> ModelSignature:
+    """The pyfunc's signature for images of ``channels`` x ``image_hw``.
+
+    Input: one uint8 tensor, ``(-1, H, W)`` for grayscale or ``(-1, H, W, C)``.
+    Output: one row per image with ``class`` (the predicted class name), ``probability`` (its
+    probability) and ``probabilities`` (class name -> probability, every class).
+    """
+    h, w = image_hw
+    shape = (-1, h, w) if channels == 1 else (-1, h, w, channels)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "class"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+            ]
+        ),
+    )
+
+
+def prediction_frame(
+    ranked: Sequence[Sequence[tuple[str, float]]], class_names: Sequence[str]
+) -> pd.DataFrame:
+    """The pyfunc's output from :func:`convpipe.inference.predict_images` with all K classes.
+
+    Args:
+        ranked: Per image, every ``(class name, probability)`` pair, most probable first.
+        class_names: The K class names in label order (the order of ``probabilities``).
+
+    Returns:
+        One row per image: ``class``, ``probability``, ``probabilities`` (a dict in class order).
+    """
+    rows = []
+    for pairs in ranked:
+        by_name = dict(pairs)
+        rows.append(
+            {
+                "class": pairs[0][0],
+                "probability": pairs[0][1],
+                "probabilities": {name: by_name[name] for name in class_names},
+            }
+        )
+    return pd.DataFrame(rows, columns=["class", "probability", "probabilities"])
+
+
+class ImageClassifier(PythonModel):
+    """Raw uint8 images in, class names and probabilities out (see :func:`image_signature`).
+
+    The model directory's artifacts are ``checkpoint`` (the Lightning checkpoint) and
+    ``manifest`` (the prepared data's ``manifest.json``: class names, image size, mean, std).
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Load the checkpoint weights-only and the manifest, and check that they match."""
+        checkpoint = context.artifacts["checkpoint"]
+        self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
+        self.model = load_model(checkpoint)
+        check_data_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
+
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Classify uint8 images ``(N, H, W)`` (grayscale) or ``(N, H, W, C)``."""
+        images = np.asarray(model_input)
+        if images.ndim == 3:
+            images = images[..., None]
+        m = self.manifest
+        ranked = predict_images(self.model, images, m.mean, m.std, top_k=m.num_classes)
+        return prediction_frame(ranked, m.class_names)
+
+
+# --------------------------------------------------------------------------- the champion
+
+
+def should_promote(accuracy: float, champion_accuracy: float | None) -> bool:
+    """Whether a new version with ``accuracy`` takes the alias from the current champion.
+
+    Args:
+        accuracy: The new version's test accuracy.
+        champion_accuracy: The champion's, or None when there is no champion yet.
+
+    Returns:
+        True for the first version and for a strictly higher accuracy; a tie keeps the
+        champion (the older model was as good and is already deployed).
+    """
+    return champion_accuracy is None or accuracy > champion_accuracy
+
+
+def tag_accuracy(tags: Mapping[str, str]) -> float | None:
+    """The test accuracy recorded in a model version's tags; None if absent or not a number."""
+    try:
+        value = float(tags[ACCURACY_TAG])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class Registration(NamedTuple):
+    """What :func:`log_and_register` did.
+
+    Attributes:
+        name: The registered model.
+        version: The new version.
+        accuracy: Its test accuracy.
+        champion: The version holding the alias afterwards.
+        champion_accuracy: The accuracy of the champion before this version (None: no
+            champion yet, or one without a recorded accuracy).
+        moved: Whether the alias moved to the new version.
+        seconds: Time spent logging and registering.
+    """
+
+    name: str
+    version: str
+    accuracy: float
+    champion: str
+    champion_accuracy: float | None
+    moved: bool
+    seconds: float
+
+
+def requirements() -> list[str]:
+    """:data:`SERVE_REQUIREMENTS` pinned to the installed versions (missing ones unpinned).
+
+    A local version label is dropped (``torch==2.13.0``, not ``2.13.0+cpu``): PyPI, where an
+    environment manager would look, has no such label.
+    """
+    pinned = []
+    for name in SERVE_REQUIREMENTS:
+        try:
+            version = importlib_metadata.version(name).split("+")[0]
+        except importlib_metadata.PackageNotFoundError:
+            pinned.append(name)
+        else:
+            pinned.append(f"{name}=={version}")
+    return pinned
+
+
+@contextmanager
+def _fluent_api(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (which ``Model.log`` uses) at ``uri``, without progress bars.
+
+    MLflow's own ``_use_tracking_uri`` restores the caller's setting exactly (also "not set",
+    so ``$MLFLOW_TRACKING_URI`` keeps working afterwards), which the public getter and setter
+    cannot. The bars would draw on the stage's log while MLflow copies the model it validates.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    previous_bar = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if previous_bar is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = previous_bar
+
+
+def _log_model(
+    run: Run,
+    name: str,
+    checkpoint: str | Path,
+    manifest: Manifest,
+    examples: np.ndarray,
+    tags: dict[str, str],
+) -> str:
+    """Log the pyfunc into ``run`` and register it; the new version number.
+
+    The LoggedModel is created explicitly in the run's experiment: left to ``Model.log``, it
+    would go to the active (by default the ``Default``) experiment, whose artifacts live
+    wherever that experiment was first created.
+    """
+    logged = mlflow.initialize_logged_model(
+        name=MODEL_NAME,
+        source_run_id=run.info.run_id,
+        tags=tags,
+        params=dict(run.data.params),
+        experiment_id=run.info.experiment_id,
+    )
+    with tempfile.TemporaryDirectory(prefix="convpipe-model-") as tmp:
+        code = Path(tmp) / _CODE_FILE
+        code.write_text(_CODE, encoding="utf-8")
+        (Path(tmp) / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+        info = mlflow.models.Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            name=MODEL_NAME,
+            run_id=run.info.run_id,
+            model_id=logged.model_id,
+            registered_model_name=name,
+            tags=tags,
+            python_model=str(code),
+            artifacts={"checkpoint": str(checkpoint), "manifest": str(Path(tmp) / MANIFEST)},
+            code_paths=[str(PACKAGE)],
+            signature=image_signature(manifest.channels, manifest.image_hw),
+            input_example=model_input(examples),
+            pip_requirements=requirements(),
+        )
+    return str(info.registered_model_version)
+
+
+class _Decision(NamedTuple):
+    champion: str
+    champion_accuracy: float | None
+    moved: bool
+
+
+def _promote(client: Any, name: str, version: str, accuracy: float) -> _Decision:
+    """Move :data:`CHAMPION` to ``version`` if it beats the current champion.
+
+    The caller holds the store lock, so no other local evaluate reads the champion between
+    this one's read and set.
+    """
+    held = client.get_registered_model(name).aliases.get(CHAMPION)
+    if held is None:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return _Decision(version, None, True)
+    held = str(held)
+    champion_accuracy = tag_accuracy(client.get_model_version(name, held).tags)
+    if held != version and champion_accuracy is None:
+        log.warning(
+            "champion version %s of %s has no numeric %s tag: it keeps the alias "
+            "(move it by hand with MlflowClient.set_registered_model_alias)",
+            held,
+            name,
+            ACCURACY_TAG,
+        )
+        return _Decision(held, None, False)
+    if held != version and should_promote(accuracy, champion_accuracy):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return _Decision(version, champion_accuracy, True)
+    return _Decision(held, champion_accuracy, False)
+
+
+def log_and_register(
+    uri: str,
+    run_id: str,
+    name: str,
+    checkpoint: str | Path,
+    manifest: Manifest,
+    examples: np.ndarray,
+    accuracy: float,
+) -> Registration:
+    """Log the model into the training's run, register a version, maybe move the champion.
+
+    Args:
+        uri: The tracking (and registry) URI.
+        run_id: The training's run.
+        name: The registered model (``mlflow.registered_model``).
+        checkpoint: The Lightning checkpoint to serve.
+        manifest: The prepared data's manifest (image geometry, class names, mean, std).
+        examples: A few uint8 test images ``(N, H, W, C)``: the model's input example.
+        accuracy: The test accuracy, tagged on the version and compared with the champion's.
+
+    Returns:
+        The new version and what happened to the alias.
+
+    Raises:
+        ConvpipeError: If MLflow fails (one line, the URI's password masked).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    start = time.perf_counter()
+    tags = {ACCURACY_TAG: repr(float(accuracy)), DATA_TAG: manifest.content_hash}
+    try:
+        client = MlflowClient(tracking_uri=uri)  # registry: as the fluent API resolves it
+        run = client.get_run(run_id)
+        with _fluent_api(uri):
+            version = _log_model(run, name, checkpoint, manifest, examples, tags)
+        with store_lock(uri):
+            decision = _promote(client, name, version, accuracy)
+    except (MlflowException, OSError) as exc:
+        raise mlflow_error(exc, uri, f"registering the model as {name!r}") from None
+    result = Registration(name, version, accuracy, *decision, time.perf_counter() - start)
+    _report(result, uri)
+    return result
+
+
+def _report(result: Registration, uri: str) -> None:
+    where = f"{result.name} version {result.version} (test accuracy {result.accuracy:.4f})"
+    if result.moved:
+        before = (
+            "no champion before"
+            if result.champion_accuracy is None
+            else f"was {result.champion_accuracy:.4f}"
+        )
+        log.info("registered %s: alias %s moved to it (%s)", where, CHAMPION, before)
+    else:
+        log.info(
+            "registered %s: alias %s stays on version %s (test accuracy %s)",
+            where,
+            CHAMPION,
+            result.champion,
+            "unknown" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
+        )
+    log.debug("logging and registering took %.1f s at %s", result.seconds, mask_uri(uri))
