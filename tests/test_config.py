@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from convpipe.config import load_params, parse_params
+from convpipe.config import load_params, parse_params, read_yaml
 from convpipe.errors import ConvpipeError
 from tests.conftest import ROOT
 
@@ -60,6 +60,11 @@ def test_unknown_key_without_close_match_lists_valid_keys(raw_params):
         ("data", "source", "folder", "'imagefolder'"),
         ("data", "val_fraction", 1.2, "'data.val_fraction'"),
         ("augment", "copies", 1000, "at most 100"),
+        ("train", "scheduler", "one_cycle", "'onecycle'"),
+        ("train", "threads", 0, "train.threads must be a number >= 1 or 'auto', got 0"),
+        ("train", "threads", "all", "got 'all'"),
+        ("train", "channels_last", 2, "'train.channels_last'"),
+        ("train", "compile", "maybe", "'train.compile'"),
     ],
 )
 def test_wrong_values_name_key_expected_and_got(raw_params, section, key, value, expect):
@@ -108,3 +113,45 @@ def test_invalid_yaml(tmp_path):
     bad.write_text("base: [unclosed\n")
     with pytest.raises(ConvpipeError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_performance_keys(make_params):
+    params = make_params(
+        **{"train.threads": 3, "train.channels_last": False, "train.compile": True}
+    )
+    assert (params.train.threads, params.train.channels_last, params.train.compile) == (
+        3,
+        False,
+        True,
+    )
+    assert make_params(**{"train.threads": "auto"}).train.threads == "auto"
+    assert make_params(**{"train.scheduler": "onecycle"}).train.scheduler == "onecycle"
+
+
+def _keys(tree, prefix=""):
+    """Every dotted key of a params tree (list items of model.conv by position)."""
+    if isinstance(tree, dict):
+        return {k for key, value in tree.items() for k in _keys(value, f"{prefix}{key}.")}
+    if isinstance(tree, list) and tree and isinstance(tree[0], dict):
+        return {k for i, value in enumerate(tree) for k in _keys(value, f"{prefix}{i}.")}
+    return {prefix.rstrip(".")}
+
+
+def test_mnist_recipe_is_a_complete_params_file(raw_params):
+    """params/mnist.yaml replaces params.yaml whole: the same keys, the same paths."""
+    recipe = read_yaml(ROOT / "params" / "mnist.yaml")
+    params = parse_params(recipe, "params/mnist.yaml")
+    keys = {k for k in _keys(recipe) if not k.startswith(("model.conv.", "tune.space."))}
+    assert keys == {
+        k for k in _keys(raw_params) if not k.startswith(("model.conv.", "tune.space."))
+    }
+    assert recipe["paths"] == raw_params["paths"]  # dvc.yaml reads them
+    assert (params.data.source, params.data.path) == ("mnist_idx", "data/mnist")
+    assert params.data.test_fraction == 0.0  # MNIST's own t10k files are the test split
+
+
+def test_performance_defaults_match_the_measured_recipe(raw_params):
+    """The shipped knobs are the ones the benchmarks measured on params/mnist.yaml."""
+    recipe = read_yaml(ROOT / "params" / "mnist.yaml")
+    for key in ("threads", "channels_last", "compile", "num_workers", "precision"):
+        assert recipe["train"][key] == raw_params["train"][key], key

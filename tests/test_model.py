@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,6 +22,7 @@ from convpipe.model import (
     build_scheduler,
     conv_output_size,
     count_parameters,
+    cpu_threads,
     layer_shapes,
     output_units,
     probabilities,
@@ -473,3 +475,159 @@ def test_checkpoint_round_trip_weights_only(params, tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(module(x), loaded(x))
+
+
+def test_onecycle_warms_up_then_anneals_per_step(params):
+    train = train_variant(params, scheduler="onecycle", optimizer="sgd", lr=0.1)
+    optimizer = build_optimizer(nn.Linear(2, 2).parameters(), train)
+    config = build_scheduler(optimizer, train, total_steps=10)
+    assert config is not None and config["interval"] == "step"
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(10):  # a loop steps the scheduler after each of its 10 optimiser steps
+        optimizer.step()
+        config["scheduler"].step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.1 / 25)  # warm-up start
+    assert max(lrs) == pytest.approx(0.1, rel=0.05)  # the peak is train.lr
+    assert lrs.index(max(lrs)) in (2, 3)  # after 30 % of the steps
+    assert lrs == sorted(lrs[:3]) + sorted(lrs[3:], reverse=True)  # up, then down
+    assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4)  # the end of the anneal, not past it
+    assert optimizer.param_groups[0]["momentum"] == 0  # plain SGD stays plain
+    with pytest.raises(ValueError, match="number of training steps"):
+        build_scheduler(optimizer, train)
+
+
+def test_onecycle_spans_the_whole_fit(params):
+    module = classifier(params, scheduler="onecycle", max_epochs=3, lr=0.1, optimizer="adam")
+    fitted = trainer(max_steps=-1, max_epochs=3)
+    fitted.fit(module, loader())
+    config = fitted.lr_scheduler_configs[0]
+    assert config.interval == "step"
+    assert fitted.global_step == 3 * 2  # 16 images, batch 8
+    assert config.scheduler.total_steps == fitted.global_step + 1
+    assert fitted.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 25 / 1e4)
+
+
+def test_train_metrics_are_exact_epoch_means(params):
+    """One log per epoch, at its last step: the means over every image of the epoch."""
+    model = tiny_model(params).model_copy(update={"dropout": 0.0})
+    module = classifier(params, model=model, optimizer="sgd", lr=1e-12, reg_type="l2")
+    data = loader(n=20)  # batches of 8, 8 and 4: the mean must weight them by size
+    module.train()
+    with torch.no_grad():
+        pairs = [(module(x), y) for x, y in data]
+    images = sum(len(y) for _, y in pairs)
+    loss = sum(float(module.data_loss(logits, y)) * len(y) for logits, y in pairs) / images
+    right = sum(int((logits.argmax(1) == y).sum()) for logits, y in pairs)
+    penalty = float(module.penalty().detach())
+    fitted = trainer(max_steps=-1, max_epochs=1)
+    fitted.fit(module, data)
+    metrics = fitted.callback_metrics
+    assert metrics["train/loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert metrics["train/acc"].item() == pytest.approx(right / images)
+    assert metrics["train/penalty"].item() == pytest.approx(penalty, rel=1e-5)
+    assert metrics["train/objective"].item() == pytest.approx(loss + penalty, rel=1e-5)
+
+
+def test_train_metrics_when_max_steps_ends_an_epoch_early(params):
+    module = classifier(params)
+    fitted = trainer(max_steps=3)  # epoch 0: 2 steps, epoch 1: 1 step
+    fitted.fit(module, loader())
+    assert fitted.global_step == 3
+    assert {"train/loss", "train/acc", "train/objective"} <= set(fitted.callback_metrics)
+
+
+def test_cpu_threads():
+    assert cpu_threads(3, 1) == 3 and cpu_threads(3, 4) == 3
+    all_cores = cpu_threads("auto", 1)
+    assert all_cores >= 1
+    assert cpu_threads("auto", 2) == max(1, all_cores // 2)
+    assert cpu_threads("auto", 10_000) == 1
+
+
+def test_fit_uses_train_threads(params):
+    before = torch.get_num_threads()
+    try:
+        trainer().fit(classifier(params, threads=1), loader())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_channels_last_changes_layout_not_results(params):
+    nhwc = classifier(params, channels=3, channels_last=True)  # with 1 channel both layouts
+    nchw = classifier(params, channels=3, channels_last=False)  # are the same strides
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.state_dict().keys() == nchw.state_dict().keys()
+    conv = nhwc.net.features[0].conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(4, 3, *HW)
+    nhwc.eval()
+    nchw.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_trains_and_keeps_parameter_names(params, tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    module = classifier(params, compile=True)
+    names = list(module.state_dict())
+    fitted = trainer(max_steps=-1, max_epochs=2)
+    fitted.fit(module, loader(), loader())
+    assert fitted.global_step == 4 and "train/loss" in fitted.callback_metrics
+    assert counters["stats"]["unique_graphs"] >= 1  # really compiled, not silently skipped
+    assert list(module.state_dict()) == names  # no _orig_mod. prefix: checkpoints load eagerly
+    path = tmp_path / "model.ckpt"
+    fitted.save_checkpoint(path)
+    loaded = CNNClassifier.load_from_checkpoint(path, weights_only=True)
+    x = torch.randn(3, 1, *HW)
+    module.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), loaded(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_metrics_are_global_means_under_ddp(params):
+    """Each rank sums its share; the logged epoch means are over every image of both ranks."""
+    conv = [block(params, filters=4, batch_norm=False)]  # no batch norm: a per-image loss that
+    model = model_variant(params, conv=conv, hidden=[8], dropout=0.0)  # no shard changes
+    module = classifier(params, model=model, optimizer="sgd", lr=1e-12, reg_type="none")
+    x, y = torch.randn(32, 1, *HW), torch.randint(0, 3, (32,))
+    with torch.no_grad():
+        losses = F.cross_entropy(module(x), y, reduction="none")
+        right = (module(x).argmax(1) == y).float()
+    halves = losses.view(16, 2).mean(0)  # what either rank alone would log
+    assert abs(float(halves[0] - halves[1])) > 1e-3
+    fitted = trainer(max_steps=-1, max_epochs=1, strategy="ddp_spawn", devices=2)
+    fitted.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    metrics = fitted.callback_metrics
+    assert metrics["train/loss"].item() == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert metrics["train/acc"].item() == pytest.approx(right.mean().item())
+
+
+def test_checkpoint_from_before_the_speed_keys_still_loads(params, tmp_path):
+    """A model trained before train.threads/channels_last/compile existed loads as NCHW, eager."""
+    module = classifier(params, channels_last=False)
+    fitted = trainer(max_steps=1)
+    fitted.fit(module, loader())
+    path = tmp_path / "old.ckpt"
+    fitted.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("threads", "channels_last", "compile"):
+        del checkpoint["hyper_parameters"]["train"][key]
+    torch.save(checkpoint, path)
+    loaded = CNNClassifier.load_from_checkpoint(path, weights_only=True)
+    assert (loaded.train_params.channels_last, loaded.train_params.compile) == (False, False)
+    x = torch.randn(2, 1, *HW)
+    module.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), loaded(x))
+    partial = {**params.train.model_dump(), "threads": 2}
+    del partial["compile"]  # some but not all of them: a real params mistake, still refused
+    with pytest.raises(ConvpipeError, match=r"missing key 'train\.compile'"):
+        CNNClassifier(tiny_model(params), partial, 1, HW, 3, 32)

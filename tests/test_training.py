@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,7 +48,8 @@ from convpipe.training import (
     start_run,
     train,
 )
-from tests.conftest import TINY_CONV
+from tests.conftest import ROOT, TINY_CONV
+from tests.project import make_project
 
 SMALL_MODEL = {
     "model.conv": TINY_CONV,
@@ -75,6 +77,7 @@ stages:
       nfiles: 4
 """
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MNIST = ROOT.parent / "shared" / "datasets" / "mnist"  # absent from a user's clone
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
     "GIT_AUTHOR_EMAIL": "t@localhost",
@@ -258,6 +261,15 @@ def test_build_trainer_unsupported_accelerator(make_params) -> None:
     with pytest.raises(ConvpipeError, match="cannot build the Trainer") as info:
         build_trainer(params.train, [], False, "unused", interactive=False)
     assert "train.accelerator" in info.value.line()
+
+
+def test_build_trainer_options_override_the_params(make_params, tmp_path: Path) -> None:
+    params = make_params(**{"train.max_epochs": 7})
+    built = build_trainer(params.train, [], False, str(tmp_path), interactive=False)
+    assert built.max_epochs == 7 and built.limit_val_batches == 1.0
+    options = {"max_epochs": 1, "limit_val_batches": 0}
+    built = build_trainer(params.train, [], False, str(tmp_path), interactive=False, **options)
+    assert built.max_epochs == 1 and built.limit_val_batches == 0
 
 
 def test_failed_run_on_error_never_leaves_a_run_running(
@@ -668,3 +680,32 @@ def test_train_and_evaluate_against_a_tracking_server(
     assert any(p.endswith("artifacts/evaluation/misclassified.png") for p in stored)
     model = next(p for p in artifacts.rglob("model.ckpt"))
     assert model.read_bytes() == Path(params.paths.model).read_bytes()
+
+
+# --------------------------------------------------------------------------- MNIST recipe
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"no MNIST IDX files at {MNIST}")
+def test_mnist_recipe_with_dvc(tmp_path: Path) -> None:
+    """The README's recipe: IDX files in data/mnist, cp params/mnist.yaml params.yaml, dvc repro.
+
+    The whole recipe takes minutes (benchmarks/bench_mnist.py measures it); here one epoch on
+    a tenth of the training images proves the file drives every stage.
+    """
+    project = make_project(tmp_path / "project")
+    shutil.copy2(ROOT / "params" / "mnist.yaml", project.root / "params.yaml")
+    (project.root / "data").mkdir(exist_ok=True)
+    os.symlink(MNIST, project.root / "data" / "mnist", target_is_directory=True)
+    project.set_params(**{"train.max_epochs": 1, "data.val_fraction": 0.9})
+    project.run("dvc", "repro")
+    manifest = load_manifest(project.root / "data" / "prepared")
+    assert manifest.source == "mnist_idx" and manifest.image_hw == (28, 28)
+    counts = {name: split.count for name, split in manifest.splits.items()}
+    assert counts == {"train": 6000, "val": 54000, "test": 10000}
+    metrics = json.loads((project.root / "metrics" / "train.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["test/count"] == 10000
+    assert metrics["test/acc"] > 0.9
+    evaluated = json.loads((project.root / "metrics" / "eval.json").read_text())
+    assert evaluated["count"] == 10000
+    assert abs(evaluated["accuracy"] - metrics["test/acc"]) < 1e-6

@@ -191,7 +191,12 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    """The train stage: optimisation, regularisation, early stopping and the Trainer."""
+    """The train stage: optimisation, regularisation, early stopping and the Trainer.
+
+    ``threads``, ``channels_last`` and ``compile`` change speed only, not what is learnt
+    (beyond float rounding): the CPU threads per process, the NHWC memory layout and
+    ``torch.compile``.
+    """
 
     optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw"]
     lr: Annotated[float, Field(gt=0.0)]
@@ -203,7 +208,7 @@ class TrainParams(Section):
     patience: NonNegInt
     monitor: str
     monitor_mode: Literal["min", "max"]
-    scheduler: Literal["none", "cosine", "step", "plateau"]
+    scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"]
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
     devices: PositiveInt | Literal["auto"]
     strategy: str
@@ -211,6 +216,19 @@ class TrainParams(Section):
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"]
     sync_batchnorm: bool
     num_workers: NonNegInt
+    threads: PositiveInt | Literal["auto"]
+    channels_last: bool
+    compile: bool
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_positive_or_auto(cls, value: Any) -> Any:
+        # one message instead of pydantic's two union branches ('constrained-int', 'literal')
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            return value
+        raise ValueError(f"train.threads must be a number >= 1 or 'auto', got {value!r}")
 
     @field_validator("monitor")
     @classmethod

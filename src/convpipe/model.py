@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -50,6 +51,7 @@ __all__ = [
     "build_scheduler",
     "conv_output_size",
     "count_parameters",
+    "cpu_threads",
     "layer_shapes",
     "output_units",
     "probabilities",
@@ -71,6 +73,9 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 _POOLS: dict[str, Callable[[int], nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 _PENALISED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# torch's own thread default at import (the cores, or OMP_NUM_THREADS): what train.threads
+# "auto" shares out, even after something in this process changed the current setting.
+_DEFAULT_THREADS = torch.get_num_threads()
 
 _Schema = TypeVar("_Schema", bound=BaseModel)
 
@@ -480,25 +485,44 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainParams
+    optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int | None = None
 ) -> LRSchedulerConfigType | None:
-    """The learning-rate scheduler named by ``train.scheduler``, stepped once per epoch.
+    """The learning-rate scheduler named by ``train.scheduler``.
 
-    ``cosine``: CosineAnnealingLR over ``train.max_epochs``; ``step``: StepLR with
-    ``step_size = max(1, max_epochs // 3)`` and gamma 0.1; ``plateau``: ReduceLROnPlateau on
-    ``train.monitor`` in ``train.monitor_mode`` with factor 0.1 and
+    Stepped once per epoch: ``cosine``: CosineAnnealingLR over ``train.max_epochs``; ``step``:
+    StepLR with ``step_size = max(1, max_epochs // 3)`` and gamma 0.1; ``plateau``:
+    ReduceLROnPlateau on ``train.monitor`` in ``train.monitor_mode`` with factor 0.1 and
     ``patience = max(1, train.patience // 2)`` (so it can act before early stopping does).
+
+    Stepped once per batch: ``onecycle``: OneCycleLR over ``total_steps``, warming up from
+    ``lr / 25`` to ``train.lr`` in the first 30 % of the steps, then annealing (cosine) to
+    ``lr / 2.5e5`` after the last step. Momentum is not cycled, so ``train.momentum`` (and
+    Adam's betas) stay as configured and plain ``sgd`` stays plain.
 
     Args:
         optimizer: The optimiser to schedule.
         train: The ``train`` section.
+        total_steps: Optimiser steps of the whole training; ``onecycle`` needs it.
 
     Returns:
         A Lightning scheduler config dict, or None for ``none``.
+
+    Raises:
+        ValueError: For ``onecycle`` without a positive ``total_steps``.
     """
     scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     if train.scheduler == "none":
         return None
+    if train.scheduler == "onecycle":
+        if not total_steps or total_steps < 1:
+            raise ValueError(f"onecycle needs the number of training steps, got {total_steps!r}")
+        # One step more than training takes: Lightning (like most loops) steps the scheduler
+        # after the last optimiser step too, which would take OneCycleLR past its end and
+        # back up to a high learning rate.
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=train.lr, total_steps=int(total_steps) + 1, cycle_momentum=False
+        )
+        return {"scheduler": scheduler, "interval": "step", "frequency": 1}
     if train.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.max_epochs)
     elif train.scheduler == "step":
@@ -533,6 +557,19 @@ def _parse_section(schema: type[_Schema], value: Any, section: str) -> _Schema:
         raise _describe_validation_error(error, "the model hyperparameters") from None
 
 
+# What checkpoints written before train.threads/channels_last/compile existed were trained
+# with. These keys change speed only; without them such a checkpoint (one in the MLflow model
+# registry, say) could no longer be loaded for evaluation or prediction.
+_BEFORE_SPEED_KEYS = {"threads": "auto", "channels_last": False, "compile": False}
+
+
+def _with_speed_keys(train: Any) -> Any:
+    """``train`` as a mapping, completed with :data:`_BEFORE_SPEED_KEYS` if it predates them."""
+    if isinstance(train, Mapping) and not any(key in train for key in _BEFORE_SPEED_KEYS):
+        return {**train, **_BEFORE_SPEED_KEYS}
+    return train
+
+
 def _check_train_size(train_size: int) -> None:
     if not _is_int(train_size) or train_size < 1:
         raise ConvpipeError(
@@ -556,9 +593,31 @@ def _check_class_names(class_names: Sequence[str] | None, num_classes: int) -> l
 
 
 def _accuracy(num_classes: int) -> Metric:
+    # validate_args would check every batch's labels (a torch.unique per step); the labels
+    # come from a validated manifest and the logits from this network, so skip the check.
     if num_classes == 2:
-        return BinaryAccuracy()
-    return MulticlassAccuracy(num_classes=num_classes, average="micro")
+        return BinaryAccuracy(validate_args=False)
+    return MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+
+
+def cpu_threads(setting: int | str, processes: int) -> int:
+    """The intra-op CPU threads one training process should use.
+
+    Args:
+        setting: ``train.threads``: a number, or ``auto``.
+        processes: Training processes sharing this machine (``train.devices``).
+
+    Returns:
+        ``setting`` itself if it is a number; for ``auto``, torch's default (this machine's
+        cores, or ``OMP_NUM_THREADS``) shared out over ``processes``, at least 1, so DDP
+        processes on one CPU do not oversubscribe it.
+    """
+    if setting != "auto":
+        return int(setting)
+    cores = _DEFAULT_THREADS
+    if hasattr(os, "sched_getaffinity"):  # a container may allow fewer CPUs than torch saw
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, cores // max(1, processes))
 
 
 class CNNClassifier(L.LightningModule):
@@ -605,7 +664,7 @@ class CNNClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         model_params = _parse_section(ModelParams, model, "model")
-        train_params = _parse_section(TrainParams, train, "train")
+        train_params = _parse_section(TrainParams, _with_speed_keys(train), "train")
         hw = _check_inputs(in_channels, image_hw, num_classes)
         _check_train_size(train_size)
         _check_optimizer(train_params)
@@ -627,7 +686,15 @@ class CNNClassifier(L.LightningModule):
         self.binary = num_classes == 2
         self.input_shape = (int(in_channels), *hw)
         self.net = build_cnn(model_params, in_channels, hw, num_classes)
-        self.train_acc = _accuracy(num_classes)
+        self.channels_last = train_params.channels_last
+        self._compiled_net: nn.Module | None = None  # set by setup("fit") with train.compile
+        if self.channels_last:
+            # NHWC: oneDNN's fast convolution layout on CPU (the weights keep their values
+            # and state_dict keys; only the strides change).
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # The epoch's training sums so far: J * n, penalty * n, correct, n. Logged once, at
+        # the epoch's last step; float64 on the CPU whatever the device (MPS has no float64).
+        self._train_sums = torch.zeros(4, dtype=torch.float64)
         self.val_acc = _accuracy(num_classes)
         self.test_acc = _accuracy(num_classes)
         # Images seen per evaluation split, summed over DDP ranks: proves each counts once.
@@ -654,7 +721,10 @@ class CNNClassifier(L.LightningModule):
                 "at the model input",
                 "prepare the data with the data.image_size and data.channels used in training",
             )
-        logits = self.net(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        compiled = self._compiled_net
+        logits = compiled(x) if compiled is not None and self.training else self.net(x)
         return logits[:, 0] if self.binary else logits
 
     def data_loss(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -679,14 +749,14 @@ class CNNClassifier(L.LightningModule):
         )
 
     def _shared_step(self, batch: Sequence[Tensor], split: str) -> Tensor:
-        """Loss, accuracy and logging for one batch of ``split``.
+        """Loss, accuracy and logging for one ``val`` or ``test`` batch.
 
         Args:
             batch: ``(x, y)`` with x float ``(N, C, H, W)`` and y int64 ``(N,)``.
-            split: ``train``, ``val`` or ``test``.
+            split: ``val`` or ``test``.
 
         Returns:
-            The value to minimise: J + penalty on ``train``, J otherwise.
+            The mean data loss J of the batch.
         """
         x, y = batch[0], batch[1]
         logits = self(x)
@@ -698,16 +768,36 @@ class CNNClassifier(L.LightningModule):
         opts: dict[str, Any] = {"on_step": False, "on_epoch": True, "batch_size": size}
         self.log(f"{split}/loss", loss, prog_bar=bar, sync_dist=True, **opts)
         self.log(f"{split}/acc", accuracy, prog_bar=split == "val", **opts)
-        if split != "train":
-            counter: Metric = getattr(self, f"{split}_count")
-            counter.update(torch.tensor(float(size), device=x.device))
-            self.log(f"{split}/count", counter, **opts)
-            return loss
-        penalty = self.penalty()
-        objective = loss + penalty
-        self.log("train/penalty", penalty, sync_dist=True, **opts)
-        self.log("train/objective", objective, sync_dist=True, **opts)
-        return objective
+        counter: Metric = getattr(self, f"{split}_count")
+        counter.update(torch.tensor(float(size), device=x.device))
+        self.log(f"{split}/count", counter, **opts)
+        return loss
+
+    def _correct(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Number of right predictions in a batch (argmax, or logit > 0 for 2 classes)."""
+        predicted = (logits > 0).long() if self.binary else logits.argmax(dim=1)
+        return (predicted == y).sum()
+
+    def _last_step_of_epoch(self, batch_idx: int) -> bool:
+        trainer = self.trainer
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return True
+        return 0 < trainer.max_steps <= self.global_step + 1  # max_steps ends mid-epoch
+
+    def _log_train_epoch(self) -> None:
+        """Log the epoch's train metrics, reduced over DDP ranks (the sums, then the means)."""
+        sums = self._train_sums.clone()
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        loss, penalty, correct = (sums[:3] / sums[3].clamp(min=1)).float().to(self.device)
+        # every rank now holds the same global means: sync_dist averages equal values (exact),
+        # and spares the "use sync_dist=True" warning Lightning gives under DDP otherwise
+        opts: dict[str, Any] = {"on_step": False, "on_epoch": True, "batch_size": 1}
+        opts["sync_dist"] = True
+        self.log("train/loss", loss, prog_bar=True, **opts)
+        self.log("train/acc", correct, **opts)
+        self.log("train/penalty", penalty, **opts)
+        self.log("train/objective", loss + penalty, **opts)
 
     def _check_finite(self, objective: Tensor) -> None:
         value = float(objective.detach())
@@ -723,10 +813,42 @@ class CNNClassifier(L.LightningModule):
             f"lower train.lr (now {self.train_params.lr:g}) or check the data for nan/inf values",
         )
 
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's training sums from zero.
+
+        A new tensor, not ``zero_()``: under ``ddp_spawn`` the ranks inherit the module's
+        tensors in shared memory, and one shared tensor would add up both ranks' batches.
+        """
+        self._train_sums = torch.zeros(4, dtype=torch.float64)
+
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Minimise J + penalty on one training batch; stop with an error if it is nan/inf."""
-        objective = self._shared_step(batch, "train")
+        """Minimise J + penalty on one training batch; stop with an error if it is nan/inf.
+
+        The epoch's ``train/*`` metrics are summed here in one small tensor and logged once,
+        at the last step of the epoch: a ``self.log`` per metric and step costs Lightning
+        about as much as a small batch's forward pass.
+
+        Args:
+            batch: ``(x, y)`` with x float ``(N, C, H, W)`` and y int64 ``(N,)``.
+            batch_idx: Index of the batch in the epoch.
+
+        Returns:
+            The objective J + penalty, which the optimiser minimises.
+        """
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.data_loss(logits, y)
+        penalty = self.penalty()
+        objective = loss + penalty
         self._check_finite(objective)
+        size = float(x.shape[0])
+        dtype = loss.dtype  # the penalty follows the weights' dtype, which may differ
+        right = self._correct(logits.detach(), y).to(dtype)
+        step = torch.stack([loss.detach() * size, penalty.detach().to(dtype) * size, right])
+        self._train_sums[:3] += step.to("cpu", torch.float64)
+        self._train_sums[3] += size
+        if self._last_step_of_epoch(batch_idx):
+            self._log_train_epoch()
         return objective
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
@@ -742,10 +864,28 @@ class CNNClassifier(L.LightningModule):
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return probabilities(self(x), self.num_classes)
 
+    def setup(self, stage: str) -> None:
+        """Give this process its share of the CPU threads; compile the network for ``fit``.
+
+        With ``train.compile``, training steps run ``torch.compile(net)``, which shares the
+        eager network's parameters; validation, testing and prediction stay eager (no second
+        compile for eval mode and other batch sizes).
+        """
+        processes = self.trainer.num_devices if self._trainer is not None else 1
+        torch.set_num_threads(cpu_threads(self.train_params.threads, processes))
+        if stage == "fit" and self.train_params.compile and self._compiled_net is None:
+            # torch.compile(module), not module.compile(): torch 2.13 silently skips the latter
+            # for a Sequential of built-in layers (pytorch#150915). Kept out of the submodules,
+            # so state_dict keys stay those of the eager network.
+            object.__setattr__(self, "_compiled_net", torch.compile(self.net))
+
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """The optimiser and optional scheduler from the ``train`` section."""
         optimizer = build_optimizer(self.parameters(), self.train_params)
-        scheduler = build_scheduler(optimizer, self.train_params)
+        total = None
+        if self.train_params.scheduler == "onecycle":
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.train_params, total)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -137,6 +137,7 @@ def build_trainer(
     root: str,
     *,
     interactive: bool,
+    **options: Any,
 ) -> L.Trainer:
     """A Trainer configured from the ``train`` section (deterministic, epoch-level logging).
 
@@ -146,30 +147,33 @@ def build_trainer(
         logger: the MLflow logger, or False.
         root: Lightning's working folder.
         interactive: show the progress bar and model summary (off for tuning trials).
+        **options: further ``L.Trainer`` arguments (benchmarks turn validation off with
+            ``limit_val_batches=0``); they override the ones derived from ``train``.
 
     Raises:
         ConvpipeError: If the accelerator, devices, strategy or precision are not usable here.
     """
+    settings: dict[str, Any] = {
+        "accelerator": train.accelerator,
+        "devices": train.devices,
+        "strategy": check_strategy(train.strategy),
+        "num_nodes": train.num_nodes,
+        "precision": train.precision,
+        "max_epochs": train.max_epochs,
+        "deterministic": True,
+        "callbacks": callbacks,
+        "logger": logger,
+        "default_root_dir": root,
+        "log_every_n_steps": 1,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        "enable_progress_bar": interactive,
+        "enable_model_summary": interactive,
+        "sync_batchnorm": train.sync_batchnorm,
+        # the DataModule shards itself: seeded for train, unpadded for val/test
+        "use_distributed_sampler": False,
+    }
     try:
-        return L.Trainer(
-            accelerator=train.accelerator,
-            devices=train.devices,
-            strategy=check_strategy(train.strategy),
-            num_nodes=train.num_nodes,
-            precision=train.precision,
-            max_epochs=train.max_epochs,
-            deterministic=True,
-            callbacks=callbacks,
-            logger=logger,
-            default_root_dir=root,
-            log_every_n_steps=1,
-            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-            enable_progress_bar=interactive,
-            enable_model_summary=interactive,
-            sync_batchnorm=train.sync_batchnorm,
-            # the DataModule shards itself: seeded for train, unpadded for val/test
-            use_distributed_sampler=False,
-        )
+        return L.Trainer(**{**settings, **options})
     except (ValueError, RuntimeError, MisconfigurationException) as exc:
         raise ConvpipeError(
             f"cannot build the Trainer: {' '.join(str(exc).split())}",

@@ -1,0 +1,357 @@
+"""Loop overhead: convpipe's Trainer + CNNClassifier + ConvDataModule vs a plain PyTorch loop.
+
+Both arms train the same network (built under the same seed, so the same initial weights), on
+the same batches in the same order (the DataModule's seeded DistributedSampler, ``set_epoch``
+per epoch), with the same batch size, thread count, λ/m penalty, optimiser, learning-rate
+schedule and dropout stream (the global RNG is seeded identically and consumed identically).
+The convpipe arm is the train stage's Trainer (``convpipe.training.build_trainer``) with what
+differs only in logging turned off: no logger, no progress bar, no checkpoints, no validation
+(the plain loop validates nothing either). Runs alternate (convpipe, plain, before-the-fix,
+convpipe, ...) so a change of machine load hits the arms alike; the figure is the ratio within
+each round. The third arm is convpipe's training step as it was before issue #8 (a
+``self.log`` per metric and step), kept to show what the fix is worth.
+
+Data: a 12,000-image MNIST subset (28x28) when ``../shared/datasets/mnist`` exists, else the
+digits upscaled to 28x28 with augmented copies up to a similar size; model and train settings
+from ``params/mnist.yaml``.
+
+Goal (Lightning's own parity bar): throughput ratio >= 0.95 and per-epoch losses equal to 5
+decimals.
+
+Usage: python benchmarks/bench_loop.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import MNIST, ROOT, Section, fmt, median_spread, print_sections
+
+from convpipe.config import Params, parse_params, read_yaml, set_dotted
+from convpipe.data.augment import write_augmented
+from convpipe.data.prepare import write_prepared
+from convpipe.data.sources import open_source
+from convpipe.model import (
+    CNNClassifier,
+    build_optimizer,
+    build_scheduler,
+    cpu_threads,
+    regularization_penalty,
+)
+from convpipe.training import EpochHistory, build_model, build_trainer
+
+RECIPE = ROOT / "params" / "mnist.yaml"
+GOAL_RATIO = 0.95
+DECIMALS = 5
+SUBSET = 12_000  # MNIST train images used (the rest of the 60,000 go to the unused val split)
+
+
+@dataclass
+class Run:
+    """One arm's training: wall seconds, images per epoch, and the per-epoch mean data loss."""
+
+    seconds: float
+    images: int
+    losses: list[float]
+
+    @property
+    def throughput(self) -> float:
+        """Training images per second."""
+        return self.images * len(self.losses) / self.seconds
+
+
+def recipe(root: Path, overrides: Mapping[str, Any]) -> Params:
+    """``params/mnist.yaml`` with ``overrides``, every path under ``root``."""
+    raw = read_yaml(RECIPE)
+    raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return parse_params(raw, str(RECIPE))
+
+
+def prepare(params: Params) -> Params:
+    """Run the prepare and augment stages' code for ``params`` (not timed by any benchmark)."""
+    write_prepared(open_source(params.data), params.data, params.base.seed, params.paths.prepared)
+    write_augmented(params)
+    return params
+
+
+def mnist_like(root: Path, train_images: int, **overrides: Any) -> tuple[Params, str]:
+    """Prepared 28x28 digit data of about ``train_images`` training images, and its name.
+
+    MNIST (a stratified subset) when ``../shared`` has it, otherwise sklearn's digits upscaled
+    to 28x28 plus augmented copies, so the benchmark runs on any clone.
+    """
+    if MNIST.is_dir():
+        fraction = 1 - train_images / 60_000
+        data = {"data.path": str(MNIST), "data.val_fraction": round(fraction, 6)}
+        name = f"MNIST subset ({train_images:,} train images, 28x28)"
+        return prepare(recipe(root, {**data, "augment.copies": 0, **overrides})), name
+    copies = max(0, round(train_images / 1257) - 1)  # digits: 1257 train images at 70 %
+    data = {"data.source": "digits", "data.path": None, "data.image_size": 28}
+    data.update({"data.val_fraction": 0.15, "data.test_fraction": 0.15})  # digits has no splits
+    params = prepare(recipe(root, {**data, "augment.copies": copies, **overrides}))
+    name = f"digits at 28x28 + {copies} augmented copies (no ../shared MNIST)"
+    return params, name
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's per-fit banners and hints (they would swamp the results)."""
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+class PerStepLogging(CNNClassifier):
+    """CNNClassifier's training step as it was before issue #8: for reference only.
+
+    It logged four metrics with ``self.log`` and updated a torchmetrics accuracy on every
+    step, which profiling showed to be most of convpipe's overhead over a plain loop.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+
+    def on_train_epoch_start(self) -> None:
+        """Nothing to reset: Lightning reduces the per-step logs."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Log loss, accuracy, penalty and objective on every step (epoch means)."""
+        x, y = batch
+        logits = self(x)
+        loss = self.data_loss(logits, y)
+        self.train_acc.update(logits, y)
+        opts: dict[str, Any] = {"on_step": False, "on_epoch": True, "batch_size": len(y)}
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, **opts)
+        self.log("train/acc", self.train_acc, **opts)
+        penalty = self.penalty()
+        objective = loss + penalty
+        self.log("train/penalty", penalty, sync_dist=True, **opts)
+        self.log("train/objective", objective, sync_dist=True, **opts)
+        self._check_finite(objective)
+        return objective
+
+
+def convpipe_run(params: Params, module: type[CNNClassifier] = CNNClassifier) -> Run:
+    """Train ``train.max_epochs`` epochs with the train stage's Trainer, logging off."""
+    L.seed_everything(params.base.seed, workers=True, verbose=False)
+    datamodule, model = build_model(params)
+    if module is not CNNClassifier:  # the same network, built under the same seed
+        L.seed_everything(params.base.seed, workers=True, verbose=False)
+        model = module(**model.hparams)
+    history = EpochHistory()
+    with quiet(), tempfile.TemporaryDirectory(prefix="bench-loop-") as root:
+        start = time.perf_counter()
+        trainer = build_trainer(
+            params.train,
+            [history],
+            False,
+            root,
+            interactive=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, datamodule=datamodule)
+        seconds = time.perf_counter() - start
+    return Run(seconds, datamodule.train_size, [row["train/loss"] for row in history.rows])
+
+
+def before_fix_run(params: Params) -> Run:
+    """:func:`convpipe_run` with the per-step logging convpipe had before issue #8."""
+    return convpipe_run(params, PerStepLogging)
+
+
+def _plain_step(
+    model: CNNClassifier, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> torch.Tensor:
+    """One optimisation step on ``J + λ/m Σw²``; returns the batch's mean data loss J."""
+    train = model.train_params
+    if train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss = F.cross_entropy(model.net(x), y)
+    m = int(model.hparams["train_size"])
+    objective = loss + regularization_penalty(model.net, train.reg_type, train.reg_lambda, m)
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def plain_run(params: Params) -> Run:
+    """The same training as :func:`convpipe_run` in a hand-written loop over ``model.net``."""
+    L.seed_everything(params.base.seed, workers=True, verbose=False)
+    datamodule, model = build_model(params)  # the same network, built under the same seed
+    train = params.train
+    if train.scheduler == "plateau":
+        raise ValueError("the plain loop replays per-batch and per-epoch schedules, not plateau")
+    start = time.perf_counter()
+    torch.set_num_threads(cpu_threads(train.threads, 1))
+    torch.use_deterministic_algorithms(True)  # what Trainer(deterministic=True) sets
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    net = model.net
+    if train.compile:
+        net.compile()
+    optimizer = build_optimizer(net.parameters(), train)
+    config = build_scheduler(optimizer, train, len(loader) * train.max_epochs)
+    scheduler = config["scheduler"] if config else None
+    per_step = config is not None and config["interval"] == "step"
+    losses = []
+    for epoch in range(train.max_epochs):
+        loader.sampler.set_epoch(epoch)
+        net.train()
+        total = torch.zeros((), dtype=torch.float64)
+        for x, y in loader:
+            total += _plain_step(model, x, y, optimizer).double() * x.shape[0]
+            if per_step and scheduler is not None:
+                scheduler.step()
+        if scheduler is not None and not per_step:
+            scheduler.step()
+        losses.append(float(total) / datamodule.train_size)
+    return Run(time.perf_counter() - start, datamodule.train_size, losses)
+
+
+def same_initial_weights(params: Params) -> bool:
+    """Whether two builds under the seed give identical weights (what both arms rely on)."""
+    states = []
+    for _ in range(2):
+        L.seed_everything(params.base.seed, workers=True, verbose=False)
+        states.append(build_model(params)[1].state_dict())
+    return all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+ARMS = {
+    "convpipe (Trainer + CNNClassifier + ConvDataModule)": convpipe_run,
+    "plain PyTorch loop": plain_run,
+    "convpipe before the fix (per-step self.log)": before_fix_run,
+}
+
+
+def measure(params: Params, repeats: int) -> dict[str, list[Run]]:
+    """``repeats`` rounds of every arm in turn, after one untimed warm-up run of each."""
+    for arm in ARMS.values():  # oneDNN primitive caches, page cache, compile cache
+        arm(params)
+    runs: dict[str, list[Run]] = {name: [] for name in ARMS}
+    for _ in range(repeats):
+        for name, arm in ARMS.items():
+            gc.collect()  # the previous run's garbage is collected now, not inside this run
+            runs[name].append(arm(params))
+    return runs
+
+
+def _loss_table(runs: dict[str, list[Run]]) -> tuple[str, float]:
+    """Markdown rows of the per-epoch losses, and the largest |difference| to the plain loop."""
+    names = list(runs)
+    plain = runs[names[1]]
+    worst = max(
+        abs(a - b)
+        for name in (names[0], names[2])
+        for ours, reference in zip(runs[name], plain, strict=True)
+        for a, b in zip(ours.losses, reference.losses, strict=True)
+    )
+    rows = [
+        "| epoch | convpipe train/loss | plain loop loss | before the fix | largest difference |",
+        "|---|---|---|---|---|",
+    ]
+    first = [runs[name][0].losses for name in names]
+    for epoch, (a, b, c) in enumerate(zip(*first, strict=True)):
+        digits = DECIMALS + 2
+        gap = max(abs(a - b), abs(c - b))
+        rows.append(f"| {epoch} | {a:.{digits}f} | {b:.{digits}f} | {c:.{digits}f} | {gap:.1e} |")
+    return "\n".join(rows), worst
+
+
+def _arm_row(name: str, runs: list[Run], plain: list[Run]) -> str:
+    throughput = fmt([r.throughput for r in runs], 0)
+    ratio = fmt([p.seconds / r.seconds for r, p in zip(runs, plain, strict=True)])
+    return f"| {name} | {throughput} | {fmt([r.seconds for r in runs], 2)} | {ratio} |"
+
+
+def run(quick: bool = False) -> list[Section]:
+    """Measure the loop overhead; one section."""
+    epochs, repeats, images = (1, 1, 1200) if quick else (3, 5, SUBSET)
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+        params, data = mnist_like(Path(tmp), images, **{"train.max_epochs": epochs})
+        identical = same_initial_weights(params)
+        runs = measure(params, repeats)
+    names = list(runs)
+    ours, plain = runs[names[0]], runs[names[1]]
+    ratios = [p.seconds / r.seconds for r, p in zip(ours, plain, strict=True)]
+    before = [p.seconds / r.seconds for r, p in zip(runs[names[2]], plain, strict=True)]
+    table, worst = _loss_table(runs)
+    ratio, _ = median_spread(ratios)
+    equal = worst < 0.5 * 10**-DECIMALS
+    met = ratio >= GOAL_RATIO and equal and identical
+    train = params.train
+    summary = (
+        f"Throughput ratio convpipe / plain loop: **{fmt(ratios)}** (before the fix: "
+        f"{fmt(before)}); per-epoch losses {'equal' if equal else 'NOT equal'} to {DECIMALS} "
+        f"decimals (largest difference {worst:.1e})."
+    )
+    arm_rows = "\n".join(_arm_row(name, arm_runs, plain) for name, arm_runs in runs.items())
+    body = f"""
+Setup: {data}; params/mnist.yaml's model, batch size {train.batch_size}, optimiser
+{train.optimizer}, scheduler {train.scheduler}, online augmentation {params.augment.online},
+{epochs} epochs per run, threads {cpu_threads(train.threads, 1)}, channels_last
+{train.channels_last}, compile {train.compile}; {repeats} rounds of the arms in turn after one
+warm-up run of each. Initial weights identical: {identical}.
+
+| arm | images/s | seconds per run | ratio to the plain loop |
+|---|---|---|---|
+{arm_rows}
+
+Per-epoch mean data loss J (first round; the summary gives the largest difference over all):
+
+{table}
+
+Found by profiling (cProfile, per-step timings): ``CNNClassifier.training_step`` called
+``self.log`` four times and updated a torchmetrics accuracy on every step; Lightning rebuilds
+and deep-copies its logging metadata on each ``self.log`` call. Fixed in convpipe's
+``model.py``: the step adds loss, penalty and correct counts into one small tensor and the
+epoch means are logged once, at the epoch's last step (summed over DDP ranks first). The
+remaining gap is Lightning's own per-step machinery (hooks, closure, profiler contexts).
+"""
+    if quick:
+        body += "\nQuick run: too few steps to judge the ratio (start-up costs dominate).\n"
+    elif ratio < GOAL_RATIO:
+        body += f"\nMissed by {GOAL_RATIO - ratio:.3f} (ratio {ratio:.3f} < {GOAL_RATIO}).\n"
+    goal = f"throughput ratio >= {GOAL_RATIO} and per-epoch losses equal to {DECIMALS} decimals"
+    return [Section("Loop overhead", goal, met, summary, body)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke test in seconds")
+    print_sections(run(quick=parser.parse_args().quick))
+
+
+if __name__ == "__main__":
+    main()
