@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 
 from convpipe.config import Params, parse_params, read_yaml, set_dotted
@@ -44,3 +49,29 @@ def make_params(raw_params: dict[str, Any]):
         return parse_params(raw)
 
     return build
+
+
+def quiet_trainer(root: str | Path, **options: Any) -> L.Trainer:
+    """A Trainer for making test checkpoints: no logger, checkpointing, progress bar or summary."""
+    return L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **options,
+    )
+
+
+def wait_for_http(proc: subprocess.Popen, url: str, log: Path, seconds: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or times out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no answer on {url} within {seconds} s:\n{log.read_text()}")
+        time.sleep(0.5)

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -22,7 +21,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier
 from convpipe.tracking import ENV_URI, RunInfo
 from convpipe.transforms import BatchTransform
-from tests.conftest import TINY_CONV
+from tests.conftest import TINY_CONV, quiet_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -219,14 +218,7 @@ def checkpoint(raw_params, tmp_path_factory) -> tuple[Path, CNNClassifier]:
         ModelParams.model_validate(SMALL_MODEL), train, 1, (8, 8), 3, 12, ["a", "b", "c"]
     )
     data = TensorDataset(torch.randn(12, 1, 8, 8), torch.arange(12) % 3)
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=1)
     trainer.fit(model, DataLoader(data, batch_size=12))
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -29,7 +28,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier, probabilities
 from convpipe.transforms import BatchTransform
 from tests import datagen
-from tests.conftest import TINY_CONV
+from tests.conftest import TINY_CONV, quiet_trainer
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -64,14 +63,7 @@ def _train_one_step(params: Params, manifest: Manifest, root: Path, raw_train: d
         torch.randn(20, manifest.channels, *manifest.image_hw),
         torch.arange(20) % manifest.num_classes,
     )
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=1)
     trainer.fit(model, DataLoader(data, batch_size=20))
     trainer.save_checkpoint(params.paths.model)
 

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -29,6 +28,7 @@ from convpipe.feature_maps import (
 )
 from convpipe.model import CNNClassifier
 from convpipe.transforms import normalize_batch
+from tests.conftest import quiet_trainer
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling
 # (2x2). Receptive fields by hand: 3, 3 + 1*1 = 4, 4 + 2*2 = 8.
@@ -85,14 +85,7 @@ def setup(raw_params: dict[str, Any], tmp_path_factory) -> tuple[Path, Any, CNNC
         normalize_batch(torch.from_numpy(np.array(x[:64])), manifest.mean, manifest.std),
         torch.from_numpy(np.asarray(y[:64])),
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=2)
     trainer.fit(model, DataLoader(data, batch_size=32))
     trainer.save_checkpoint(params.paths.model)
     return params_path, params, model

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -33,7 +32,7 @@ from convpipe.inference import (
 )
 from convpipe.model import CNNClassifier, build_cnn, count_parameters
 from convpipe.transforms import BatchTransform
-from tests.conftest import TINY_CONV
+from tests.conftest import TINY_CONV, quiet_trainer
 
 
 def _block(padding: str, filters: int) -> dict[str, Any]:
@@ -134,14 +133,7 @@ def setup(raw_params, tmp_path_factory) -> tuple[Path, Params, CNNClassifier]:
     data = TensorDataset(
         torch.randn(20, manifest.channels, *manifest.image_hw), torch.arange(20) % 10
     )
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=1)
     trainer.fit(model, DataLoader(data, batch_size=20))
     trainer.save_checkpoint(params.paths.model)
     return params_path, params, model

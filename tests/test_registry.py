@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import mlflow
 import numpy as np
 import pandas as pd
@@ -54,7 +53,7 @@ from convpipe.registry import (
 )
 from convpipe.tracking import store_lock
 from convpipe.transforms import normalize_batch
-from tests.conftest import TINY_CONV
+from tests.conftest import TINY_CONV, quiet_trainer, wait_for_http
 from tests.project import make_project
 
 VENV_BIN = Path(sys.executable).parent
@@ -154,14 +153,7 @@ def _train(params: Params, manifest: Manifest, root: Path, raw_train: dict[str, 
         params.model, train, 1, manifest.image_hw, 10, len(y), manifest.class_names
     )
     inputs = normalize_batch(torch.from_numpy(np.array(x)), manifest.mean, manifest.std)
-    trainer = L.Trainer(
-        max_epochs=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_epochs=5)
     loader = DataLoader(TensorDataset(inputs, torch.from_numpy(y)), batch_size=64, shuffle=True)
     trainer.fit(model, loader)
     trainer.save_checkpoint(params.paths.model)
@@ -442,19 +434,7 @@ def serving(uri: str, model: str, log: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited:\n{log.read_text()}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{url}/ping", timeout=2) as r,
-            ):
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no answer on {url}/ping within 120 s:\n{log.read_text()}")
-            time.sleep(0.5)
+        wait_for_http(proc, f"{url}/ping", log, 120)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from convpipe.training import (
     start_run,
     train,
 )
-from tests.conftest import ROOT, TINY_CONV
+from tests.conftest import ROOT, TINY_CONV, wait_for_http
 from tests.project import make_project
 
 SMALL_MODEL = {
@@ -615,19 +614,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{url}/health", timeout=2) as response,
-            ):
-                if response.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start within 90 s")
-            time.sleep(0.5)
+        wait_for_http(proc, f"{url}/health", root / "server.log", 90)
         yield url, artifacts
     finally:
         with contextlib.suppress(ProcessLookupError):
