@@ -76,17 +76,20 @@ class Variant:
 
 #: ``train.num_workers`` as shipped: what ``augment.online: true`` runs with.
 SHIPPED_WORKERS = int(read_yaml(ROOT / "params.yaml")["train"]["num_workers"])
+OFFLINE = "offline copies (copies: 1)"
 VARIANTS = (
     Variant("none", online=False, copies=0, workers=0),
-    Variant("offline copies (copies: 1)", online=False, copies=1, workers=0),
+    Variant(OFFLINE, online=False, copies=1, workers=0),
     *(
         Variant(f"online {path}, workers {workers}", True, 0, workers, batched=path == "batched")
         for path in ("per-image", "batched")
         for workers in sorted({0, 1, SHIPPED_WORKERS})
     ),
 )
-#: The goal's subject: the batched path with the shipped worker count.
+#: The online path as shipped: batched, with the shipped worker count.
 DEFAULT_ONLINE = f"online batched, workers {SHIPPED_WORKERS}"
+#: The goal's subject: how params.yaml augments by default (the fast path the issue asks for).
+SHIPPED = DEFAULT_ONLINE if read_yaml(ROOT / "params.yaml")["augment"]["online"] else OFFLINE
 
 
 class _PerImageDataModule(ConvDataModule):
@@ -273,7 +276,7 @@ def _pct(values: list[float]) -> str:
 
 
 def run(quick: bool = False) -> list[Section]:
-    """Measure every variant; one section judged on what ``augment.online: true`` runs."""
+    """Measure every variant; one section judged on the path params.yaml ships."""
     res = measure(quick)
     rows = ["| variant | images/s | slower than none |", "|---|---|---|"]
     for variant in VARIANTS:
@@ -284,8 +287,9 @@ def run(quick: bool = False) -> list[Section]:
     for name, values in res.transform.items():
         share = 100 * statistics.median(values) / step_ms
         costs.append(f"| {name} | {fmt(values, 2)} | {share:.1f} % |")
-    headline, _ = median_spread(res.slowdowns(DEFAULT_ONLINE))
+    headline, _ = median_spread(res.slowdowns(SHIPPED))
     met = headline <= GOAL
+    online_cost, _ = median_spread(res.slowdowns(DEFAULT_ONLINE))
     online = [v.name for v in VARIANTS if v.online]
     best = min(online, key=lambda name: median_spread(res.slowdowns(name))[0])
     per_image, _ = median_spread(res.slowdowns("online per-image, workers 0"))
@@ -306,19 +310,22 @@ def run(quick: bool = False) -> list[Section]:
         "runs the same pipeline as batched tensor ops (same transforms and parameter "
         "distributions; one `grid_sample` per geometric transform and batch, on one thread).",
     ]
-    if not met:
-        body.append(
-            f"- Goal missed by {100 * (headline - GOAL):.1f} percentage points "
-            f"({100 * headline:.1f} % slower instead of at most {100 * GOAL:.0f} %)."
-        )
+    for name, cost in ((SHIPPED, headline), (DEFAULT_ONLINE, online_cost)):
+        if cost > GOAL:
+            body.append(
+                f"- {name}: goal missed by {100 * (cost - GOAL):.1f} percentage points "
+                f"({100 * cost:.1f} % slower instead of at most {100 * GOAL:.0f} %)."
+            )
     summary = (
-        f"`augment.online: true` ({DEFAULT_ONLINE}) is {_pct(res.slowdowns(DEFAULT_ONLINE))} "
-        "slower than no augmentation."
+        f"The shipped default ({SHIPPED}) is {_pct(res.slowdowns(SHIPPED))} slower than no "
+        f"augmentation; `augment.online: true` ({DEFAULT_ONLINE}) is "
+        f"{_pct(res.slowdowns(DEFAULT_ONLINE))} slower."
     )
     return [
         Section(
             title="Augmentation cost",
-            goal=f"online augmentation at most {100 * GOAL:.0f} % slower than none",
+            goal=f"augmented training (the shipped default path) at most {100 * GOAL:.0f} % "
+            "slower than none",
             met=met,
             summary=summary,
             body="\n".join(body),
