@@ -75,3 +75,15 @@ def wait_for_http(proc: subprocess.Popen, url: str, log: Path, seconds: float) -
         if time.monotonic() > deadline:
             raise AssertionError(f"no answer on {url} within {seconds} s:\n{log.read_text()}")
         time.sleep(0.5)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``convpipe *argv`` in-process: (exit code, stdout, stderr)."""
+    from convpipe.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

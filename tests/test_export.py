@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe import evaluation as ev
 from convpipe import export as ex
-from convpipe.cli import build_parser, main
+from convpipe.cli import build_parser
 from convpipe.config import Params, TrainParams, parse_params
 from convpipe.data.dataset import Manifest, load_manifest, load_split
 from convpipe.data.prepare import write_prepared
@@ -28,7 +28,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier, probabilities
 from convpipe.transforms import BatchTransform
 from tests import datagen
-from tests.conftest import TINY_CONV, quiet_trainer
+from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -111,15 +111,6 @@ def exported(digits, binary, tmp_path_factory) -> dict[tuple[str, str], ex.Expor
             target = out / name / f"model.{fmt}"
             results[name, fmt] = ex.export_checkpoint(params, fmt, target)
     return results
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_error_line(code: int, out: str, err: str) -> str:
@@ -257,7 +248,7 @@ def test_cli_writes_beside_the_checkpoint_and_says_so(digits, capsys, fmt: str) 
     params_path, params = digits
     target = ex.default_output(params.paths.model, fmt)
     target.unlink(missing_ok=True)
-    code, out, err = _run(capsys, "--params", str(params_path), "export", "--format", fmt)
+    code, out, err = run_cli(capsys, "--params", str(params_path), "export", "--format", fmt)
     assert code == 0 and err == ""
     assert out.count("\n") == 1 and out.startswith(f"{target}: {fmt} export of ")
     assert "test images (tolerance 1e-05)" in out
@@ -274,7 +265,7 @@ def test_cli_output_option(digits, tmp_path, capsys) -> None:
     params_path, _ = digits
     target = tmp_path / "deep" / "er" / "net.pt"
     argv = ["--params", str(params_path), "export", "--format", "torchscript"]
-    code, out, _ = _run(capsys, *argv, "--output", str(target))
+    code, out, _ = run_cli(capsys, *argv, "--output", str(target))
     assert code == 0 and out.startswith(f"{target}: torchscript export")
     assert target.is_file()
 
@@ -287,7 +278,7 @@ def test_cli_missing_checkpoint(raw_params, digits, tmp_path, capsys) -> None:
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     for fmt in ex.FORMATS:
-        result = _run(capsys, "--params", str(params_file), "export", "--format", fmt)
+        result = run_cli(capsys, "--params", str(params_file), "export", "--format", fmt)
         err = _one_error_line(*result)
         assert "checkpoint not found" in err and "dvc repro train" in err
     assert not (tmp_path / "models").exists()
@@ -298,17 +289,17 @@ def test_cli_refuses_bad_outputs(digits, tmp_path, capsys) -> None:
     checkpoint = Path(params.paths.model)
     before = checkpoint.read_bytes()
     argv = ["--params", str(params_path), "export", "--format", "torchscript", "--output"]
-    err = _one_error_line(*_run(capsys, *argv, str(checkpoint)))
+    err = _one_error_line(*run_cli(capsys, *argv, str(checkpoint)))
     assert "--output is the checkpoint itself" in err
     assert checkpoint.read_bytes() == before
-    err = _one_error_line(*_run(capsys, *argv, str(tmp_path)))
+    err = _one_error_line(*run_cli(capsys, *argv, str(tmp_path)))
     assert "--output is a folder" in err
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    err = _one_error_line(*_run(capsys, *argv, str(blocker / "model.pt")))
+    err = _one_error_line(*run_cli(capsys, *argv, str(blocker / "model.pt")))
     assert "cannot write the export" in err
     assert blocker.read_text() == "not a folder"
-    code, out, err = _run(capsys, "--params", str(params_path), "export", "--format", "tflite")
+    code, out, err = run_cli(capsys, "--params", str(params_path), "export", "--format", "tflite")
     assert code == 2 and out == "" and "invalid choice: 'tflite'" in err
 
 
@@ -322,7 +313,7 @@ def test_cli_refuses_data_of_another_model(digits, binary, raw_params, tmp_path,
     params_file.write_text(yaml.safe_dump(raw))
     target = tmp_path / "model.onnx"
     argv = ["--params", str(params_file), "export", "--format", "onnx", "--output", str(target)]
-    err = _one_error_line(*_run(capsys, *argv))
+    err = _one_error_line(*run_cli(capsys, *argv))
     assert "trained on 1x8x8 images but the prepared data is 3x16x16" in err
     assert not target.exists()
 
@@ -333,7 +324,7 @@ def test_onnx_without_the_extra_says_how_to_install(digits, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     target = tmp_path / "model.onnx"
     argv = ["--params", str(params_path), "export", "--format", "onnx", "--output", str(target)]
-    err = _one_error_line(*_run(capsys, *argv))
+    err = _one_error_line(*run_cli(capsys, *argv))
     assert "needs the Python package onnxruntime" in err
     assert "pip install 'convpipe[onnx]'" in err
     assert not target.exists() and not list(tmp_path.iterdir())
@@ -351,7 +342,7 @@ def test_export_that_misses_the_tolerance_writes_nothing(raw_params, tmp_path, c
     capsys.readouterr()  # what training printed
     target = tmp_path / "model.onnx"
     argv = ["--params", str(params_path), "export", "--format", "onnx", "--output", str(target)]
-    err = _one_error_line(*_run(capsys, *argv))
+    err = _one_error_line(*run_cli(capsys, *argv))
     assert "the onnx export differs from the checkpoint by up to" in err
     assert "(tolerance 1e-05; logits up to" in err and "nothing was written" in err
     assert not target.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.cli import main
 from convpipe.config import parse_params
 from convpipe.data.dataset import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
@@ -28,7 +27,7 @@ from convpipe.feature_maps import (
 )
 from convpipe.model import CNNClassifier
 from convpipe.transforms import normalize_batch
-from tests.conftest import quiet_trainer
+from tests.conftest import quiet_trainer, run_cli
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling
 # (2x2). Receptive fields by hand: 3, 3 + 1*1 = 4, 4 + 2*2 = 8.
@@ -182,21 +181,12 @@ def test_wide_rgb_layers_wrap_and_show_colour_filters(raw_params) -> None:
     assert colour.get_images()[0].get_array().shape == (3, 3, 3)
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_writes_the_png(setup, tmp_path, capsys) -> None:
     params_path, params, _ = setup
     source = tmp_path / "digit.png"
     Image.fromarray(_first_test_image(params)[:, :, 0]).save(source)
     out = tmp_path / "maps.png"
-    code, stdout, _ = _run(
+    code, stdout, _ = run_cli(
         capsys, "--params", str(params_path), "feature-maps", str(source), "--output", str(out)
     )
     assert code == 0
@@ -211,7 +201,7 @@ def test_cli_default_output_beside_the_working_dir(setup, tmp_path, capsys, monk
     source = tmp_path / "seven.png"
     Image.fromarray(_first_test_image(params)[:, :, 0]).save(source)
     monkeypatch.chdir(tmp_path)
-    code, stdout, _ = _run(capsys, "--params", str(params_path), "feature-maps", str(source))
+    code, stdout, _ = run_cli(capsys, "--params", str(params_path), "feature-maps", str(source))
     assert code == 0
     assert stdout.startswith("seven.feature_maps.png: feature maps of seven.png through 2 conv")
     assert (tmp_path / "seven.feature_maps.png").is_file()
@@ -222,7 +212,7 @@ def test_cli_bad_image_is_one_line_and_writes_nothing(setup, tmp_path, capsys) -
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")
     out = tmp_path / "maps.png"
-    code, _stdout, stderr = _run(
+    code, _stdout, stderr = run_cli(
         capsys, "--params", str(params_path), "feature-maps", str(bad), "--output", str(out)
     )
     assert code != 0

@@ -17,7 +17,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe import evaluation as ev
-from convpipe.cli import main
 from convpipe.config import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.dataset import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
@@ -32,7 +31,7 @@ from convpipe.inference import (
 )
 from convpipe.model import CNNClassifier, build_cnn, count_parameters
 from convpipe.transforms import BatchTransform
-from tests.conftest import TINY_CONV, quiet_trainer
+from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 
 
 def _block(padding: str, filters: int) -> dict[str, Any]:
@@ -155,21 +154,12 @@ def images(setup, tmp_path_factory) -> tuple[Path, np.ndarray]:
     return folder, x
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 # --------------------------------------------------------------------------- summary
 
 
 def test_summary_cli_prints_totals(setup, capsys) -> None:
     params_path, params, model = setup
-    code, out, _ = _run(capsys, "--params", str(params_path), "summary")
+    code, out, _ = run_cli(capsys, "--params", str(params_path), "summary")
     assert code == 0
     total = count_parameters(model.net)
     dense = dense_equivalent_parameters(params.model, 1, (8, 8), 10)
@@ -177,7 +167,7 @@ def test_summary_cli_prints_totals(setup, capsys) -> None:
     assert f"{dense:,} parameters" in out
     assert "model.conv[0].pool" in out and "input 1x8x8, 10 classes" in out
 
-    code, out, _ = _run(capsys, "--params", str(params_path), "summary", "--format", "json")
+    code, out, _ = run_cli(capsys, "--params", str(params_path), "summary", "--format", "json")
     data = json.loads(out)
     assert data["total_parameters"] == total and data["dense_equivalent_parameters"] == dense
     assert data["ratio"] == pytest.approx(dense / total)
@@ -186,7 +176,7 @@ def test_summary_cli_prints_totals(setup, capsys) -> None:
 
 def test_summary_without_prepared_data_says_run_prepare(raw_params, tmp_path, capsys) -> None:
     params_path, _ = _params_file(raw_params, tmp_path)
-    code, out, err = _run(capsys, "--params", str(params_path), "summary")
+    code, out, err = run_cli(capsys, "--params", str(params_path), "summary")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("convpipe: error: ")
     assert "dvc repro prepare" in err
@@ -227,7 +217,7 @@ def test_predict_images_top1_matches_predict_logits(setup) -> None:
 def test_predict_folder_with_a_corrupt_file(setup, images, capsys) -> None:
     params_path, params, _ = setup
     folder, x = images
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "--params", str(params_path), "predict", str(folder), "--top-k", "2"
     )
     assert code == 0 and err == ""
@@ -248,7 +238,7 @@ def test_predict_csv_and_json_outputs_parse(setup, images, tmp_path, capsys) -> 
     folder, _ = images
     target = tmp_path / "out" / "preds.csv"
     args = ["--params", str(params_path), "predict", str(folder), "--top-k", "3"]
-    code, out, _ = _run(capsys, *args, "--format", "csv", "--output", str(target))
+    code, out, _ = run_cli(capsys, *args, "--format", "csv", "--output", str(target))
     assert code == 0 and "12 predictions, 1 unreadable files" in out
     rows = list(csv.DictReader(io.StringIO(target.read_text())))
     assert len(rows) == 13 and list(rows[0])[-1] == "error"
@@ -258,7 +248,7 @@ def test_predict_csv_and_json_outputs_parse(setup, images, tmp_path, capsys) -> 
     assert ok["error"] == "" and float(ok["probability_1"]) >= float(ok["probability_3"])
     assert not list(target.parent.glob(".*.tmp"))  # atomic write left no temporary file
 
-    code, out, _ = _run(capsys, *args, "--format", "json")
+    code, out, _ = run_cli(capsys, *args, "--format", "json")
     data = json.loads(out)
     assert data[0]["error"] == "not an image" and data[0]["predictions"] == []
     assert all(len(d["predictions"]) == 3 and d["error"] is None for d in data[1:])
@@ -270,10 +260,10 @@ def test_predict_all_bad_exits_2_with_one_line(setup, images, tmp_path, capsys) 
     folder, _ = images
     missing = tmp_path / "missing.png"
     argv = ["--params", str(params_path), "predict", str(folder / "a" / "broken.png"), str(missing)]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("convpipe: error: none of the 2 files")
-    code, _, err = _run(capsys, "--params", str(params_path), "predict", str(tmp_path))
+    code, _, err = run_cli(capsys, "--params", str(params_path), "predict", str(tmp_path))
     assert code == 2 and "no image files found" in err
 
 
