@@ -39,6 +39,6 @@ bench: setup
 	$(PY) benchmarks/run_all.py
 
 lint: setup
-	$(VENV)/bin/ruff check src pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check src pipelines tests benchmarks
+	$(VENV)/bin/ruff check src pipelines tests benchmarks docs
+	$(VENV)/bin/ruff format --check src pipelines tests benchmarks docs
 	$(VENV)/bin/mypy

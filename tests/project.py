@@ -57,6 +57,10 @@ class Project:
             )
         return proc
 
+    def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a shell command line (as a README shows it) in the project."""
+        return self.run("bash", "-c", command, check=check)
+
     def set_params(self, **updates: object) -> None:
         """Edit params.yaml in place with dotted keys, keeping its comments."""
         yaml = YAML()
@@ -65,6 +69,23 @@ class Project:
         for key, value in updates.items():
             set_dotted(data, key, value)
         yaml.dump(data, path)
+
+
+def readme_commands(journey: str) -> list[str]:
+    """The ``$ `` command lines of the README code blocks marked ``<!-- journey: NAME -->``.
+
+    Journey tests run these very lines, so the README cannot drift from what is tested.
+    ``make run`` stands for ``dvc repro`` here: the test's environment is already set up.
+    """
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    marker = f"<!-- journey: {journey} -->"
+    commands: list[str] = []
+    for part in text.split(marker)[1:]:
+        block = part.split("```", 2)[1]  # the fenced block right after the marker
+        commands += [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+    if not commands:
+        raise AssertionError(f"README.md has no commands for journey {journey!r}")
+    return [cmd.replace("make run", "dvc repro") for cmd in commands]
 
 
 def make_project(dest: Path) -> Project:

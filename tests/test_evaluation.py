@@ -64,6 +64,21 @@ def test_compute_metrics_three_classes_by_hand() -> None:
         assert row["support"] == 2
 
 
+def test_eval_json_holds_the_headline_and_the_per_class_rows_go_to_a_plot() -> None:
+    out = ev.compute_metrics(PROBS_3, LABELS_3, ["a", "b", "c"], top_k=2)
+    head = ev.headline(out)
+    assert next(iter(head)) == "accuracy" and "per_class" not in head
+    assert set(head) == set(out) - {"per_class"}
+    lines = ev.per_class_csv(out["per_class"]).splitlines()
+    assert lines[0] == "class,precision,recall,f1,support"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows] == ["a", "b", "c"]
+    for row in rows:
+        values = out["per_class"][row[0]]
+        assert [float(v) for v in row[1:4]] == [values[k] for k in ("precision", "recall", "f1")]
+        assert int(row[4]) == values["support"]
+
+
 # K = 6: the true class ranks 1, 2, 3, 1, 2, 6 in its row
 PROBS_6 = torch.tensor(
     [

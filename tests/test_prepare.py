@@ -271,7 +271,7 @@ def _run_stage(tmp_path, params_text: str):
 def test_stage_reports_user_errors_in_one_line(tmp_path):
     shipped = (ROOT / "params.yaml").read_text()
     missing = shipped.replace("source: digits", "source: imagefolder").replace(
-        "path: null", f"path: {tmp_path / 'nowhere'}"
+        "  path:     ", f"  path: {tmp_path / 'nowhere'}"
     )
     for text, expect in (
         (shipped.replace("  seed: 42", "  seed: 42\n  sead: 1"), "did you mean 'base.seed'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -19,14 +20,18 @@ from convpipe.tracking import (
     RunInfo,
     artifact_location,
     check_reachable,
+    dataset_inputs,
     dvc_lock_hashes,
     flatten,
     log_params,
+    mark_model_training,
     mask_uri,
     masked_params,
     params_for_mlflow,
+    run_name,
     run_tags,
     tracking_uri,
+    training_note,
 )
 
 # The shape DVC 3 writes (schema 2.0): deps/params/outs per stage, outs with md5 + size.
@@ -246,8 +251,103 @@ def test_run_tags_name_the_commit_dirty_flag_and_data(tmp_path: Path, monkeypatc
 def test_run_tags_outside_git(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     tags = run_tags(("prepare",))
     assert tags == {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert run_name(tags).startswith("train-nogit-")
+
+
+def test_under_dvc_exp_run_the_run_is_named_and_tagged_by_the_experiment(
+    tmp_path: Path, monkeypatch
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "commit", "-q", "--allow-empty", "-m", "baseline")
+    head = _git(repo, "rev-parse", "HEAD")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-a")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "f" * 40)  # what DVC says wins over HEAD
+    tags = run_tags(())
+    assert tags["dvc.exp_name"] == "lr-a" and tags["dvc.exp_baseline_rev"] == "f" * 40
+    assert tags["git.commit"] == tags["mlflow.source.git.commit"] == head
+    assert run_name(tags) == "lr-a"
+    assert training_note(tags).startswith("DVC experiment `lr-a` on baseline `fffffff`")
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    tags = run_tags(())
+    assert (
+        "dvc.exp_name" not in tags and training_note(tags) == f"`dvc repro` at commit `{head[:7]}`."
+    )
+
+
+def test_run_names_differ_even_after_identical_seeding() -> None:
+    import random
+
+    tags = {"git.commit": "0123456789abcdef"}
+    names = set()
+    for _ in range(20):
+        random.seed(42)  # what seed_everything does before the run is opened
+        names.add(run_name(tags))
+    assert len(names) == 20
+    assert all(re.fullmatch(r"train-0123456-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names)
+
+
+def _manifest(**changes):
+    from convpipe.data.dataset import Manifest
+
+    base = {
+        "format_version": 1, "stage": "prepare", "source": "imagefolder",
+        "class_names": ["cat", "dog"], "num_classes": 2, "channels": 3, "image_size": [4, 6],
+        "mean": [0.5] * 3, "std": [0.2] * 3,
+        "splits": {s: {"count": n, "per_class": {}, "x": f"{s}_x.npy", "y": f"{s}_y.npy"}
+                   for s, n in (("train", 10), ("val", 3), ("test", 2))},
+        "skipped": {"count": 0, "report": "skipped_files.csv"},
+        "content_hash": "sha256:" + "ab" * 32,
+    }  # fmt: skip
+    return Manifest.model_validate({**base, **changes})
+
+
+def test_dataset_inputs_one_per_split_with_the_manifest_hash(tmp_path: Path) -> None:
+    prepared = _manifest()
+    inputs = dataset_inputs(prepared, None, str(tmp_path))
+    names = [(d.dataset.name, d.tags[0].key, d.tags[0].value) for d in inputs]
+    assert names == [
+        ("imagefolder-train", "mlflow.data.context", "train"),
+        ("imagefolder-val", "mlflow.data.context", "val"),
+        ("imagefolder-test", "mlflow.data.context", "test"),
+    ]
+    for item, rows in zip(inputs, (10, 3, 2), strict=True):
+        assert item.dataset.digest == "ab" * 8
+        assert item.dataset.source_type == "local"
+        assert json.loads(item.dataset.source) == {"uri": str(tmp_path.resolve())}
+        profile = json.loads(item.dataset.profile)
+        assert profile == {
+            "num_rows": rows, "num_classes": 2, "image_shape": [4, 6, 3],
+            "content_hash": prepared.content_hash,
+        }  # fmt: skip
+        spec = json.loads(json.loads(item.dataset.schema)["mlflow_tensorspec"]["features"])
+        assert spec[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, 4, 6, 3]}
+    augmented = _manifest(
+        stage="augment",
+        splits={"train": {"count": 20, "per_class": {}, "x": "train_x.npy", "y": "train_y.npy"}},
+        content_hash="sha256:" + "cd" * 32,
+    )
+    extra = dataset_inputs(prepared, augmented, "https://u:secret@host/data")[-1]
+    assert extra.dataset.name == "imagefolder-train-augmented"
+    assert extra.dataset.digest == "cd" * 8 and extra.tags[0].value == "train"
+    assert json.loads(extra.dataset.source) == {"uri": "https://u:***@host/data"}
+
+
+def test_mark_model_training_keeps_a_kind_the_user_chose(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    fresh = client.create_experiment("a", artifact_location=(tmp_path / "a").as_uri())
+    mark_model_training(client, fresh)
+    assert client.get_experiment(fresh).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("b", artifact_location=(tmp_path / "b").as_uri())
+    client.set_experiment_tag(chosen, "mlflow.experimentKind", "genai_development")
+    mark_model_training(client, chosen)
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
 # --------------------------------------------------------------------------- run record

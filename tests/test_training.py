@@ -331,7 +331,8 @@ def test_outputs_checkpoints_and_history(trained: Trained) -> None:
     assert epochs == 3 and metrics["stopped_early"] is False
     assert json.loads(Path(paths.train_metrics).read_text()) == metrics
     keys = {"epochs", "stopped_early", "monitor", "best", "test/loss", "test/acc", "test/count"}
-    assert set(metrics) == keys
+    assert set(metrics) == keys | {"mlflow_run_id"}
+    assert metrics["mlflow_run_id"] == trained.result.run.run_id  # DVC side finds the run
     assert metrics["test/count"] == 269  # every test image counted once
     rows = history(paths.train_history)
     assert len(rows) == epochs
@@ -355,7 +356,14 @@ def test_outputs_checkpoints_and_history(trained: Trained) -> None:
 def test_train_time_test_metrics_equal_evaluate(trained: Trained) -> None:
     train_metrics = json.loads(Path(trained.params.paths.train_metrics).read_text())
     eval_metrics = json.loads(Path(trained.params.paths.eval_metrics).read_text())
-    assert eval_metrics == trained.eval_metrics  # JSON floats round-trip exactly
+    # JSON floats round-trip exactly; per-class detail is a plot, not a dvc exp show column
+    assert eval_metrics == {k: v for k, v in trained.eval_metrics.items() if k != "per_class"}
+    assert next(iter(eval_metrics)) == "accuracy"  # the headline leads dvc exp show
+    per_class = history(trained.params.paths.eval_per_class)
+    assert [r["class"] for r in per_class] == list(trained.eval_metrics["per_class"])
+    for row in per_class:
+        expected = trained.eval_metrics["per_class"][row["class"]]
+        assert float(row["f1"]) == expected["f1"] and int(row["support"]) == expected["support"]
     assert abs(train_metrics["test/acc"] - eval_metrics["accuracy"]) < 1e-6
     assert abs(train_metrics["test/loss"] - eval_metrics["loss"]) < 1e-6
     test_count = load_manifest(trained.params.paths.prepared).splits["test"].count
@@ -402,8 +410,10 @@ def test_metric_histories_one_value_per_epoch(trained: Trained) -> None:
         values = client.get_metric_history(run_id, key)
         assert len(values) == len(rows), key
         steps = [m.step for m in values]
-        assert steps == sorted(set(steps))
+        assert steps == [int(r["epoch"]) for r in rows]  # MLflow's step is the epoch
         assert [m.value for m in values] == pytest.approx([float(r[key]) for r in rows])
+    lr = client.get_metric_history(run_id, "lr-Adam")
+    assert [m.step for m in lr] == [int(r["epoch"]) for r in rows]
     test_acc = client.get_metric_history(run_id, "test/acc")
     assert len(test_acc) == 1
     assert test_acc[0].value == pytest.approx(trained.result.metrics["test/acc"])
@@ -419,6 +429,37 @@ def test_tags_name_the_code_and_data(trained: Trained) -> None:
     assert tags["git.dirty"] == "false"  # outputs are untracked files
     assert tags["dvc.prepare.data/prepared"] == "0123456789abcdef0123456789abcdef.dir"
     assert tags["dvc.augment.data/augmented"] == "fedcba9876543210fedcba9876543210.dir"
+    assert tags["mlflow.source.git.commit"] == head  # the UI's "Version" column
+    assert "dvc.exp_name" not in tags  # not under `dvc exp run`
+    run = trained.client.get_run(trained.result.run.run_id)
+    assert run.info.run_name.startswith(f"train-{head[:7]}-")
+    assert tags["mlflow.note.content"] == f"`dvc repro` at commit `{head[:7]}`."
+    experiment = trained.client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.slow
+def test_the_run_logs_its_datasets(trained: Trained) -> None:
+    run = trained.client.get_run(trained.result.run.run_id)
+    prepared = load_manifest(trained.params.paths.prepared)
+    augmented = load_manifest(trained.params.paths.augmented)
+    logged = {
+        d.dataset.name: (d.dataset, {t.key: t.value for t in d.tags})
+        for d in run.inputs.dataset_inputs
+    }
+    assert set(logged) == {"digits-train", "digits-val", "digits-test", "digits-train-augmented"}
+    for split in ("train", "val", "test"):
+        dataset, tags = logged[f"digits-{split}"]
+        assert tags == {"mlflow.data.context": split}
+        assert dataset.digest == prepared.content_hash.removeprefix("sha256:")[:16]
+        assert json.loads(dataset.profile)["num_rows"] == prepared.splits[split].count
+        assert dataset.source_type == "code"
+        assert json.loads(dataset.source) == {"tags": {"loader": "sklearn.datasets.load_digits"}}
+    dataset, tags = logged["digits-train-augmented"]
+    assert tags == {"mlflow.data.context": "train"}
+    assert dataset.digest == augmented.content_hash.removeprefix("sha256:")[:16]
+    assert augmented.content_hash != prepared.content_hash  # its own arrays, its own identity
+    assert json.loads(dataset.profile)["num_rows"] == augmented.splits["train"].count
 
 
 @pytest.mark.slow
@@ -435,6 +476,7 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
         "evaluation/misclassified.png",
         "evaluation/curves.png",
         "evaluation/eval.json",
+        "evaluation/per_class.csv",
     }
     model = client.download_artifacts(run_id, "model/model.ckpt", str(tmp_path))
     assert Path(model).read_bytes() == Path(paths.model).read_bytes()

@@ -52,6 +52,7 @@ class PathsParams(Section):
     train_history: str
     eval_metrics: str
     eval_confusion: str
+    eval_per_class: str
     confusion_png: str
     misclassified_png: str
     curves_png: str

@@ -106,8 +106,7 @@ def compute_metrics(
     k = len(class_names)
     preds = probs.argmax(dim=1)
     common: dict[str, Any] = {"num_classes": k}
-    out: dict[str, Any] = {
-        "count": int(labels.numel()),
+    out: dict[str, Any] = {  # headline first: ``dvc exp show`` keeps this column order
         "accuracy": float((preds == labels).float().mean()),
         "precision_macro": float(
             tmf.multiclass_precision(preds, labels, average="macro", **common)
@@ -121,6 +120,7 @@ def compute_metrics(
             probs, labels, top_k=min(top_k, k), average="micro", **common
         )
         out[f"top{min(top_k, k)}_accuracy"] = float(hits)
+    out["count"] = int(labels.numel())
     precision = tmf.multiclass_precision(preds, labels, average=None, **common)
     recall = tmf.multiclass_recall(preds, labels, average=None, **common)
     f1 = tmf.multiclass_f1_score(preds, labels, average=None, **common)
@@ -153,6 +153,28 @@ def confusion_csv(preds: torch.Tensor, labels: torch.Tensor, class_names: Sequen
         for a, p in zip(labels.tolist(), preds.tolist(), strict=True)
     )
     return buf.getvalue()
+
+
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
+
+
+def per_class_csv(per_class: dict[str, dict[str, float]]) -> str:
+    """One row per class (``class,precision,recall,f1,support``): a ``dvc plots`` bar chart.
+
+    Per-class values live here rather than in ``metrics/eval.json``: as metrics they would add
+    four ``dvc exp show`` columns per class and bury the headline figures.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PER_CLASS_COLUMNS)
+    for name, row in per_class.items():
+        writer.writerow([name, *(row[key] for key in PER_CLASS_COLUMNS[1:])])
+    return buf.getvalue()
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The test metrics that ``metrics/eval.json`` holds: every one but the per-class detail."""
+    return {key: value for key, value in metrics.items() if key != "per_class"}
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
@@ -324,7 +346,8 @@ def evaluate(params: Params) -> dict[str, Any]:
         **compute_metrics(probs, labels, manifest.class_names, params.evaluate.top_k),
         "loss": test_loss(logits, labels),
     }
-    write_json(paths.eval_metrics, metrics)
+    write_json(paths.eval_metrics, headline(metrics))
+    write_text(paths.eval_per_class, per_class_csv(metrics["per_class"]))
     write_text(paths.eval_confusion, confusion_csv(preds, labels, manifest.class_names))
     matrix = tmf.multiclass_confusion_matrix(
         preds, labels, num_classes=manifest.num_classes
@@ -378,5 +401,6 @@ def _log_to_run(client: MlflowClient, run_id: str, params: Params, metrics: dict
         for path in (paths.confusion_png, paths.misclassified_png, paths.curves_png):
             client.log_artifact(run_id, path, "evaluation")
         client.log_artifact(run_id, paths.eval_metrics, "evaluation")
+        client.log_artifact(run_id, paths.eval_per_class, "evaluation")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, resolve_uri(params.mlflow), f"logging to run {run_id}") from None

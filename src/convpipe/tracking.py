@@ -13,9 +13,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,13 +25,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convpipe.config import MlflowParams, Params
+from convpipe.data.dataset import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json
 
 if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
     from mlflow.tracking import MlflowClient
 
 ENV_URI = "MLFLOW_TRACKING_URI"
+# What `dvc exp run` (in the workspace or from the queue) tells the stages it runs.
+ENV_EXP_NAME = "DVC_EXP_NAME"
+ENV_EXP_BASELINE = "DVC_EXP_BASELINE_REV"
+EXP_NAME_TAG = "dvc.exp_name"
+BASELINE_TAG = "dvc.exp_baseline_rev"
+COMMIT_TAG = "git.commit"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# The split names of the prepare manifest, as MLflow dataset contexts.
+DATASET_CONTEXTS = ("train", "val", "test")
+DIGEST_LENGTH = 16  # of the manifest's sha256 (MLflow stores at most 36 characters)
 CONNECT_TIMEOUT_S = 5.0
 MASK = "***"
 # query-string keys whose values are secrets (e.g. ``postgresql://h/db?password=...``)
@@ -87,6 +101,17 @@ def store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as model training, so the MLflow UI opens on its training runs.
+
+    MLflow 3's UI otherwise treats an untagged experiment as GenAI and opens on traces.
+    A kind the user set is kept.
+    """
+    experiment = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def artifact_location(uri: str) -> str | None:
@@ -265,7 +290,12 @@ def dvc_lock_hashes(lock: str | Path = "dvc.lock", stages: tuple[str, ...] = ())
 
 
 def run_tags(input_stages: tuple[str, ...], lock: str | Path = "dvc.lock") -> dict[str, str]:
-    """Tags identifying a run's code and data: git commit, dirty flag, dvc.lock hashes.
+    """Tags tying a run to its code, data and DVC experiment.
+
+    Git commit and dirty flag, the ``dvc.lock`` hashes of the input stages' outputs, and under
+    ``dvc exp run`` the experiment's name and baseline commit, so that a run found in MLflow
+    leads to ``dvc exp show`` in one step. ``mlflow.source.git.commit`` (the UI's "Version")
+    is set to the same commit.
 
     Args:
         input_stages: The DVC stages whose outputs the run reads.
@@ -274,9 +304,103 @@ def run_tags(input_stages: tuple[str, ...], lock: str | Path = "dvc.lock") -> di
     tags = dvc_lock_hashes(lock, stages=input_stages)
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
-    tags["git.commit"] = commit or "unknown"
+    tags[COMMIT_TAG] = commit or "unknown"
     tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    experiment = os.environ.get(ENV_EXP_NAME)
+    baseline = os.environ.get(ENV_EXP_BASELINE) or commit
+    if experiment:
+        tags[EXP_NAME_TAG] = experiment
+        tags[BASELINE_TAG] = baseline or "unknown"
     return tags
+
+
+def training_note(tags: Mapping[str, str]) -> str:
+    """The run's description in the MLflow UI (``mlflow.note.content``): where it came from."""
+    experiment = tags.get(EXP_NAME_TAG)
+    if experiment:
+        return (
+            f"DVC experiment `{experiment}` on baseline `{tags.get(BASELINE_TAG, '')[:7]}`: "
+            f"`dvc exp show` lists it, `dvc exp apply {experiment}` restores it."
+        )
+    return f"`dvc repro` at commit `{tags.get(COMMIT_TAG, 'unknown')[:7]}`."
+
+
+def run_name(tags: Mapping[str, str]) -> str:
+    """The MLflow run name of a training: what the run is, unique among runs.
+
+    Under ``dvc exp run`` it is the DVC experiment's name. Otherwise it is the commit, the
+    start time and four random hex digits from the OS: never a name drawn from Python's
+    ``random``, which ``seed_everything`` seeds identically for every run (MLflow's own
+    generated names would then repeat).
+
+    Args:
+        tags: The run's tags, from :func:`run_tags`.
+    """
+    experiment = tags.get(EXP_NAME_TAG)
+    if experiment:
+        return experiment
+    commit = tags.get(COMMIT_TAG, "unknown")
+    where = commit[:7] if commit != "unknown" else "nogit"
+    return f"train-{where}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def dataset_inputs(
+    manifest: Manifest, augmented: Manifest | None, origin: str
+) -> list[DatasetInput]:
+    """The data a training reads, as MLflow dataset inputs (the UI's Dataset column).
+
+    One dataset per split of the prepare manifest, named ``<source>-<split>`` with the
+    split as context, plus the augmented train copies when there are any. The digest is the
+    manifest's content hash (shortened to what MLflow stores), so runs on the same data show
+    the same dataset; the profile holds the image count, classes and image shape.
+
+    Args:
+        manifest: The prepare manifest.
+        augmented: The augment manifest, or None when training reads no augmented copies.
+        origin: Where the raw data came from: a path, or a loader name for built-in data.
+    """
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    h, w = manifest.image_hw
+    source: dict[str, Any]
+    if "://" in origin:
+        source_type, source = "url", {"uri": mask_uri(origin)}
+    elif Path(origin).exists():
+        source_type, source = "local", {"uri": str(Path(origin).resolve())}
+    else:
+        source_type, source = "code", {"tags": {"loader": origin}}
+    tensors = TensorDatasetSchema(
+        features=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, manifest.channels), "images")]),
+        targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]),
+    )
+    schema = json.dumps(tensors.to_dict())
+    parts = [(manifest, split, split) for split in DATASET_CONTEXTS if split in manifest.splits]
+    if augmented is not None and augmented.splits.get("train") and augmented.splits["train"].count:
+        parts.append((augmented, "train", "train-augmented"))
+    inputs = []
+    for owner, split, label in parts:
+        profile = {
+            "num_rows": owner.splits[split].count,
+            "num_classes": owner.num_classes,
+            "image_shape": [h, w, owner.channels],
+            "content_hash": owner.content_hash,
+        }
+        dataset = Dataset(
+            name=f"{manifest.source}-{label}",
+            digest=owner.content_hash.rpartition(":")[2][:DIGEST_LENGTH],
+            source_type=source_type,
+            source=json.dumps(source),
+            schema=schema,
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    return inputs
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,17 @@ from convpipe.tracking import (
     RunInfo,
     artifact_location,
     check_reachable,
+    dataset_inputs,
     log_params,
+    mark_model_training,
     mask_uri,
     masked_params,
     mlflow_error,
     params_for_mlflow,
+    run_name,
     run_tags,
     store_lock,
+    training_note,
 )
 from convpipe.tracking import tracking_uri as resolve_uri
 
@@ -78,6 +82,8 @@ MONITORS = ("train/loss", "train/acc", "train/objective", "train/penalty", "val/
 # The DVC stages whose outputs training reads (their dvc.lock hashes become run tags).
 INPUT_STAGES = ("prepare", "augment")
 BEST, LAST = "best", "last"
+# Sources that need no data.path: where their images come from, for MLflow's dataset source.
+BUILTIN_SOURCES = {"digits": "sklearn.datasets.load_digits"}
 
 log = logging.getLogger("convpipe")
 
@@ -128,6 +134,34 @@ class RunLogger(MLFlowLogger):
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         """Ignore Lightning's hparams (see the class docstring)."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log with the epoch as MLflow's step, so charts plot ``val/acc`` per epoch.
+
+        Every metric convpipe logs is epoch-level; Lightning would step them by optimiser
+        steps, whose count per epoch changes with the batch size and so misaligns runs.
+        """
+        epoch = metrics.get("epoch")
+        super().log_metrics(metrics, int(epoch) if epoch is not None else step)
+
+
+class EpochLearningRate(LearningRateMonitor):
+    """Lightning's LearningRateMonitor (``lr-Adam``, ...) with the epoch as its step.
+
+    The stock callback steps its value by optimiser steps; convpipe logs every metric per
+    epoch (see :meth:`RunLogger.log_metrics`), and the learning rate must line up with them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging_interval="epoch")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Log each optimiser's learning rate for the epoch about to start."""
+        stats = self._extract_stats(trainer, "epoch")
+        if stats:
+            for logger in trainer.loggers:
+                logger.log_metrics({**stats, "epoch": trainer.current_epoch})
 
 
 def build_trainer(
@@ -305,16 +339,19 @@ def start_run(params: Params, uri: str, run_id: str | None = None) -> RunLogger 
 
     check_reachable(uri)
     tags = run_tags(INPUT_STAGES)
+    tags["mlflow.note.content"] = training_note(tags)
     try:
         with store_lock(uri):
             logger = RunLogger(
                 experiment_name=params.mlflow.experiment,
+                run_name=run_name(tags),  # unused when resuming: the run keeps its name
                 tracking_uri=uri,
                 tags=tags,
                 run_id=run_id,
                 artifact_location=artifact_location(uri),
             )
             _ = logger.experiment  # creates the experiment and the run now, not mid-training
+            mark_model_training(logger.experiment, str(logger.experiment_id))
             if run_id is not None:  # a resumed run was left RUNNING (or KILLED) by the kill
                 logger.experiment.update_run(run_id, status="RUNNING")
     except (MlflowException, OSError) as exc:
@@ -342,7 +379,7 @@ def _callbacks(
     )
     history = EpochHistory()
     early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
-    lr = LearningRateMonitor(logging_interval="epoch")
+    lr = EpochLearningRate()
     return best, history, [best, last, early, lr, history, RngState()]
 
 
@@ -385,6 +422,14 @@ def _derived(datamodule: ConvDataModule, uri: str) -> dict[str, str]:
         "derived.train_size": str(datamodule.train_size),
         "derived.content_hash": manifest.content_hash,
     }
+
+
+def _datasets(params: Params, datamodule: ConvDataModule) -> list[Any]:
+    """The MLflow dataset inputs of this training (see :func:`convpipe.tracking.dataset_inputs`)."""
+    origin = params.data.path
+    if origin is None:
+        origin = BUILTIN_SOURCES.get(params.data.source, params.data.source)
+    return dataset_inputs(datamodule.manifest, datamodule.augmented, origin)
 
 
 def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
@@ -434,6 +479,7 @@ def train(params: Params) -> TrainResult:
             start_record(paths.checkpoints, run_id, current)
             log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
             client.log_dict(run_id, masked_params(params), "params.yaml")
+            client.log_inputs(run_id, datasets=_datasets(params, datamodule))
         elif resume is not None:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
         best, history, callbacks = _callbacks(cfg, paths.checkpoints)
@@ -444,7 +490,7 @@ def train(params: Params) -> TrainResult:
         test = trainer.test(
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
         )
-        metrics = _summary(trainer, best, test[0])
+        metrics = {**_summary(trainer, best, test[0]), "mlflow_run_id": run_id}
         run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask_uri(uri))
         if trainer.is_global_zero:  # under DDP every rank gets here; one writes
             _write_outputs(params, best.best_model_path, history_csv, metrics)

@@ -64,6 +64,7 @@ from convpipe.tracking import (
     check_reachable,
     flatten,
     log_params,
+    mark_model_training,
     mask_uri,
     mlflow_error,
     params_for_mlflow,
@@ -431,6 +432,7 @@ class Campaign:
             with store_lock(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.experiment_id = self._experiment()
+                mark_model_training(self.client, self.experiment_id)
                 self.parent_id = self._parent()
         except ConvpipeError:
             raise

@@ -17,6 +17,7 @@ from convpipe.data.dataset import (
     Manifest,
     SplitInfo,
     class_counts,
+    content_hash,
     load_manifest,
     load_split,
 )
@@ -79,6 +80,7 @@ def write_augmented(params: Params) -> Manifest:
         manifest = prepared.model_copy(
             update={
                 "stage": "augment",
+                "content_hash": content_hash([tmp / "train_x.npy", tmp / "train_y.npy"]),
                 "splits": {
                     "train": SplitInfo(
                         count=int(labels.size),

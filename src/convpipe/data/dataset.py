@@ -7,7 +7,9 @@ channels, image size, mean/std) is read from the manifest and never configured t
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +58,22 @@ class Manifest(BaseModel):
     std: list[float]
     splits: dict[str, SplitInfo]
     skipped: SkippedInfo
-    content_hash: str
+    content_hash: str  # of this folder's arrays (see :func:`content_hash`)
 
     @property
     def image_hw(self) -> tuple[int, int]:
         """``(height, width)`` of every image."""
         return (int(self.image_size[0]), int(self.image_size[1]))
+
+
+def content_hash(paths: Iterable[Path]) -> str:
+    """``sha256:<hex>`` of the files' bytes in the given order: a folder's data identity."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:

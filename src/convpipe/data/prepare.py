@@ -8,7 +8,6 @@ chunk by chunk, so memory stays bounded whatever the number of images.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from convpipe.data.dataset import (
     SkippedInfo,
     SplitInfo,
     class_counts,
+    content_hash,
 )
 from convpipe.data.images import channels_of, normalize
 from convpipe.data.raw import ALL, SPLITS, BadFileError, ImageInfo, RawDataset, RawSplit
@@ -294,15 +294,6 @@ def _compact(path: Path, kept: np.ndarray) -> None:
     del src
 
 
-def _file_hash(paths: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
 def _skipped_report(skipped: Sequence[BadFileError]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -349,7 +340,9 @@ def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str 
             std=std,
             splits=splits,
             skipped=SkippedInfo(count=len(plan.skipped), report=SKIPPED_REPORT),
-            content_hash=_file_hash(tmp / f"{n}_{part}.npy" for n in SPLITS for part in ("x", "y")),
+            content_hash=content_hash(
+                tmp / f"{n}_{part}.npy" for n in SPLITS for part in ("x", "y")
+            ),
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return manifest
