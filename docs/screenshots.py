@@ -171,6 +171,18 @@ def show_chart(driver: Any, metric: str) -> None:
     time.sleep(2)  # the charts re-render after the filter
 
 
+def enlarge_first_chart(driver: Any) -> None:
+    """Open the first chart full screen (the button left of its card menu)."""
+    from selenium.webdriver.common.by import By
+
+    menu = "//button[@data-testid='experiment-view-compare-runs-card-menu']"
+    button = wait_until(
+        driver, lambda d: d.find_element(By.XPATH, f"{menu}/preceding::button[1]"), "a chart"
+    )
+    button.click()
+    time.sleep(2)
+
+
 def experiment_id(store: Path, name: str) -> str:
     """The id of experiment ``name`` in ``store``."""
     from mlflow.tracking import MlflowClient
@@ -210,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         driver.save_screenshot(str(args.out / "mlflow_runs.png"))
         open_runs(driver, url, exp, names, chart=True)
         show_chart(driver, "val/acc")
+        enlarge_first_chart(driver)
         driver.save_screenshot(str(args.out / "mlflow_val_acc.png"))
     print(f"{args.out}/mlflow_runs.png, {args.out}/mlflow_val_acc.png: runs {', '.join(names)}")
 

@@ -88,6 +88,8 @@ def test_readme_comparison_commands_show_what_differs(journey: Journey) -> None:
     params = out["dvc params diff lr-a lr-b"]
     lines = [line for line in params.splitlines() if line.startswith("params.yaml")]
     assert len(lines) == 1 and "train.lr" in lines[0] and "0.002" in lines[0]
+    exp_diff = journey.project.run("dvc", "exp", "diff", "lr-a", "lr-b").stdout
+    assert "accuracy" in exp_diff and "train.lr" in exp_diff
     html_line = out["dvc plots diff lr-a lr-b"].strip().splitlines()[-1]
     html = Path(html_line.removeprefix("file://")).read_text(encoding="utf-8")
     for plot in ("Accuracy per epoch", "Test confusion matrix", "Test F1 per class"):
