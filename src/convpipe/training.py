@@ -9,8 +9,9 @@ plus the values derived from the data (``derived.*``), tags naming the code, dat
 experiment (git commit, dirty flag, ``dvc.lock`` hashes, ``dvc.exp_name``), its input datasets,
 per-epoch metrics (stepped by epoch), the test metrics of the best checkpoint, and the
 artifacts ``params.yaml`` (resolved, URIs masked), the data manifests, the model and the
-history. ``metrics/train.json`` records the run's id, so DVC's side leads to it. Whatever fails after the run is opened marks it FAILED (KILLED on an interrupt):
-no run is ever left RUNNING.
+history. ``metrics/train.json`` records the run's id, so DVC's side leads to it. Whatever
+fails after the run is opened marks it FAILED (KILLED on an interrupt): no run is ever left
+RUNNING.
 """
 
 from __future__ import annotations
