@@ -6,8 +6,9 @@ starts ``mlflow server`` on 127.0.0.1 over the project's ``mlflow.db``, opens it
 runs in Debian's ``chromium`` (through ``chromedriver`` and Selenium) and writes
 ``mlflow_runs.png`` (the runs table: names, datasets) and ``mlflow_val_acc.png`` (the chart
 view filtered to ``val/acc`` per epoch). The README's "Compare experiments" pictures are made
-with it after the commands of that section; ``tests/test_mlflow_ui.py`` drives the same
-browser through :func:`browser` and :func:`open_runs`.
+with it after the commands of that section; ``tests/test_compare.py``
+(``test_mlflow_ui_shows_every_experiment``) drives the same browser through :func:`browser`
+and :func:`open_runs`.
 """
 
 from __future__ import annotations
@@ -76,12 +77,14 @@ def _wait_for(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + SERVER_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}, see {log}")
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
             if response.status == 200:
                 return
         time.sleep(0.5)
-    raise RuntimeError(f"mlflow server gave no answer on {url}:\n{log.read_text()}")
+    raise RuntimeError(
+        f"mlflow server gave no answer on {url} in {SERVER_TIMEOUT_S:.0f} s, see {log}"
+    )
 
 
 @contextlib.contextmanager

@@ -307,6 +307,75 @@ def test_load_model_never_runs_code_from_the_checkpoint(tmp_path: Path) -> None:
     assert proof.exists()
 
 
+MARKER_ENV = "CONVPIPE_TEST_MARKER"
+
+
+def leave_marker(cls: Any, kwargs: dict[str, Any]) -> Any:
+    """An ``_instantiator`` a hostile checkpoint names: proof that code from it ran."""
+    Path(os.environ[MARKER_ENV]).write_text("ran", encoding="utf-8")
+    return cls(**kwargs)
+
+
+def _crafted(source: Path, dest: Path, **hparams: Any) -> Path:
+    """``source`` with its hyperparameters changed: what an attacker would hand over."""
+    data = torch.load(source, map_location="cpu", weights_only=True)
+    data["hyper_parameters"] = {**data["hyper_parameters"], **hparams}
+    torch.save(data, dest)
+    return dest
+
+
+def test_a_checkpoint_with_an_instantiator_is_refused_before_lightning(
+    checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.pytorch.core import saving
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    # Lightning < 2.6.6 called any _instantiator; open 2.6.6's allowlist to be that version
+    path = f"{__name__}.leave_marker"
+    monkeypatch.setattr(saving, "_ALLOWED_INSTANTIATORS", {*saving._ALLOWED_INSTANTIATORS, path})
+    evil = _crafted(checkpoint[0], tmp_path / "evil.ckpt", _instantiator=path)
+    with pytest.raises(ConvpipeError) as info:
+        ev.load_model(evil)
+    line = info.value.line()
+    assert "hold keys convpipe never writes (_instantiator)" in line and "\n" not in line
+    assert not marker.exists()
+    # the payload is live: Lightning's own loader, on such a version, runs it
+    CNNClassifier.load_from_checkpoint(evil, map_location="cpu", weights_only=True)
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"_class_path": "os.system"}, "never writes (_class_path)"),
+        ({"num_classes": torch.tensor(3)}, "not plain data: hyper_parameters.num_classes (Tensor)"),
+        ({"model": {"conv": [{"filters": torch.tensor(4)}]}}, "model.conv[0].filters (Tensor)"),
+        ({"num_classes": 4, "class_names": list("abcd")}, "its weights do not fit its network"),
+        ({"train_size": -1}, "its hyperparameters are invalid: train_size"),
+    ],
+)
+def test_hyperparameters_convpipe_did_not_write_are_refused(
+    checkpoint, tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    evil = _crafted(checkpoint[0], tmp_path / "odd.ckpt", **change)
+    with pytest.raises(ConvpipeError) as info:
+        ev.load_model(evil)
+    assert message in info.value.line()
+
+
+def test_a_checkpoint_without_hyperparameters_is_refused(checkpoint, tmp_path: Path) -> None:
+    data = torch.load(checkpoint[0], map_location="cpu", weights_only=True)
+    del data["hyper_parameters"]["class_names"]
+    torch.save(data, tmp_path / "missing.ckpt")
+    with pytest.raises(ConvpipeError, match="lack class_names"):
+        ev.load_model(tmp_path / "missing.ckpt")
+    del data["hyper_parameters"]
+    torch.save(data, tmp_path / "none.ckpt")
+    with pytest.raises(ConvpipeError, match="it has no hyperparameters"):
+        ev.load_model(tmp_path / "none.ckpt")
+
+
 # --------------------------------------------------------------------------- evaluate()
 
 

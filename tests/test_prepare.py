@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -270,9 +271,12 @@ def _run_stage(tmp_path, params_text: str):
 
 def test_stage_reports_user_errors_in_one_line(tmp_path):
     shipped = (ROOT / "params.yaml").read_text()
-    missing = shipped.replace("source: digits", "source: imagefolder").replace(
-        "  path:     ", f"  path: {tmp_path / 'nowhere'}"
+    missing = re.sub(
+        r"(?m)^  path:.*$",
+        f"  path: {tmp_path / 'nowhere'}",
+        shipped.replace("source: digits", "source: imagefolder"),
     )
+    assert f"path: {tmp_path / 'nowhere'}" in missing
     for text, expect in (
         (shipped.replace("  seed: 42", "  seed: 42\n  sead: 1"), "did you mean 'base.seed'"),
         (missing, "nowhere"),

@@ -98,3 +98,34 @@ def test_other_params_refuse_to_resume(tmp_path):
     assert lines[-1].startswith("convpipe: error: an interrupted training was found")
     assert "model.dropout" in lines[-1] and "Traceback" not in result.stderr
     assert (project.root / "checkpoints/last.ckpt").exists()  # nothing was thrown away
+
+
+def test_a_truncated_last_checkpoint_starts_over_in_one_line(tmp_path, reference):
+    project = make_project(tmp_path / "t")
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "augment")
+    _kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
+    last = project.root / "checkpoints/last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed mid-write
+    result = project.run("python", "pipelines/train.py")
+    assert "Traceback" not in result.stderr
+    warned = [line for line in result.stderr.splitlines() if "starting the training over" in line]
+    assert len(warned) == 1 and "last.ckpt unreadable" in warned[0]
+    assert len(_history(project.root)) == len(reference)  # a whole training, from epoch 0
+
+
+def test_a_checkpoint_convpipe_never_wrote_is_never_resumed(tmp_path):
+    import torch
+
+    project = make_project(tmp_path / "c")
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "augment")
+    _kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
+    last = project.root / "checkpoints/last.ckpt"
+    data = torch.load(last, weights_only=True, map_location="cpu")
+    data["hyper_parameters"]["_instantiator"] = "os.system"
+    torch.save(data, last)
+    result = project.run("python", "pipelines/train.py", check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "never writes (_instantiator)" in lines[-1]

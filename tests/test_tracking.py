@@ -290,7 +290,7 @@ def test_run_names_differ_even_after_identical_seeding() -> None:
         random.seed(42)  # what seed_everything does before the run is opened
         names.add(run_name(tags))
     assert len(names) == 20
-    assert all(re.fullmatch(r"train-0123456-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names)
+    assert all(re.fullmatch(r"train-0123456-\d{8}-\d{6}-[0-9a-f]{6}", n) for n in names)
 
 
 def _manifest(**changes):

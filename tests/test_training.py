@@ -607,6 +607,27 @@ def test_every_optimizer_and_batch_mode_trains(
     assert f"lr-{expected.get(optimizer, 'AdamW')}" in run.data.metrics
 
 
+@pytest.mark.parametrize("scheduler", ["onecycle", "step"])
+def test_the_learning_rate_is_logged_per_epoch_whatever_the_scheduler(
+    small: Params, sqlite_uri: str, tmp_path: Path, scheduler: str
+) -> None:
+    params = run_params(
+        small,
+        tmp_path,
+        sqlite_uri,
+        **SMALL_MODEL,
+        **{"train.scheduler": scheduler, "train.max_epochs": 2, "mlflow.experiment": "lr"},
+    )
+    with inside(tmp_path):
+        result = train(params)
+    client = MlflowClient(sqlite_uri)
+    logged = client.get_metric_history(result.run.run_id, "lr-Adam")
+    assert [m.step for m in logged] == [0, 1]  # the epoch, like every other metric
+    # logged at each epoch's start: epoch 1 starts where epoch 0's history row ended
+    rows = history(params.paths.train_history)
+    assert logged[1].value == pytest.approx(float(rows[0]["lr"]))
+
+
 def test_training_is_reproducible(small: Params, sqlite_uri: str, tmp_path: Path) -> None:
     outputs = []
     for name in ("one", "two"):

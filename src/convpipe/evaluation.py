@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torchmetrics.functional import classification as tmf
 
+from convpipe.checkpoint import check_hyperparameters, read_checkpoint
 from convpipe.config import Params
 from convpipe.data.dataset import Manifest
 from convpipe.datamodule import ArrayDataset, ConvDataModule
@@ -37,34 +38,34 @@ EXAMPLE_IMAGES = 2  # test images saved with the registered model as its input e
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 
 
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# torch's weights-only unpickler names the global it refused at the end of a long message
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-
-
-def _load_failure(exc: Exception, path: str | Path) -> ConvpipeError:
-    """The one-line error for a checkpoint torch or Lightning could not load."""
-    text = " ".join(_ANSI_ESCAPE.sub("", str(exc)).split())
-    refused = _REFUSED_GLOBAL.search(text)
-    if refused:  # say which code it would run, not torch's advice to load it unsafely
-        what = f": it would run code ({refused.group(1)}) instead of only loading weights"
-    else:  # the first sentence says what broke; torch's advice after it does not fit a line
-        what = f" ({type(exc).__name__}: {text.split('. ')[0][:200] or 'the file ends early'})"
-    return ConvpipeError(
-        f"cannot load checkpoint{what}",
-        f"at {path}",
-        "retrain with `dvc repro train`; never load checkpoints from untrusted sources",
-    )
-
-
 def load_model(path: str | Path) -> CNNClassifier:
-    """Load a checkpoint safely (``weights_only=True``: no code in it can run)."""
+    """Load a checkpoint safely, in eval mode.
+
+    The file is read with ``weights_only=True`` and its hyperparameters are checked to be
+    exactly what convpipe writes (:mod:`convpipe.checkpoint`); the model is then built from
+    them here, so nothing in the file is ever imported or called.
+
+    Raises:
+        ConvpipeError: If the file is missing, corrupt, unsafe, or not a convpipe model.
+    """
+    checkpoint = read_checkpoint(path)
+    hparams = check_hyperparameters(checkpoint, path)
     try:
-        model = CNNClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConvpipeError("checkpoint not found", f"at {path}", "run `dvc repro train`") from None
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        raise _load_failure(exc, path) from None
+        model = CNNClassifier(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except ConvpipeError as exc:
+        raise ConvpipeError(
+            f"cannot load checkpoint: its hyperparameters are invalid: {exc.what}",
+            f"at {path}",
+            "retrain with `dvc repro train`",
+        ) from None
+    except (RuntimeError, TypeError, ValueError) as exc:  # weights of another network
+        first = " ".join(str(exc).split())[:200]
+        raise ConvpipeError(
+            f"cannot load checkpoint (its weights do not fit its network: {first})",
+            f"at {path}",
+            "retrain with `dvc repro train`",
+        ) from None
     model.eval()
     return model
 
@@ -163,6 +164,10 @@ def per_class_csv(per_class: dict[str, dict[str, float]]) -> str:
 
     Per-class values live here rather than in ``metrics/eval.json``: as metrics they would add
     four ``dvc exp show`` columns per class and bury the headline figures.
+
+    Args:
+        per_class: ``{class name: {"precision", "recall", "f1", "support"}}`` from
+            :func:`compute_metrics`.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -10,6 +10,7 @@ refuses, naming what changed. A finished or failed training removes ``resume.jso
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from convpipe.checkpoint import check_hyperparameters, read_checkpoint
 from convpipe.config import Params
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json
+
+log = logging.getLogger("convpipe")
 
 STATE_FILE = "resume.json"
 LAST_CHECKPOINT = "last.ckpt"
@@ -62,8 +66,12 @@ class ResumePoint:
 def find_resume_point(folder: str | Path, current: dict[str, Any]) -> ResumePoint | None:
     """The interrupted training to continue, if there is one and it is compatible.
 
+    A ``last.ckpt`` that cannot be read (a kill while it was written) is reported in one
+    line and the training starts over.
+
     Raises:
-        ConvpipeError: if the interrupted training had other params, naming them.
+        ConvpipeError: if the interrupted training had other params, naming them, or its
+            checkpoint holds hyperparameters convpipe never writes.
     """
     folder = Path(folder)
     state_file, last = folder / STATE_FILE, folder / LAST_CHECKPOINT
@@ -85,6 +93,19 @@ def find_resume_point(folder: str | Path, current: dict[str, Any]) -> ResumePoin
             f"in {folder}",
             f"restore those params to resume it, or delete {folder} to start over",
         )
+    try:
+        check_hyperparameters(read_checkpoint(last), last)
+    except ConvpipeError as exc:
+        if "hyperparameters" in exc.what:  # a checkpoint convpipe never wrote: never resume it
+            raise
+        # killed while the checkpoint was written: a truncated file resumes nothing
+        log.warning(
+            "%s unreadable (%s): starting the training over (run %s stays as it was left)",
+            last,
+            exc.what,
+            run_id,
+        )
+        return None
     return ResumePoint(str(last), run_id)
 
 

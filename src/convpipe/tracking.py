@@ -40,8 +40,10 @@ ENV_EXP_BASELINE = "DVC_EXP_BASELINE_REV"
 EXP_NAME_TAG = "dvc.exp_name"
 BASELINE_TAG = "dvc.exp_baseline_rev"
 COMMIT_TAG = "git.commit"
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-# The split names of the prepare manifest, as MLflow dataset contexts.
+# MLflow 3's UI opens an experiment of this kind on its training runs, not on GenAI traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Contexts are the manifest's own split names, so a dataset reads the same in DVC and MLflow.
 DATASET_CONTEXTS = ("train", "val", "test")
 DIGEST_LENGTH = 16  # of the manifest's sha256 (MLflow stores at most 36 characters)
 CONNECT_TIMEOUT_S = 5.0
@@ -108,6 +110,10 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
 
     MLflow 3's UI otherwise treats an untagged experiment as GenAI and opens on traces.
     A kind the user set is kept.
+
+    Args:
+        client: A client of the tracking store.
+        experiment_id: The experiment to tag.
     """
     experiment = client.get_experiment(experiment_id)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
@@ -331,7 +337,7 @@ def run_name(tags: Mapping[str, str]) -> str:
     """The MLflow run name of a training: what the run is, unique among runs.
 
     Under ``dvc exp run`` it is the DVC experiment's name. Otherwise it is the commit, the
-    start time and four random hex digits from the OS: never a name drawn from Python's
+    start time and six random hex digits from the OS: never a name drawn from Python's
     ``random``, which ``seed_everything`` seeds identically for every run (MLflow's own
     generated names would then repeat).
 
@@ -343,7 +349,7 @@ def run_name(tags: Mapping[str, str]) -> str:
         return experiment
     commit = tags.get(COMMIT_TAG, "unknown")
     where = commit[:7] if commit != "unknown" else "nogit"
-    return f"train-{where}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return f"train-{where}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def dataset_inputs(
@@ -371,8 +377,8 @@ def dataset_inputs(
     source: dict[str, Any]
     if "://" in origin:
         source_type, source = "url", {"uri": mask_uri(origin)}
-    elif Path(origin).exists():
-        source_type, source = "local", {"uri": str(Path(origin).resolve())}
+    elif (repo_root() / origin).exists():  # data.path is relative to the project, not the cwd
+        source_type, source = "local", {"uri": str((repo_root() / origin).resolve())}
     else:
         source_type, source = "code", {"tags": {"loader": origin}}
     tensors = TensorDatasetSchema(

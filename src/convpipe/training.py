@@ -161,10 +161,10 @@ class EpochLearningRate(LearningRateMonitor):
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         """Log each optimiser's learning rate for the epoch about to start."""
-        stats = self._extract_stats(trainer, "epoch")
+        stats = self._extract_stats(trainer, "any")  # what the stock callback asks for here
         if stats:
             for logger in trainer.loggers:
-                logger.log_metrics({**stats, "epoch": trainer.current_epoch})
+                logger.log_metrics(stats, step=trainer.current_epoch)
 
 
 def build_trainer(
