@@ -606,6 +606,42 @@ def test_two_workers_at_once_share_one_study(project: Project, tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(3))
+def test_two_workers_start_together_on_a_fresh_sqlite_storage(
+    project: Project, tmp_path: Path, attempt: int
+) -> None:
+    # the default storage kind (sqlite), created by both workers at the same moment
+    name = f"race{attempt}"
+    params = write_params(
+        project,
+        name,
+        **{"tune.storage": f"sqlite:///{name}.db", "tune.max_epochs": 1, "tune.n_trials": 2},
+    )
+    cmd = ["convpipe", "--params", params, "tune", "--n-trials", "1"]
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "w", encoding="utf-8") as fh:
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=project.root, env=project.env, stdout=fh, stderr=subprocess.STDOUT
+                )
+            )
+    try:
+        codes = [proc.wait(timeout=200) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, log.read_text()
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{project.root / name}.db")
+    assert sorted(t.number for t in study.trials) == [0, 1]  # each asked-for trial, once
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+
+
+@pytest.mark.slow
 def test_apply_writes_the_best_values_and_train_must_rerun(project: Project) -> None:
     project.set_params(
         **{

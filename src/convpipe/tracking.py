@@ -78,10 +78,11 @@ def tracking_uri(params: MlflowParams) -> str:
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Serialise the first steps of local processes on one tracking store.
+    """Serialise the first steps of local processes on one store (MLflow's or Optuna's).
 
-    Two processes that open a fresh sqlite store at once both create MLflow's schema and one
-    dies ("duplicate column"); two tuning workers would both create a parent run.
+    Two processes that open a fresh sqlite store at once both create its schema and one dies
+    (MLflow: "duplicate column", Optuna: "UNIQUE constraint failed: alembic_version"); two
+    tuning workers would both create a parent run.
     """
     try:
         import fcntl
@@ -91,7 +92,7 @@ def store_lock(uri: str) -> Iterator[None]:
     key = uri
     if uri.startswith("sqlite:///"):
         key = str(Path(uri.removeprefix("sqlite:///")).resolve())
-    name = f"convpipe-mlflow-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
+    name = f"convpipe-store-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
     try:
         handle = open(Path(tempfile.gettempdir()) / name, "a+")  # noqa: SIM115
     except OSError:  # e.g. another user's lock file: go on unserialised

@@ -324,14 +324,20 @@ def load_study(params: Params) -> optuna.Study:
         ConvpipeError: if the stored study optimises in the other direction.
     """
     tune = params.tune
-    study = optuna.create_study(
-        study_name=tune.study_name,
-        storage=open_storage(tune.storage),
-        sampler=make_sampler(tune, params.base.seed),
-        pruner=make_pruner(tune),
-        direction=direction(params),
-        load_if_exists=True,
-    )
+    # Workers started together on a fresh sqlite file would each create Optuna's schema and
+    # one would die ("UNIQUE constraint failed: alembic_version"): on one machine they take
+    # turns (a server RDB copes through _rdb_storage's retries; a journal locks itself).
+    with (
+        store_lock(tune.storage) if tune.storage.startswith("sqlite") else contextlib.nullcontext()
+    ):
+        study = optuna.create_study(
+            study_name=tune.study_name,
+            storage=open_storage(tune.storage),
+            sampler=make_sampler(tune, params.base.seed),
+            pruner=make_pruner(tune),
+            direction=direction(params),
+            load_if_exists=True,
+        )
     stored = [d.name.lower() for d in study.directions]
     if stored != [direction(params)]:
         raise ConvpipeError(
