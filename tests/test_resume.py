@@ -129,3 +129,85 @@ def test_a_checkpoint_convpipe_never_wrote_is_never_resumed(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "never writes (_instantiator)" in lines[-1]
+
+
+def _start_server(root, port: int):
+    """``mlflow server`` on 127.0.0.1:``port`` over ``root``'s sqlite store, in its own group."""
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import wait_for_http
+
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log = root / f"server-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    wait_for_http(proc, f"http://127.0.0.1:{port}/health", log, 90)
+    return proc
+
+
+def test_a_tracking_server_that_dies_mid_training_ends_it_in_one_line_then_it_resumes(
+    tmp_path, reference
+):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    project = make_project(tmp_path / "s")
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "augment")
+    project.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    training = subprocess.Popen(
+        ["python", "pipelines/train.py"],
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while _epochs_checkpointed(project.root) < 2 and time.time() < deadline:
+            assert training.poll() is None, training.stderr.read()
+            time.sleep(0.2)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        killed_at = time.monotonic()
+        _, stderr = training.communicate(timeout=120)  # never MLflow's minutes of retries
+    finally:
+        if training.poll() is None:
+            os.killpg(training.pid, signal.SIGKILL)
+    assert time.monotonic() - killed_at < 60
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert training.returncode == 2 and "Traceback" not in stderr, stderr
+    assert lines[-1].startswith("convpipe: error: MLflow stopped answering during training")
+    assert "the training resumes from that epoch" in lines[-1]
+    state = json.loads((project.root / "checkpoints/resume.json").read_text())
+    server = _start_server(tmp_path, port)  # the store comes back
+    try:
+        project.run("python", "pipelines/train.py")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert len(_history(project.root)) == len(reference)  # resumed, not restarted short
+    with sqlite3.connect(tmp_path / "server.db") as db:
+        runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
+    assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued

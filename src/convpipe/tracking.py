@@ -50,6 +50,14 @@ CONNECT_TIMEOUT_S = 5.0
 MASK = "***"
 # query-string keys whose values are secrets (e.g. ``postgresql://h/db?password=...``)
 SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "access_key", "api_key")
+# MLflow's client retries a dead server for minutes (7 retries, backoff factor 2, 120 s
+# timeout); a training should learn in seconds that its server is gone. A user's own
+# setting of these variables wins.
+FAIL_FAST_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 # MLflow limits: values per log_batch call, characters per param value
 PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -161,7 +169,8 @@ def check_reachable(uri: str) -> None:
     """Fail fast, with one line, when an ``http(s)://`` tracking server does not answer.
 
     MLflow's own client retries for minutes before giving up; a user deserves to know in
-    seconds that the server is down.
+    seconds that the server is down. Later requests of this process then fail fast too
+    (:data:`FAIL_FAST_HTTP`), so a server that dies mid-training ends it in seconds.
 
     Raises:
         ConvpipeError: If nothing accepts a TCP connection at the URI's host and port.
@@ -169,6 +178,8 @@ def check_reachable(uri: str) -> None:
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
+    for name, value in FAIL_FAST_HTTP.items():
+        os.environ.setdefault(name, value)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
@@ -186,6 +197,18 @@ def check_reachable(uri: str) -> None:
             f"at {mask_uri(uri)}",
             f"start it, or set mlflow.tracking_uri / {ENV_URI} to a reachable store",
         ) from None
+
+
+class TrackingLost(ConvpipeError):
+    """The tracking store stopped answering while a training ran (it can be resumed)."""
+
+
+def is_tracking_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the tracking store (MLflow's client or its HTTP layer)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return isinstance(exc, (TrackingLost, MlflowException, RequestException))
 
 
 def mlflow_error(exc: Exception, uri: str, doing: str) -> ConvpipeError:

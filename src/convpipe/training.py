@@ -55,9 +55,11 @@ from convpipe.resume import (
 )
 from convpipe.tracking import (
     RunInfo,
+    TrackingLost,
     artifact_location,
     check_reachable,
     dataset_inputs,
+    is_tracking_failure,
     log_params,
     mark_model_training,
     mask_uri,
@@ -279,6 +281,28 @@ def _terminate(logger: MLFlowLogger | DummyLogger, status: str) -> None:
 
 
 @contextmanager
+def tracking_lost_is_resumable(uri: str, checkpoints: str) -> Iterator[None]:
+    """Turn a tracking store that died mid-training into one line saying how to resume.
+
+    The last finished epoch is in ``checkpoints`` and the resume record is kept, so the rerun
+    continues into the same MLflow run once the store answers again.
+    """
+    try:
+        yield
+    except TrackingLost:
+        raise
+    except Exception as exc:
+        if not is_tracking_failure(exc):
+            raise
+        first = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+        raise TrackingLost(
+            f"MLflow stopped answering during training ({type(exc).__name__}: {first})",
+            f"at {mask_uri(uri)}; the last finished epoch is saved in {checkpoints}",
+            "bring the tracking server back and rerun: the training resumes from that epoch",
+        ) from None
+
+
+@contextmanager
 def failed_run_on_error(logger: MLFlowLogger | DummyLogger) -> Iterator[None]:
     """Mark the MLflow run FAILED (KILLED on an interrupt) if anything below raises.
 
@@ -293,8 +317,9 @@ def failed_run_on_error(logger: MLFlowLogger | DummyLogger) -> Iterator[None]:
         if isinstance(exc, SystemExit):
             raise KeyboardInterrupt from exc
         raise
-    except BaseException:
-        _terminate(logger, "FAILED")
+    except BaseException as exc:
+        if not is_tracking_failure(exc):  # else the store is gone: nothing to mark it in
+            _terminate(logger, "FAILED")
         raise
 
 
@@ -303,11 +328,16 @@ def _resume_record_on(folder: str, rank_zero: bool) -> Iterator[None]:
     """Keep the resume record only while training may still be resumed.
 
     A finished training, or one that failed for a reason a rerun would meet again (bad
-    params, divergence), removes it; an interrupted one (Ctrl+C, a kill) keeps it.
+    params, divergence), removes it; an interrupted one (Ctrl+C, a kill, a tracking store
+    that stopped answering) keeps it.
     """
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        if not is_tracking_failure(exc) and rank_zero:
+            clear_record(folder)
         raise
     except BaseException:
         if rank_zero:
@@ -474,7 +504,11 @@ def train(params: Params) -> TrainResult:
     uri = resolve_uri(params.mlflow)
     logger = start_run(params, uri, resume.run_id if resume else None)
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
-    with failed_run_on_error(logger), _resume_record_on(paths.checkpoints, rank_zero):
+    with (
+        tracking_lost_is_resumable(uri, paths.checkpoints),
+        failed_run_on_error(logger),
+        _resume_record_on(paths.checkpoints, rank_zero),
+    ):
         client: Any = logger.experiment  # a no-op stand-in on DDP ranks other than 0
         run_id = str(getattr(logger, "run_id", ""))
         if resume is None and rank_zero:  # other DDP ranks start later
