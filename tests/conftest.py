@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -75,6 +79,58 @@ def wait_for_http(proc: subprocess.Popen, url: str, log: Path, seconds: float) -
         if time.monotonic() > deadline:
             raise AssertionError(f"no answer on {url} within {seconds} s:\n{log.read_text()}")
         time.sleep(0.5)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` over ``root``'s sqlite store.
+
+    Artifacts are proxied into ``root/artifacts``; the server runs in its own process group
+    (stop it with ``os.killpg``) and is answering when this returns.
+    """
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_for_http(proc, f"http://127.0.0.1:{port}/health", log, 90)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: its own group
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 CONVPIPE = str(Path(sys.executable).parent / "convpipe")
 
@@ -38,12 +37,6 @@ def test_negative_trial_count_is_refused():
     assert result.returncode == 2 and "--n-trials must be 0 or more" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _listening(port: int) -> list[str]:
     out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=False).stdout
     return [line.split()[3] for line in out.splitlines() if line.split()[3].endswith(f":{port}")]
@@ -53,7 +46,7 @@ def _listening(port: int) -> list[str]:
 def test_ui_binds_loopback_only(tmp_path):
     if subprocess.run(["which", "ss"], capture_output=True, check=False).returncode:
         pytest.skip("ss (iproute2) is not installed")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ui.db"}
     proc = subprocess.Popen(
         [CONVPIPE, "--params", str(ROOT / "params.yaml"), "ui", "--port", str(port)],

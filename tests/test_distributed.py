@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import sqlite3
 import subprocess
 
@@ -16,6 +15,7 @@ from convpipe.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation import load_model, predict_logits
 from convpipe.training import build_trainer, check_strategy
+from tests.conftest import free_port
 from tests.project import make_project
 
 # --------------------------------------------------------------------------- fast
@@ -122,12 +122,6 @@ def test_ddp_outputs_written_once_and_whole(ddp_project):
     assert ddp_project.run("dvc", "status").stdout.strip().endswith("up to date.")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_nodes_on_one_machine(tmp_path):
     project = make_project(tmp_path / "nodes")
@@ -135,7 +129,7 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     project.set_params(
         **{"train.devices": 1, "train.num_nodes": 2, "train.strategy": "ddp", "train.max_epochs": 3}
     )
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         subprocess.Popen(
             [
@@ -211,7 +205,7 @@ def test_slurm_srun_launch_two_tasks(tmp_path):
     project.run("dvc", "repro", "augment")
     project.set_params(**{"train.devices": 2, "train.strategy": "ddp", "train.max_epochs": 2})
     slurm = {
-        "SLURM_JOB_ID": str(_free_port()),
+        "SLURM_JOB_ID": str(free_port()),
         "SLURM_JOB_NAME": "convpipe",
         "SLURM_NTASKS": "2",
         "SLURM_NTASKS_PER_NODE": "2",

@@ -11,8 +11,6 @@ import copy
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,7 +51,7 @@ from convpipe.registry import (
 )
 from convpipe.tracking import store_lock
 from convpipe.transforms import normalize_batch
-from tests.conftest import TINY_CONV, quiet_trainer, wait_for_http
+from tests.conftest import TINY_CONV, free_port, quiet_trainer, stop_server, wait_for_http
 from tests.project import make_project
 
 VENV_BIN = Path(sys.executable).parent
@@ -400,12 +398,6 @@ def test_registry_failure_is_one_user_error_line(trained: Trained) -> None:
 # --------------------------------------------------------------------------- serving
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url, json.dumps(payload).encode(), {"Content-Type": "application/json"}
@@ -420,7 +412,7 @@ def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 @contextlib.contextmanager
 def serving(uri: str, model: str, log: Path) -> Iterator[str]:
     """`mlflow models serve` on a free 127.0.0.1 port; its process group is ended afterwards."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn
@@ -437,14 +429,7 @@ def serving(uri: str, model: str, log: Path) -> Iterator[str]:
         wait_for_http(proc, f"{url}/ping", log, 120)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its uvicorn child: our own group
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_server(proc)  # the CLI and its uvicorn child: their own group
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.conftest import free_port, start_mlflow_server, stop_server
 from tests.project import make_project
 
 pytestmark = pytest.mark.slow
@@ -34,22 +35,30 @@ def _epochs_checkpointed(root) -> int:
     return int(ckpt["epoch"])
 
 
-def _kill_after_epochs(project, cmd: list[str], epochs: int) -> None:
-    """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved."""
+def _start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Popen:
+    """Start ``cmd`` in the project (own process group, stderr piped); return once ``epochs``
+    are checkpointed."""
     proc = subprocess.Popen(
         cmd,
         cwd=project.root,
         env=project.env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     deadline = time.time() + 240
     while _epochs_checkpointed(project.root) < epochs and time.time() < deadline:
-        assert proc.poll() is None, "training ended before it could be killed"
+        assert proc.poll() is None, f"training ended before epoch {epochs}: {proc.stderr.read()}"
         time.sleep(0.2)
+    return proc
+
+
+def _kill_after_epochs(project, cmd: list[str], epochs: int) -> None:
+    """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved."""
+    proc = _start_until_epochs(project, cmd, epochs)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -131,63 +140,17 @@ def test_a_checkpoint_convpipe_never_wrote_is_never_resumed(tmp_path):
     assert "never writes (_instantiator)" in lines[-1]
 
 
-def _start_server(root, port: int):
-    """``mlflow server`` on 127.0.0.1:``port`` over ``root``'s sqlite store, in its own group."""
-    import sys
-    from pathlib import Path
-
-    from tests.conftest import wait_for_http
-
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = root / f"server-{time.monotonic_ns()}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    wait_for_http(proc, f"http://127.0.0.1:{port}/health", log, 90)
-    return proc
-
-
 def test_a_tracking_server_that_dies_mid_training_ends_it_in_one_line_then_it_resumes(
     tmp_path, reference
 ):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     project = make_project(tmp_path / "s")
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
     project.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
-    training = subprocess.Popen(
-        ["python", "pipelines/train.py"],
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    server = start_mlflow_server(tmp_path, port, tmp_path / "server.log")
+    training = _start_until_epochs(project, ["python", "pipelines/train.py"], 2)
     try:
-        deadline = time.time() + 240
-        while _epochs_checkpointed(project.root) < 2 and time.time() < deadline:
-            assert training.poll() is None, training.stderr.read()
-            time.sleep(0.2)
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         killed_at = time.monotonic()
@@ -201,13 +164,12 @@ def test_a_tracking_server_that_dies_mid_training_ends_it_in_one_line_then_it_re
     assert lines[-1].startswith("convpipe: error: MLflow stopped answering during training")
     assert "the training resumes from that epoch" in lines[-1]
     state = json.loads((project.root / "checkpoints/resume.json").read_text())
-    server = _start_server(tmp_path, port)  # the store comes back
+    server = start_mlflow_server(tmp_path, port, tmp_path / "server-again.log")  # it comes back
     try:
         project.run("python", "pipelines/train.py")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
     assert len(_history(project.root)) == len(reference)  # resumed, not restarted short
-    with sqlite3.connect(tmp_path / "server.db") as db:
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
     assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued

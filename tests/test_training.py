@@ -13,10 +13,7 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +44,7 @@ from convpipe.training import (
     start_run,
     train,
 )
-from tests.conftest import ROOT, TINY_CONV, wait_for_http
+from tests.conftest import ROOT, TINY_CONV, free_port, start_mlflow_server, stop_server
 from tests.project import make_project
 
 SMALL_MODEL = {
@@ -135,12 +132,6 @@ def experiment(uri: str, name: str, root: Path) -> None:
     client = MlflowClient(uri)
     if client.get_experiment_by_name(name) is None:
         client.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def history(path: str) -> list[dict[str, str]]:
@@ -655,40 +646,11 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """A real ``mlflow server`` on 127.0.0.1, its own sqlite store and proxied artifacts."""
     root = tmp_path_factory.mktemp("server")
     port = free_port()
-    artifacts = root / "artifacts"
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--serve-artifacts",
-        "--artifacts-destination",
-        str(artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(root, port, root / "server.log")
     try:
-        wait_for_http(proc, f"{url}/health", root / "server.log", 90)
-        yield url, artifacts
+        yield f"http://127.0.0.1:{port}", root / "artifacts"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: our own group
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+        stop_server(proc)
 
 
 @pytest.mark.slow

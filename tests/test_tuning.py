@@ -452,6 +452,28 @@ def mlflow_runs(project: Project, experiment: str, db: str = "mlflow.db") -> tup
     return parent, children
 
 
+def run_workers(project: Project, cmd: list[str], logs: Path, workers: int = 2) -> None:
+    """Start ``workers`` copies of ``cmd`` at once in the project; each must exit 0."""
+    paths = [logs / f"worker{i}.log" for i in range(workers)]
+    procs = []
+    for path in paths:
+        with open(path, "w", encoding="utf-8") as fh:
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=project.root, env=project.env, stdout=fh, stderr=subprocess.STDOUT
+                )
+            )
+    try:
+        codes = [proc.wait(timeout=200) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for code, path in zip(codes, paths, strict=True):
+        assert code == 0, path.read_text()
+
+
 def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
 
@@ -576,24 +598,7 @@ def test_two_workers_at_once_share_one_study(project: Project, tmp_path: Path) -
         project, "t3", **{"mlflow.tracking_uri": "sqlite:///workers.db", "tune.max_epochs": 3}
     )
     cmd = ["convpipe", "--params", params, "tune", "--n-trials", "3"]
-    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = []
-    for log in logs:
-        with open(log, "w", encoding="utf-8") as fh:
-            procs.append(
-                subprocess.Popen(
-                    cmd, cwd=project.root, env=project.env, stdout=fh, stderr=subprocess.STDOUT
-                )
-            )
-    try:
-        codes = [proc.wait(timeout=200) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for code, log in zip(codes, logs, strict=True):
-        assert code == 0, log.read_text()
+    run_workers(project, cmd, tmp_path)
     study = stored_study(project, "t3")
     assert sorted(t.number for t in study.trials) == list(range(6))
     assert {t.state for t in study.trials} == {TrialState.COMPLETE}
@@ -618,24 +623,7 @@ def test_two_workers_start_together_on_a_fresh_sqlite_storage(
         **{"tune.storage": f"sqlite:///{name}.db", "tune.max_epochs": 1, "tune.n_trials": 2},
     )
     cmd = ["convpipe", "--params", params, "tune", "--n-trials", "1"]
-    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = []
-    for log in logs:
-        with open(log, "w", encoding="utf-8") as fh:
-            procs.append(
-                subprocess.Popen(
-                    cmd, cwd=project.root, env=project.env, stdout=fh, stderr=subprocess.STDOUT
-                )
-            )
-    try:
-        codes = [proc.wait(timeout=200) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for code, log in zip(codes, logs, strict=True):
-        assert code == 0, log.read_text()
+    run_workers(project, cmd, tmp_path)
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{project.root / name}.db")
     assert sorted(t.number for t in study.trials) == [0, 1]  # each asked-for trial, once
     assert {t.state for t in study.trials} == {TrialState.COMPLETE}

@@ -94,11 +94,8 @@ def find_resume_point(folder: str | Path, current: dict[str, Any]) -> ResumePoin
             f"restore those params to resume it, or delete {folder} to start over",
         )
     try:
-        check_hyperparameters(read_checkpoint(last), last)
-    except ConvpipeError as exc:
-        if "hyperparameters" in exc.what:  # a checkpoint convpipe never wrote: never resume it
-            raise
-        # killed while the checkpoint was written: a truncated file resumes nothing
+        checkpoint = read_checkpoint(last)
+    except ConvpipeError as exc:  # killed while it was written: a truncated file resumes nothing
         log.warning(
             "%s unreadable (%s): starting the training over (run %s stays as it was left)",
             last,
@@ -106,6 +103,7 @@ def find_resume_point(folder: str | Path, current: dict[str, Any]) -> ResumePoin
             run_id,
         )
         return None
+    check_hyperparameters(checkpoint, last)  # a checkpoint convpipe never wrote: never resumed
     return ResumePoint(str(last), run_id)
 
 

@@ -335,12 +335,8 @@ def _resume_record_on(folder: str, rank_zero: bool) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:
-        if not is_tracking_failure(exc) and rank_zero:
-            clear_record(folder)
-        raise
-    except BaseException:
-        if rank_zero:
+    except BaseException as exc:
+        if rank_zero and not is_tracking_failure(exc):
             clear_record(folder)
         raise
     if rank_zero:
