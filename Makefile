@@ -5,17 +5,26 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-fast ui bench lint tune
+.PHONY: setup lock run test test-fast ui bench lint tune
+
+LOCK := requirements.lock
 
 setup: $(STAMP)
 
-# torch first, from the pinned release (a plain dependency resolve would pull a CUDA build).
-$(STAMP): pyproject.toml
+# Exactly the locked versions, each checked against its sha256 (torch is the CPU build, found
+# in pip's find-links); then convpipe itself, built with the locked setuptools.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml after editing it: pins that still satisfy it are kept;
+# `make lock UPGRADE=1` moves every pin to the newest allowed release.
+lock: setup
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+		--extra dev --extra onnx --no-emit-find-links --no-emit-index-url \
+		$(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 run: setup
 	dvc repro

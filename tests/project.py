@@ -18,6 +18,7 @@ COPIED = [
     "pipelines",
     "params.yaml",
     "dvc.yaml",
+    "requirements.lock",  # a dependency of the train stage
     ".dvc/config",
     ".dvc/.gitignore",
     ".dvcignore",

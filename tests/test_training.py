@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -422,6 +424,8 @@ def test_tags_name_the_code_and_data(trained: Trained) -> None:
     assert tags["dvc.augment.data/augmented"] == "fedcba9876543210fedcba9876543210.dir"
     assert tags["mlflow.source.git.commit"] == head  # the UI's "Version" column
     assert "dvc.exp_name" not in tags  # not under `dvc exp run`
+    assert tags["convpipe.lock_sha256"] == "none"  # this project copy has no requirements.lock
+    assert tags["python.version"] == platform.python_version()
     run = trained.client.get_run(trained.result.run.run_id)
     assert run.info.run_name.startswith(f"train-{head[:7]}-")
     assert tags["mlflow.note.content"] == f"`dvc repro` at commit `{head[:7]}`."
@@ -458,6 +462,7 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
     client, run_id, paths = trained.client, trained.result.run.run_id, trained.params.paths
     assert artifact_paths(client, run_id) == {
         "params.yaml",
+        "environment/pip-freeze.txt",
         "data/manifest.json",
         "data/augmented/manifest.json",
         "data/augmented/pipeline.json",
@@ -477,6 +482,8 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
     assert Path(manifest).read_bytes() == (Path(paths.prepared) / "manifest.json").read_bytes()
     png = client.download_artifacts(run_id, "evaluation/curves.png", str(tmp_path))
     assert Path(png).read_bytes() == Path(paths.curves_png).read_bytes()
+    frozen = Path(client.download_artifacts(run_id, "environment/pip-freeze.txt", str(tmp_path)))
+    assert f"lightning=={importlib.metadata.version('lightning')}" in frozen.read_text().split()
 
 
 @pytest.mark.slow

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import secrets
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -40,6 +43,10 @@ ENV_EXP_BASELINE = "DVC_EXP_BASELINE_REV"
 EXP_NAME_TAG = "dvc.exp_name"
 BASELINE_TAG = "dvc.exp_baseline_rev"
 COMMIT_TAG = "git.commit"
+# The hash-locked environment `make setup` installs, and the run's record of it.
+LOCK_FILE = "requirements.lock"
+LOCK_TAG = "convpipe.lock_sha256"
+FREEZE_ARTIFACT = "environment/pip-freeze.txt"
 # MLflow 3's UI opens an experiment of this kind on its training runs, not on GenAI traces.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
@@ -320,18 +327,19 @@ def dvc_lock_hashes(lock: str | Path = "dvc.lock", stages: tuple[str, ...] = ())
 
 
 def run_tags(input_stages: tuple[str, ...], lock: str | Path = "dvc.lock") -> dict[str, str]:
-    """Tags tying a run to its code, data and DVC experiment.
+    """Tags tying a run to its code, environment, data and DVC experiment.
 
-    Git commit and dirty flag, the ``dvc.lock`` hashes of the input stages' outputs, and under
-    ``dvc exp run`` the experiment's name and baseline commit, so that a run found in MLflow
-    leads to ``dvc exp show`` in one step. ``mlflow.source.git.commit`` (the UI's "Version")
+    Git commit and dirty flag, the hash of ``requirements.lock`` (:func:`environment_tags`),
+    the ``dvc.lock`` hashes of the input stages' outputs, and under ``dvc exp run`` the
+    experiment's name and baseline commit, so that a run found in MLflow leads to
+    ``dvc exp show`` in one step. ``mlflow.source.git.commit`` (the UI's "Version")
     is set to the same commit.
 
     Args:
         input_stages: The DVC stages whose outputs the run reads.
         lock: The ``dvc.lock`` file to read hashes from.
     """
-    tags = dvc_lock_hashes(lock, stages=input_stages)
+    tags = dvc_lock_hashes(lock, stages=input_stages) | environment_tags()
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     tags[COMMIT_TAG] = commit or "unknown"
@@ -344,6 +352,41 @@ def run_tags(input_stages: tuple[str, ...], lock: str | Path = "dvc.lock") -> di
         tags[EXP_NAME_TAG] = experiment
         tags[BASELINE_TAG] = baseline or "unknown"
     return tags
+
+
+def environment_tags(root: Path | None = None) -> dict[str, str]:
+    """The sha256 of the project's ``requirements.lock`` (``none`` without one), Python's version.
+
+    Args:
+        root: The project folder; :func:`repo_root` when omitted.
+    """
+    lock = (root or repo_root()) / LOCK_FILE
+    try:
+        digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    except OSError:
+        digest = "none"
+    return {LOCK_TAG: digest, "python.version": platform.python_version()}
+
+
+def pip_freeze() -> str:
+    """``pip freeze --all`` of the running interpreter: what the run really imported from.
+
+    Falls back to ``name==version`` from the installed metadata where pip cannot run.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    lines = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}
+    return "".join(f"{line}\n" for line in sorted(lines, key=str.lower))
 
 
 def training_note(tags: Mapping[str, str]) -> str:

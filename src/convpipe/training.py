@@ -54,6 +54,7 @@ from convpipe.resume import (
     start_record,
 )
 from convpipe.tracking import (
+    FREEZE_ARTIFACT,
     RunInfo,
     TrackingLost,
     artifact_location,
@@ -66,6 +67,7 @@ from convpipe.tracking import (
     masked_params,
     mlflow_error,
     params_for_mlflow,
+    pip_freeze,
     run_name,
     run_tags,
     store_lock,
@@ -512,6 +514,7 @@ def train(params: Params) -> TrainResult:
             start_record(paths.checkpoints, run_id, current)
             log_params(client, run_id, {**params_for_mlflow(params), **_derived(datamodule, uri)})
             client.log_dict(run_id, masked_params(params), "params.yaml")
+            client.log_text(run_id, pip_freeze(), FREEZE_ARTIFACT)
             client.log_inputs(run_id, datasets=_datasets(params, datamodule))
         elif resume is not None:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
