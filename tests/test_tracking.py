@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -253,7 +254,12 @@ def test_run_tags_outside_git(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     tags = run_tags(("prepare",))
-    assert tags == {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert tags == {
+        "git.commit": "unknown",
+        "git.dirty": "unknown",
+        "convpipe.lock_sha256": "none",  # no requirements.lock in this folder
+        "python.version": platform.python_version(),
+    }
     assert run_name(tags).startswith("train-nogit-")
 
 

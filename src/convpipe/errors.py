@@ -10,6 +10,7 @@ with a non-zero exit and no traceback (``--debug`` or ``CONVPIPE_DEBUG=1`` shows
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -20,6 +21,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 EXIT_USER_ERROR = 2
+# A full disk or quota is the user's to fix, not a bug: one line, like any user error.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ConvpipeError(Exception):
@@ -67,8 +70,21 @@ def report(exc: BaseException) -> int:
     return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_USER_ERROR
 
 
+def disk_full(exc: OSError) -> ConvpipeError:
+    """The one-line error for a write that found no space left (``ENOSPC``/``EDQUOT``)."""
+    where = f"while writing {exc.filename}" if exc.filename else "while writing the outputs"
+    return ConvpipeError(
+        f"the disk is full ({os.strerror(exc.errno or errno.ENOSPC)})",
+        where,
+        "free space there and rerun; the previous outputs were left as they were",
+    )
+
+
 def entrypoint(func: Callable[P, R]) -> Callable[P, R]:
     """Run ``func`` so that user errors end the process with one line and exit code 2.
+
+    A full disk is a user error too: outputs are written to temporary paths and renamed
+    (:mod:`convpipe.io`), so the previous ones are still in place.
 
     Unexpected exceptions (bugs) keep their traceback: hiding them would hide the bug.
     """
@@ -81,5 +97,9 @@ def entrypoint(func: Callable[P, R]) -> Callable[P, R]:
             if debug_enabled():
                 raise
             raise SystemExit(report(exc)) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL or debug_enabled():
+                raise
+            raise SystemExit(report(disk_full(exc))) from None
 
     return wrapper

@@ -69,6 +69,25 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def create_npy(path: str | os.PathLike[str], dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A writable ``.npy`` memmap of ``shape`` whose disk space is reserved up front.
+
+    Pages of a plain memmap get their blocks when first written, and a full disk then kills
+    the process with SIGBUS; reserving them now turns that into an ``ENOSPC`` here.
+
+    Raises:
+        OSError: ``ENOSPC`` (with ``path`` as its filename) if the disk cannot hold the file.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        with open(path, "rb+") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    except OSError as exc:
+        del array
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    return array
+
+
 def write_json(target: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(target) as tmp:
@@ -85,8 +104,3 @@ def save_npy(target: str | os.PathLike[str], array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` atomically (readable later with ``mmap_mode='r'``)."""
     with atomic_path(target) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
-
-
-def create_npy(target: str | os.PathLike[str], shape: tuple[int, ...]) -> np.memmap:
-    """Create a uint8 ``.npy`` of ``shape`` to fill in place (inside an :func:`atomic_dir`)."""
-    return np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)

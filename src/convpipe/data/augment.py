@@ -21,7 +21,7 @@ from convpipe.data.dataset import (
     load_manifest,
     load_split,
 )
-from convpipe.io import atomic_dir
+from convpipe.io import atomic_dir, create_npy
 from convpipe.transforms import (
     augment_batches,
     build_augmentation,
@@ -63,9 +63,8 @@ def write_augmented(params: Params) -> Manifest:
     labels = np.tile(np.asarray(y), copies)
     h, w = prepared.image_hw
     with atomic_dir(params.paths.augmented) as tmp:
-        out = np.lib.format.open_memmap(
+        out = create_npy(
             tmp / "train_x.npy",
-            mode="w+",
             dtype=np.uint8,
             shape=(labels.size, h, w, prepared.channels),
         )

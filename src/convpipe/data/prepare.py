@@ -29,7 +29,7 @@ from convpipe.data.dataset import (
 from convpipe.data.images import channels_of, normalize
 from convpipe.data.raw import ALL, SPLITS, BadFileError, ImageInfo, RawDataset, RawSplit
 from convpipe.errors import ConvpipeError
-from convpipe.io import atomic_dir, atomic_path
+from convpipe.io import atomic_dir, atomic_path, create_npy
 
 SKIPPED_REPORT = "skipped_files.csv"
 
@@ -243,9 +243,8 @@ def _write_split(
     split, positions = plan.splits[name]
     h, w = plan.size_hw
     stats = ChannelStats(plan.channels)
-    x = np.lib.format.open_memmap(
+    x = create_npy(
         out_dir / f"{name}_x.npy",
-        mode="w+",
         dtype=np.uint8,
         shape=(positions.size, h, w, plan.channels),
     )
@@ -282,9 +281,7 @@ def _compact(path: Path, kept: np.ndarray) -> None:
     """Rewrite an ``.npy`` file keeping only the rows where ``kept`` is true."""
     src = np.load(path, mmap_mode="r")
     with atomic_path(path) as tmp:
-        dst = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=src.dtype, shape=(int(kept.sum()), *src.shape[1:])
-        )
+        dst = create_npy(tmp, dtype=src.dtype, shape=(int(kept.sum()), *src.shape[1:]))
         rows = np.flatnonzero(kept)
         for start in range(0, rows.size, 4096):
             sel = rows[start : start + 4096]
