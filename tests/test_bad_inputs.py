@@ -27,7 +27,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ RAW = "raw"  # data.path of the data cases, relative to the working directory
 IMAGEFOLDER = {"data.source": "imagefolder", "data.path": RAW}
 COMMANDS = {
     "prepare": [sys.executable, str(ROOT / "pipelines" / "prepare.py")],
+    "augment": [sys.executable, str(ROOT / "pipelines" / "augment.py")],
     "train": [sys.executable, str(ROOT / "pipelines" / "train.py")],
     "evaluate": [sys.executable, str(ROOT / "pipelines" / "evaluate.py")],
     "validate": [str(Path(sys.executable).with_name("convpipe")), "validate"],
@@ -533,3 +534,60 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
     assert "ConvpipeError: unknown key 'train.lrr'" in proc.stderr
+
+
+TMPFS_MB = 64
+
+
+@contextlib.contextmanager
+def small_disk(where: Path) -> Iterator[Path]:
+    """A ``TMPFS_MB`` tmpfs mounted at ``where`` (skips where mounting needs root)."""
+    where.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Take the disk's free space down to ``leave`` bytes."""
+    stat = os.statvfs(disk)
+    remaining = max(stat.f_bavail * stat.f_frsize - leave, 0)
+    chunk = b"\0" * (1 << 20)
+    with open(disk / "filler", "wb") as fh:
+        while remaining > 0:
+            remaining -= fh.write(chunk[: min(len(chunk), remaining)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["prepare", "augment"])
+def test_disk_full_keeps_the_previous_outputs(tmp_path: Path, stage: str) -> None:
+    """ENOSPC while a stage writes: one line, and the outputs of the last good run intact.
+
+    ``data/`` is a small tmpfs: a first run fills it with good outputs, then a filler file
+    takes all but a quarter of what the rerun needs.
+    """
+    (tmp_path / "params.yaml").write_text(SHIPPED_PARAMS, encoding="utf-8")
+    with small_disk(tmp_path / "data") as disk:
+        for needed in dict.fromkeys(("prepare", stage)):
+            done, _ = run_stage(needed, tmp_path)
+            assert done.returncode == 0, done.stderr
+        out = disk / ("prepared" if stage == "prepare" else "augmented")
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        fill(disk, leave=size // 4)
+        before = snapshot(disk)
+
+        line = error_line(run_stage(stage, tmp_path)[0])
+
+        assert line.startswith(PREFIX + "the disk is full (No space left on device)"), line
+        assert "free space there and rerun" in line
+        assert snapshot(disk) == before  # same files, same bytes: no temp leftovers either
+        (disk / "filler").unlink()
+        assert run_stage(stage, tmp_path)[0].returncode == 0  # space freed: the rerun works

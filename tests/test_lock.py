@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import re
 import tomllib
@@ -90,8 +91,6 @@ def test_the_environment_is_exactly_the_lock() -> None:
 
 
 def test_runs_are_tagged_with_the_lock_hash(tmp_path: Path) -> None:
-    import hashlib
-
     tags = environment_tags(ROOT)
     assert (
         tags["convpipe.lock_sha256"] == hashlib.sha256((ROOT / LOCK_FILE).read_bytes()).hexdigest()
