@@ -19,7 +19,13 @@ from convpipe.data.augment import write_augmented
 from convpipe.data.dataset import MANIFEST, load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
-from convpipe.datamodule import ArrayDataset, ConvDataModule
+from convpipe.datamodule import (
+    ArrayDataset,
+    ConvDataModule,
+    ResumableSampler,
+    TrainLoader,
+    collate_batch,
+)
 from convpipe.errors import ConvpipeError
 from convpipe.tracking import ENV_URI
 from convpipe.training import check_batch_size, train
@@ -173,6 +179,37 @@ def test_val_and_test_are_in_order_and_train_is_seeded(data: Params) -> None:
     loader.sampler.set_epoch(1)  # as Lightning does before every epoch
     two = torch.cat([b[1] for b in loader]).tolist()
     assert one != two and sorted(one) == sorted(two)  # reshuffled every epoch
+
+
+def test_a_resumed_sampler_continues_the_epoch_where_it_stopped() -> None:
+    data = list(range(50))
+    sampler = ResumableSampler(data, world=1, rank=0, seed=3)  # type: ignore[arg-type]
+    sampler.set_epoch(2)
+    epoch = list(sampler)
+    sampler.resume_at(2, 20)
+    assert list(sampler) == epoch[20:]  # the rest of the epoch, in its order
+    assert list(sampler) == epoch and len(sampler) == 50  # only once; full length
+    sampler.resume_at(1, 20)
+    assert list(sampler) == epoch  # a state from another epoch is ignored
+
+
+def test_the_train_loader_saves_trained_batches_not_fetched_ones(data: Params) -> None:
+    dataset = module(data).datasets["train"]
+
+    def loader(trained: int) -> TrainLoader:
+        sampler = ResumableSampler(dataset, world=1, rank=0, seed=3)
+        sampler.set_epoch(4)
+        return TrainLoader(dataset, sampler, 32, lambda: trained, collate_fn=collate_batch)
+
+    whole = [y for _, y in loader(0)]
+    state = loader(3).state_dict()  # 3 trained, whatever the workers fetched ahead
+    assert state == {"epoch": 4, "batches": 3}
+    resumed = loader(0)
+    resumed.load_state_dict(state)
+    rest = [y for _, y in resumed]
+    assert len(rest) == len(whole) - 3
+    for got, want in zip(rest, whole[3:], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_item_access_returns_one_image_and_an_int64_label(data: Params) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import sqlite3
 import subprocess
 
@@ -15,7 +16,7 @@ from convpipe.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation import load_model, predict_logits
 from convpipe.training import build_trainer, check_strategy
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.project import make_project
 
 # --------------------------------------------------------------------------- fast
@@ -195,6 +196,17 @@ def test_ddp_tuning_refuses_journal_storage(make_params):
     params = make_params(**{"train.devices": 2, "tune.storage": "journal:optuna.journal"})
     with pytest.raises(ConvpipeError, match=r"must be an RDB URL"):
         check_distributed_storage(params)
+
+
+def test_the_sbatch_script_asks_for_the_signal_convpipe_requeues_on():
+    from convpipe.resume import REQUEUE_SIGNAL
+
+    lines = (ROOT / "slurm/train.sbatch").read_text().splitlines()
+    options = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    warned = [o for o in options if o.startswith("--signal=")]
+    assert warned and warned[0].startswith(f"--signal={signal.Signals(REQUEUE_SIGNAL).name[3:]}@")
+    assert int(warned[0].split("@")[1]) >= 60  # time to finish a batch and write last.ckpt
+    assert "--requeue" in options and "--open-mode=append" in options  # one log per job
 
 
 @pytest.mark.slow

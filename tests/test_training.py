@@ -27,16 +27,19 @@ import torch
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
+from convpipe.checkpoint import AtomicCheckpointIO
 from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.dataset import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
-from convpipe.errors import ConvpipeError
+from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
 from convpipe.evaluation import evaluate
+from convpipe.resume import Preempted
 from convpipe.tracking import ENV_URI, RunInfo, masked_params, params_for_mlflow
 from convpipe.training import (
     HISTORY_COLUMNS,
+    INTERRUPTED_TAG,
     EpochHistory,
     RunLogger,
     TrainResult,
@@ -275,6 +278,7 @@ def test_failed_run_on_error_never_leaves_a_run_running(
             (RuntimeError("boom"), RuntimeError, "FAILED"),
             (KeyboardInterrupt(), KeyboardInterrupt, "KILLED"),
             (SystemExit(1), KeyboardInterrupt, "KILLED"),  # Lightning's exit on Ctrl+C
+            (Preempted("stopped", "at epoch 3", "rerun", 15), Preempted, "KILLED"),
         ]
         for error, raised, status in cases:
             logger = start_run(params, sqlite_uri)
@@ -283,6 +287,30 @@ def test_failed_run_on_error_never_leaves_a_run_running(
                 raise error
             assert client.get_run(str(logger.run_id)).info.status == status
     assert isinstance(logger, RunLogger)
+    tags = client.get_run(str(logger.run_id)).data.tags
+    assert tags[INTERRUPTED_TAG] == "stopped; at epoch 3"  # where a preemption left it
+
+
+def test_a_preemption_exits_as_the_signal_would_in_one_line(capsys) -> None:
+    assert report(Preempted("stopped by SIGTERM", "saved in last.ckpt", "rerun", 15)) == 143
+    assert report(Preempted("stopped by SIGUSR1", "saved in last.ckpt", "rerun", 10)) == 138
+    assert report(KeyboardInterrupt()) == 130
+    assert report(ConvpipeError("bad")) == EXIT_USER_ERROR
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "convpipe: error: stopped by SIGTERM, saved in last.ckpt, rerun"
+
+
+def test_checkpoints_are_written_whole_or_not_at_all(make_params, tmp_path: Path) -> None:
+    trainer = build_trainer(make_params().train, [], False, str(tmp_path), interactive=False)
+    writer = trainer.strategy.checkpoint_io
+    assert isinstance(writer, AtomicCheckpointIO)
+    path = tmp_path / "last.ckpt"
+    writer.save_checkpoint({"epoch": 3, "w": torch.ones(4)}, path)
+    with pytest.raises(Exception, match="pickle"):  # fails part-way through the write
+        writer.save_checkpoint({"epoch": 4, "w": torch.zeros(4), "bad": lambda: 0}, path)
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 3 and torch.equal(kept["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
 def test_start_run_with_an_unusable_store(make_params, tmp_path: Path) -> None:

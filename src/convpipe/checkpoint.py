@@ -1,4 +1,4 @@
-"""Reading checkpoints without running anything in them.
+"""Reading checkpoints without running anything in them, and writing them whole.
 
 Every command that loads a checkpoint (evaluate, predict, export, feature maps, the registered
 model, resuming a training) reads it here first: ``torch.load(weights_only=True)`` refuses
@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from convpipe.errors import ConvpipeError
+from convpipe.io import atomic_path
 
 #: What ``CNNClassifier.save_hyperparameters`` stores: nothing else may be in a checkpoint.
 HPARAM_KEYS = frozenset(
@@ -119,3 +121,23 @@ def check_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> di
             _ADVICE,
         )
     return dict(hparams)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks.
+
+    Lightning writes a local checkpoint to a temporary file in the system's temp folder and
+    moves it into place; when that folder is another filesystem (a tmpfs ``/tmp``), the move
+    is a copy over the old file, and a kill during it leaves a truncated ``last.ckpt`` and
+    no good one. Here the temporary file is a sibling, renamed over the target once complete.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` so that it appears complete or not at all."""
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)

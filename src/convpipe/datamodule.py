@@ -7,7 +7,7 @@ augmented online if ``augment.online``) by the transform from :mod:`convpipe.tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -125,6 +125,72 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class ResumableSampler(DistributedSampler[int]):
+    """DistributedSampler that can start an epoch part-way, where an interrupted one stopped.
+
+    The order is still a function of ``(seed, epoch)`` only; :meth:`resume_at` drops the
+    images the interrupted epoch already trained on, once, so the rest of that epoch sees
+    exactly the batches it would have seen. ``len()`` stays the full epoch's, as Lightning
+    counts the resumed epoch's batches from where it stopped.
+    """
+
+    def __init__(self, dataset: Dataset[Batch], world: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Make epoch ``epoch``'s next pass begin at its ``start``-th index."""
+        self._resume = (epoch, start)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self._resume is not None:
+            epoch, start = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                return iter(indices[start:])
+        return iter(indices)
+
+
+class TrainLoader(DataLoader[Batch]):
+    """The training DataLoader, resumable mid-epoch through Lightning's loader state.
+
+    Lightning saves ``state_dict()`` in every checkpoint and hands it back to
+    ``load_state_dict`` on resume (a loader without them restarts the epoch from its first
+    batch). The position is the number of batches the fit loop *completed*, not the number
+    fetched, since workers prefetch ahead of training.
+
+    Args:
+        dataset: the training images.
+        sampler: its :class:`ResumableSampler`.
+        batch_size: images per batch and process.
+        completed: returns how many batches of the current epoch were trained on.
+        **kwargs: further DataLoader arguments.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Batch],
+        sampler: ResumableSampler,
+        batch_size: int,
+        completed: Callable[[], int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self._completed = completed
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and how many of its batches were trained on."""
+        sampler = cast(ResumableSampler, self.sampler)
+        return {"epoch": int(sampler.epoch), "batches": int(self._completed())}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the saved epoch after its last trained batch."""
+        sampler = cast(ResumableSampler, self.sampler)
+        start = int(state_dict["batches"]) * int(self.batch_size or 1)
+        sampler.resume_at(int(state_dict["epoch"]), start)
+
+
 def collate_batch(batch: Any) -> Any:
     """The dataset already returns a collated ``(x, y)`` batch; pass it through."""
     return batch
@@ -226,15 +292,19 @@ class ConvDataModule(L.LightningDataModule):
             )
         return batch // world
 
-    def _loader(self, name: str, sampler: Sampler[int] | None, batch: int) -> DataLoader[Batch]:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=batch,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_batch,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _completed_batches(self) -> int:
+        """Batches of the current epoch the attached Trainer's fit loop has trained on."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     def train_dataloader(self) -> DataLoader[Batch]:
         """Shuffled training batches, seeded per epoch; sharded over the ranks under DDP."""
@@ -242,17 +312,24 @@ class ConvDataModule(L.LightningDataModule):
         size = len(dataset)  # type: ignore[arg-type]
         world, rank = self.world()
         # The shuffle is a function of (seed, epoch) only (Lightning calls set_epoch), so a
-        # training resumed at epoch k sees the same batches as one that never stopped.
-        sampler: Sampler[int] = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        # training resumed at epoch k, or part-way through it, sees the batches of one that
+        # never stopped.
+        sampler = ResumableSampler(dataset, world, rank, self.seed)
+        batch = self.device_batch_size(size)
+        return TrainLoader(
+            dataset, sampler, batch, self._completed_batches, **self._loader_options()
         )
-        return self._loader("train", sampler, self.device_batch_size(size))
 
     def _eval_loader(self, name: str) -> DataLoader[Batch]:
         size = len(self.datasets[name])  # type: ignore[arg-type]
         world, rank = self.world()
         # results do not depend on the evaluation batch size; only memory and speed do
-        return self._loader(name, ShardSampler(size, world, rank), EVAL_BATCH_SIZE)
+        return DataLoader(
+            self.datasets[name],
+            batch_size=EVAL_BATCH_SIZE,
+            sampler=ShardSampler(size, world, rank),
+            **self._loader_options(),
+        )
 
     def val_dataloader(self) -> DataLoader[Batch]:
         """Validation batches in order, each image on exactly one rank."""

@@ -32,7 +32,12 @@ class ConvpipeError(Exception):
         what: What is wrong, naming the argument and the value received.
         where: The file, key or URL it was found in.
         todo: What the user should do about it.
+
+    Attributes:
+        exit_code: the process's exit status when this error ends it.
     """
+
+    exit_code = EXIT_USER_ERROR
 
     def __init__(self, what: str, where: str | None = None, todo: str | None = None) -> None:
         self.what = what
@@ -67,7 +72,9 @@ def report(exc: BaseException) -> int:
     else:
         line = f"convpipe: error: {type(exc).__name__}: {exc}"
     print(line, file=sys.stderr, flush=True)
-    return 130 if isinstance(exc, KeyboardInterrupt) else EXIT_USER_ERROR
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return exc.exit_code if isinstance(exc, ConvpipeError) else EXIT_USER_ERROR
 
 
 def disk_full(exc: OSError) -> ConvpipeError:

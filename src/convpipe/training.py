@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (
     Callback,
@@ -40,6 +41,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from convpipe.checkpoint import AtomicCheckpointIO
 from convpipe.config import Params, TrainParams
 from convpipe.data.dataset import MANIFEST, PIPELINE_FILE
 from convpipe.datamodule import ConvDataModule
@@ -47,10 +49,14 @@ from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.model import CNNClassifier
 from convpipe.resume import (
+    InterruptCheckpoint,
+    Preempted,
+    Preemption,
     RngState,
     clear_record,
     find_resume_point,
     fingerprint,
+    preemption_is_resumable,
     start_record,
 )
 from convpipe.tracking import (
@@ -89,6 +95,8 @@ MONITORS = ("train/loss", "train/acc", "train/objective", "train/penalty", "val/
 # The DVC stages whose outputs training reads (their dvc.lock hashes become run tags).
 INPUT_STAGES = ("prepare", "augment")
 BEST, LAST = "best", "last"
+# Set on the MLflow run a preemption stopped: what stopped it and where its state is.
+INTERRUPTED_TAG = "convpipe.last_interruption"
 # Sources that need no data.path: where their images come from, for MLflow's dataset source.
 BUILTIN_SOURCES = {"digits": "sklearn.datasets.load_digits"}
 
@@ -212,6 +220,7 @@ def build_trainer(
         "sync_batchnorm": train.sync_batchnorm,
         # the DataModule shards itself: seeded for train, unpadded for val/test
         "use_distributed_sampler": False,
+        "plugins": _plugins(),
     }
     try:
         return L.Trainer(**{**settings, **options})
@@ -221,6 +230,17 @@ def build_trainer(
             "in params.yaml train.accelerator/devices/strategy/num_nodes/precision",
             "choose values your machine supports",
         ) from None
+
+
+def _plugins() -> list[Any]:
+    """Atomic checkpoint writes; on SLURM, Lightning's environment without its requeue handler.
+
+    convpipe requeues a SLURM job itself (:class:`convpipe.resume.Preemption`).
+    """
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def check_strategy(strategy: str) -> str:
@@ -282,6 +302,14 @@ def _terminate(logger: MLFlowLogger | DummyLogger, status: str) -> None:
         log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, exc)
 
 
+def _tag(logger: MLFlowLogger | DummyLogger, key: str, value: str) -> None:
+    """Tag the run; like :func:`_terminate`, never hiding the error being reported."""
+    try:
+        logger.experiment.set_tag(str(logger.run_id), key, value)
+    except Exception as exc:
+        log.warning("could not tag MLflow run %s: %s", logger.run_id, exc)
+
+
 @contextmanager
 def tracking_lost_is_resumable(uri: str, checkpoints: str) -> Iterator[None]:
     """Turn a tracking store that died mid-training into one line saying how to resume.
@@ -314,6 +342,10 @@ def failed_run_on_error(logger: MLFlowLogger | DummyLogger) -> Iterator[None]:
     """
     try:
         yield
+    except Preempted as exc:
+        _terminate(logger, "KILLED")
+        _tag(logger, INTERRUPTED_TAG, exc.description)
+        raise
     except (KeyboardInterrupt, SystemExit) as exc:
         _terminate(logger, "KILLED")
         if isinstance(exc, SystemExit):
@@ -330,12 +362,12 @@ def _resume_record_on(folder: str, rank_zero: bool) -> Iterator[None]:
     """Keep the resume record only while training may still be resumed.
 
     A finished training, or one that failed for a reason a rerun would meet again (bad
-    params, divergence), removes it; an interrupted one (Ctrl+C, a kill, a tracking store
-    that stopped answering) keeps it.
+    params, divergence), removes it; an interrupted one (Ctrl+C, a kill, a preemption
+    signal, a tracking store that stopped answering) keeps it.
     """
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, Preempted):
         raise
     except BaseException as exc:
         if rank_zero and not is_tracking_failure(exc):
@@ -392,8 +424,8 @@ def start_run(params: Params, uri: str, run_id: str | None = None) -> RunLogger 
 
 def _callbacks(
     train: TrainParams, checkpoints: str
-) -> tuple[ModelCheckpoint, EpochHistory, list[Callback]]:
-    """The best-checkpoint and history callbacks, and the full list."""
+) -> tuple[ModelCheckpoint, EpochHistory, Preemption, list[Callback]]:
+    """The best-checkpoint, history and preemption callbacks, and the full list."""
     best = ModelCheckpoint(
         dirpath=checkpoints,
         filename=BEST,
@@ -405,13 +437,13 @@ def _callbacks(
     )
     # Lightning 2.6 rewrites save_last's last.ckpt only when a better checkpoint is saved in
     # the same step, so an unmonitored ModelCheckpoint writes last.ckpt after every epoch.
-    last = ModelCheckpoint(
-        dirpath=checkpoints, filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False
-    )
+    last = InterruptCheckpoint(checkpoints, LAST)
     history = EpochHistory()
     early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
     lr = EpochLearningRate()
-    return best, history, [best, last, early, lr, history, RngState()]
+    preemption = Preemption()
+    callbacks: list[Callback] = [best, last, early, lr, history, RngState(), preemption]
+    return best, history, preemption, callbacks
 
 
 def _summary(
@@ -518,9 +550,11 @@ def train(params: Params) -> TrainResult:
             client.log_inputs(run_id, datasets=_datasets(params, datamodule))
         elif resume is not None:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
-        best, history, callbacks = _callbacks(cfg, paths.checkpoints)
+        best, history, preemption, callbacks = _callbacks(cfg, paths.checkpoints)
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
+        with preemption_is_resumable(trainer, preemption, paths.checkpoints):
+            ckpt = resume.checkpoint if resume else None
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
         # before test(): restoring the best checkpoint also restores its (shorter) history
         history_csv = history.to_csv()
         test = trainer.test(
