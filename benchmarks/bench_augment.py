@@ -10,7 +10,8 @@ in a rotating order so that other load on the machine spreads over all of them:
 * ``online per-image, workers 0/1``: the albumentations pipeline image by image, in the
   training process or in one DataLoader worker;
 * ``online batched, workers 0/1``: the same pipeline as batched tensor ops
-  (:class:`convpipe.transforms.TensorAugmentation`, what ``augment.online: true`` runs).
+  (:class:`convpipe.data.transforms.batched.TensorAugmentation`, what ``augment.online: true``
+  runs).
 
 Throughput is the batch size over the median step time after the warm-up steps (a step: fetch,
 transform, forward, backward, optimiser; no validation, checkpoints or logger), so a burst of
@@ -56,9 +57,10 @@ from convpipe.data.augment import write_augmented
 from convpipe.data.dataset import PIPELINE_FILE
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
+from convpipe.data.transforms.factory import load_augmentation
+from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.datamodule import ConvDataModule
 from convpipe.training import build_model
-from convpipe.transforms import BatchTransform, load_augmentation
 
 GOAL = 0.10  # online at most 10 % slower than no augmentation
 
@@ -74,8 +76,8 @@ class Variant:
     batched: bool = True
 
 
-#: ``train.num_workers`` as shipped: what ``augment.online: true`` runs with.
-SHIPPED_WORKERS = int(read_yaml(ROOT / "params.yaml")["train"]["num_workers"])
+#: ``runtime.num_workers`` as shipped: what ``augment.online: true`` runs with.
+SHIPPED_WORKERS = int(read_yaml(ROOT / "params.yaml")["runtime"]["num_workers"])
 OFFLINE = "offline copies (copies: 1)"
 VARIANTS = (
     Variant("none", online=False, copies=0, workers=0),
@@ -148,7 +150,7 @@ def variant_params(raw: dict[str, Any], root: Path, variant: Variant) -> Params:
     set_dotted(raw, "paths.augment_preview", str(root / f"preview-{variant.copies}.png"))
     set_dotted(raw, "augment.copies", variant.copies)
     set_dotted(raw, "augment.online", variant.online)
-    set_dotted(raw, "train.num_workers", variant.workers)
+    set_dotted(raw, "runtime.num_workers", variant.workers)
     return parse_params(raw)
 
 
@@ -175,7 +177,7 @@ def train_rate(params: Params, variant: Variant, warmup: int, steps: int, root: 
             params.paths.prepared,
             params.paths.augmented,
             params.train.batch_size,
-            params.train.num_workers,
+            params.runtime.num_workers,
             params.augment.online,
             params.base.seed,
         )

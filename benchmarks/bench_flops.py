@@ -47,13 +47,21 @@ from convpipe.training import build_model, build_trainer
 
 GOAL = 0.40
 PEAK_SIZE = 4096
-KNOBS = ("batch_size", "channels_last", "compile", "precision", "threads", "num_workers")
+# Each knob compared, and its params section (what is learnt vs how it runs).
+KNOBS = {
+    "batch_size": "train",
+    "precision": "train",
+    "channels_last": "runtime",
+    "compile": "runtime",
+    "threads": "runtime",
+    "num_workers": "runtime",
+}
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # without them bf16 runs through fp32 conversions
 
 
 @dataclass
 class Setting:
-    """One configuration: ``train.*`` overrides and a label; its measurements, one per round."""
+    """One configuration: :data:`KNOBS` overrides and a label; its measurements, one per round."""
 
     label: str
     overrides: dict[str, Any]
@@ -145,9 +153,10 @@ def time_steps(params: Params, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def with_overrides(params: Params, case: Setting) -> Params:
-    """``params`` with the case's ``train.<key>`` (and ``model``) overrides."""
+    """``params`` with the case's knob (and ``model``) overrides."""
     raw = params.model_dump(mode="json")
-    raw["train"].update(case.overrides)
+    for key, value in case.overrides.items():
+        raw[KNOBS[key]][key] = value
     if case.model is not None:
         raw["model"] = case.model
     return parse_params(raw)
@@ -166,14 +175,14 @@ def cpu_flags() -> set[str]:
 
 def settings(params: Params, quick: bool) -> list[Setting]:
     """The configurations to compare; the first is the shipped one."""
-    base = params.train
-    shipped = {key: getattr(base, key) for key in KNOBS}
+    base, runtime = params.train, params.runtime
+    shipped = {key: getattr(getattr(params, section), key) for key, section in KNOBS.items()}
     bs = int(base.batch_size)
-    flip_layout = not base.channels_last
+    flip_layout = not runtime.channels_last
     variants: list[tuple[str, dict[str, Any]]] = [
         ("params/mnist.yaml as shipped", {}),
         (f"channels_last {str(flip_layout).lower()}", {"channels_last": flip_layout}),
-        (f"compile {str(not base.compile).lower()}", {"compile": not base.compile}),
+        (f"compile {str(not runtime.compile).lower()}", {"compile": not runtime.compile}),
         ("threads 1", {"threads": 1}),
         (f"batch_size {bs // 2}", {"batch_size": bs // 2}),
         (f"batch_size {bs * 2}", {"batch_size": bs * 2}),

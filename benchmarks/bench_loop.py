@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MNIST, ROOT, Section, fmt, median_spread, print_sections
 
-from convpipe.config import Params, parse_params, read_yaml, set_dotted
+from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
@@ -56,6 +56,7 @@ from convpipe.model import (
     cpu_threads,
     regularization_penalty,
 )
+from convpipe.recipes import overlaid
 from convpipe.training import EpochHistory, build_model, build_trainer
 
 RECIPE = ROOT / "params" / "mnist.yaml"
@@ -79,8 +80,9 @@ class Run:
 
 
 def recipe(root: Path, overrides: Mapping[str, Any]) -> Params:
-    """``params/mnist.yaml`` with ``overrides``, every path under ``root``."""
-    raw = read_yaml(RECIPE)
+    """``params.yaml`` with the ``params/mnist.yaml`` recipe and ``overrides``, every path
+    under ``root``."""
+    raw = overlaid(RECIPE, ROOT / "params.yaml")
     raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
     for key, value in overrides.items():
         set_dotted(raw, key, value)
@@ -194,7 +196,7 @@ def _plain_step(
 ) -> torch.Tensor:
     """One optimisation step on ``J + λ/m Σw²``; returns the batch's mean data loss J."""
     train = model.train_params
-    if train.channels_last:
+    if model.runtime is not None and model.runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     loss = F.cross_entropy(model.net(x), y)
     m = int(model.hparams["train_size"])
@@ -209,16 +211,16 @@ def plain_run(params: Params) -> Run:
     """The same training as :func:`convpipe_run` in a hand-written loop over ``model.net``."""
     L.seed_everything(params.base.seed, workers=True, verbose=False)
     datamodule, model = build_model(params)  # the same network, built under the same seed
-    train = params.train
+    train, runtime = params.train, params.runtime
     if train.scheduler == "plateau":
         raise ValueError("the plain loop replays per-batch and per-epoch schedules, not plateau")
     start = time.perf_counter()
-    torch.set_num_threads(cpu_threads(train.threads, 1))
+    torch.set_num_threads(cpu_threads(runtime.threads, 1))
     torch.use_deterministic_algorithms(True)  # what Trainer(deterministic=True) sets
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     net = model.net
-    if train.compile:
+    if runtime.compile:
         net.compile()
     optimizer = build_optimizer(net.parameters(), train)
     config = build_scheduler(optimizer, train, len(loader) * train.max_epochs)
@@ -320,9 +322,9 @@ def run(quick: bool = False) -> list[Section]:
     body = f"""
 Setup: {data}; params/mnist.yaml's model, batch size {train.batch_size}, optimiser
 {train.optimizer}, scheduler {train.scheduler}, online augmentation {params.augment.online},
-{epochs} epochs per run, threads {cpu_threads(train.threads, 1)}, channels_last
-{train.channels_last}, compile {train.compile}; {repeats} rounds of the arms in turn after one
-warm-up run of each. Initial weights identical: {identical}.
+{epochs} epochs per run, threads {cpu_threads(params.runtime.threads, 1)}, channels_last
+{params.runtime.channels_last}, compile {params.runtime.compile}; {repeats} rounds of the
+arms in turn after one warm-up run of each. Initial weights identical: {identical}.
 
 | arm | images/s | seconds per run | ratio to the plain loop |
 |---|---|---|---|

@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import MNIST, ROOT, Section, fmt, print_sections
 
-from convpipe.config import load_params
 from convpipe.data.dataset import load_manifest
 from convpipe.model import cpu_threads
+from convpipe.recipes import load_with_recipe
 from tests.project import Project, make_project
 
 RECIPE = ROOT / "params" / "mnist.yaml"
@@ -44,7 +43,7 @@ LENET5_ACC = 0.9905
 def mnist_project(dest: Path) -> Project:
     """A project copy set up the way the README's MNIST recipe says."""
     project = make_project(dest)
-    shutil.copy2(RECIPE, project.root / "params.yaml")
+    project.run("convpipe", "recipe", str(RECIPE))  # as the README says
     data = project.root / "data"
     data.mkdir(exist_ok=True)
     os.symlink(MNIST, data / "mnist", target_is_directory=True)
@@ -67,7 +66,7 @@ def run(quick: bool = False) -> list[Section]:
     )
     if not MNIST.is_dir():
         return [Section("Time to accuracy (MNIST)", goal, None, f"Skipped: {MNIST} not found.")]
-    recipe = load_params(RECIPE)
+    recipe = load_with_recipe(RECIPE, ROOT / "params.yaml")
     with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
         project = mnist_project(Path(tmp) / "project")
         if quick:  # one epoch on 6,000 images: still a real run of every stage
@@ -100,9 +99,9 @@ Recipe (params/mnist.yaml): {len(model.conv)} conv blocks with filters
 {[b.filters for b in model.conv]} (batch norm), hidden {model.hidden}, dropout {model.dropout};
 {train.optimizer} lr {train.lr} with scheduler {train.scheduler}, batch size
 {train.batch_size}, {metrics["epochs"]} epochs (max {train.max_epochs}), online augmentation
-{recipe.augment.online}; threads {cpu_threads(train.threads, 1)}, channels_last
-{train.channels_last}, compile {train.compile}. Images: {splits}. One run (a run takes
-minutes; its spread is not measured). Prepare and augment ran before the clock started.
+{recipe.augment.online}; threads {cpu_threads(recipe.runtime.threads, 1)}, channels_last
+{recipe.runtime.channels_last}, compile {recipe.runtime.compile}. Images: {splits}. One run
+(a run takes minutes; its spread is not measured). Prepare and augment ran before the clock started.
 
 {chr(10).join(rows)}
 """

@@ -17,6 +17,7 @@ COPIED = [
     "src",
     "pipelines",
     "params.yaml",
+    "params",  # the recipes
     "dvc.yaml",
     "requirements.lock",  # a dependency of the train stage
     ".dvc/config",

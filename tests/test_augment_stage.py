@@ -11,8 +11,8 @@ from convpipe.data.augment import PIPELINE_FILE, PREVIEW_VERSIONS, preview_indic
 from convpipe.data.dataset import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
+from convpipe.data.transforms.preview import preview_grid
 from convpipe.errors import ConvpipeError
-from convpipe.transforms import preview_grid
 
 
 @pytest.fixture(scope="module")

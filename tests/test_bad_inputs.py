@@ -39,7 +39,8 @@ from ruamel.yaml import YAML
 from convpipe.config import load_params, set_dotted
 from convpipe.data.dataset import load_manifest
 from convpipe.data.prepare import write_prepared
-from convpipe.data.sources import FileReader, open_source
+from convpipe.data.readers.base import FileReader
+from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError
 from tests import datagen
 
@@ -392,7 +393,7 @@ def good_model(good_data: Path) -> Path:
     """``good_data`` plus what training leaves: a checkpoint and its run in ``mlflow.db``."""
     from mlflow.tracking import MlflowClient
 
-    from convpipe.evaluation import load_model
+    from convpipe.checkpoint import load_model
     from convpipe.tracking import RunInfo
 
     with contextlib.chdir(good_data):

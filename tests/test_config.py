@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import shutil
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from convpipe.config import load_params, parse_params, read_yaml
 from convpipe.errors import ConvpipeError
+from convpipe.recipes import apply_recipe, leaves, load_with_recipe
 from tests.conftest import ROOT
 
 
@@ -61,10 +66,11 @@ def test_unknown_key_without_close_match_lists_valid_keys(raw_params):
         ("data", "val_fraction", 1.2, "'data.val_fraction'"),
         ("augment", "copies", 1000, "at most 100"),
         ("train", "scheduler", "one_cycle", "'onecycle'"),
-        ("train", "threads", 0, "train.threads must be a number >= 1 or 'auto', got 0"),
-        ("train", "threads", "all", "got 'all'"),
-        ("train", "channels_last", 2, "'train.channels_last'"),
-        ("train", "compile", "maybe", "'train.compile'"),
+        ("runtime", "threads", 0, "runtime.threads must be a number >= 1 or 'auto', got 0"),
+        ("runtime", "threads", "all", "got 'all'"),
+        ("runtime", "channels_last", 2, "'runtime.channels_last'"),
+        ("runtime", "compile", "maybe", "'runtime.compile'"),
+        ("runtime", "num_workers", -1, "'runtime.num_workers'"),
     ],
 )
 def test_wrong_values_name_key_expected_and_got(raw_params, section, key, value, expect):
@@ -115,17 +121,23 @@ def test_invalid_yaml(tmp_path):
         load_params(bad)
 
 
-def test_performance_keys(make_params):
+def test_runtime_keys(make_params):
     params = make_params(
-        **{"train.threads": 3, "train.channels_last": False, "train.compile": True}
+        **{"runtime.threads": 3, "runtime.channels_last": False, "runtime.compile": True}
     )
-    assert (params.train.threads, params.train.channels_last, params.train.compile) == (
-        3,
-        False,
-        True,
-    )
-    assert make_params(**{"train.threads": "auto"}).train.threads == "auto"
+    runtime = params.runtime
+    assert (runtime.threads, runtime.channels_last, runtime.compile) == (3, False, True)
+    assert make_params(**{"runtime.threads": "auto"}).runtime.threads == "auto"
     assert make_params(**{"train.scheduler": "onecycle"}).train.scheduler == "onecycle"
+
+
+def test_speed_keys_under_train_point_to_runtime(make_params):
+    with pytest.raises(ConvpipeError) as info:
+        make_params(**{"train.threads": 2})
+    assert info.value.line() == (
+        "convpipe: error: unknown key 'train.threads', in params.yaml, "
+        "it is now 'runtime.threads': move it there"
+    )
 
 
 def _keys(tree, prefix=""):
@@ -137,21 +149,79 @@ def _keys(tree, prefix=""):
     return {prefix.rstrip(".")}
 
 
-def test_mnist_recipe_is_a_complete_params_file(raw_params):
-    """params/mnist.yaml replaces params.yaml whole: the same keys, the same paths."""
-    recipe = read_yaml(ROOT / "params" / "mnist.yaml")
-    params = parse_params(recipe, "params/mnist.yaml")
-    keys = {k for k in _keys(recipe) if not k.startswith(("model.conv.", "tune.space."))}
-    assert keys == {
-        k for k in _keys(raw_params) if not k.startswith(("model.conv.", "tune.space."))
-    }
-    assert recipe["paths"] == raw_params["paths"]  # dvc.yaml reads them
+RECIPES = sorted((ROOT / "params").glob("*.yaml"))
+
+
+def _leaf_lines(path: Path) -> dict[str, int]:
+    """Each leaf key of a YAML file and the (0-based) line its key is on."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.nodes import MappingNode
+
+    def walk(node: Any, prefix: str) -> dict[str, int]:
+        out = {}
+        for key, value in node.value:
+            if isinstance(value, MappingNode):
+                out |= walk(value, f"{prefix}{key.value}.")
+            else:
+                out[f"{prefix}{key.value}"] = key.start_mark.line
+        return out
+
+    return walk(YAML().compose(path.read_text()), "")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_a_recipe_holds_only_what_differs_each_with_its_reason(raw_params, recipe):
+    overlay = dict(leaves(read_yaml(recipe)))
+    shipped = dict(leaves(raw_params))
+    assert [k for k, v in overlay.items() if shipped.get(k) == v] == []  # nothing repeated
+    assert not [k for k in overlay if k.startswith("paths.")]  # dvc.yaml declares those once
+    lines = recipe.read_text().splitlines()
+    for key, line in _leaf_lines(recipe).items():
+        said = "#" in lines[line] or lines[line - 1].lstrip().startswith("#")
+        assert said, f"{recipe.name}: {key} has no comment saying why"
+    load_with_recipe(recipe, ROOT / "params.yaml")  # a valid whole
+
+
+def test_the_mnist_recipe(raw_params):
+    params = load_with_recipe(ROOT / "params" / "mnist.yaml", ROOT / "params.yaml")
     assert (params.data.source, params.data.path) == ("mnist_idx", "data/mnist")
     assert params.data.test_fraction == 0.0  # MNIST's own t10k files are the test split
+    assert params.runtime.model_dump() == raw_params["runtime"]  # measured with the shipped
 
 
-def test_performance_defaults_match_the_measured_recipe(raw_params):
-    """The shipped knobs are the ones the benchmarks measured on params/mnist.yaml."""
-    recipe = read_yaml(ROOT / "params" / "mnist.yaml")
-    for key in ("threads", "channels_last", "compile", "num_workers", "precision"):
-        assert recipe["train"][key] == raw_params["train"][key], key
+def test_applying_a_recipe_changes_only_its_keys(tmp_path):
+    target = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", target)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: 0.01  # why\nmodel:\n  hidden:\n  - 64\n  - 32\n")
+    before = target.read_text()
+    assert apply_recipe(recipe, target) == ["train.lr", "model.hidden"]
+    diff = difflib.unified_diff(before.splitlines(), target.read_text().splitlines(), n=0)
+    changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert sorted(changed) == sorted(
+        ["-  lr: 0.003", "+  lr: 0.01", "-  - 128", "+  - 64", "+  - 32"]
+    )  # comments, order and every other line as they were
+    assert apply_recipe(recipe, target) == []  # applying twice changes nothing
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        (
+            "train:\n  lrr: 0.1\n",
+            "unknown key 'train.lrr', in recipe {r}, did you mean 'train.lr'?",
+        ),
+        ("trian:\n  lr: 0.1\n", "unknown key 'trian.lr', in recipe {r}, did you mean 'train'?"),
+        ("train:\n  lr: -1\n", "'train.lr': input should be greater than 0, got -1"),
+        ("[1, 2]\n", "recipe {r} holds no keys"),
+    ],
+)
+def test_a_bad_recipe_is_refused_and_writes_nothing(tmp_path, text, expect):
+    target = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", target)
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConvpipeError) as info:
+        apply_recipe(recipe, target)
+    assert expect.format(r=recipe) in info.value.line()
+    assert target.read_bytes() == (ROOT / "params.yaml").read_bytes()

@@ -212,6 +212,14 @@ def test_the_train_loader_saves_trained_batches_not_fetched_ones(data: Params) -
         assert torch.equal(got, want)
 
 
+def test_online_augmentation_only_on_the_training_side_and_only_when_asked(data: Params) -> None:
+    online = ConvDataModule(data.paths.prepared, data.paths.augmented, 32, 0, True, 0)
+    offline = ConvDataModule(data.paths.prepared, data.paths.augmented, 32, 0, False, 0)
+    assert online.transform(train=True).augmentation is not None
+    assert online.transform(train=False).augmentation is None  # evaluation never augments
+    assert offline.transform(train=True).augmentation is None  # augment.online: false
+
+
 def test_item_access_returns_one_image_and_an_int64_label(data: Params) -> None:
     manifest = load_manifest(data.paths.prepared)
     x, y = load_split(data.paths.prepared, manifest, "test")

@@ -15,12 +15,13 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe import evaluation as ev
+from convpipe.checkpoint import load_model
 from convpipe.config import ModelParams, Params, TrainParams, parse_params
+from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.datamodule import ArrayDataset
 from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier
 from convpipe.tracking import ENV_URI, RunInfo
-from convpipe.transforms import BatchTransform
 from tests.conftest import TINY_CONV, quiet_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -242,7 +243,7 @@ def checkpoint(raw_params, tmp_path_factory) -> tuple[Path, CNNClassifier]:
 
 def test_load_model_round_trip(checkpoint) -> None:
     path, trained = checkpoint
-    model = ev.load_model(path)
+    model = load_model(path)
     assert isinstance(model, CNNClassifier) and not model.training
     assert model.hparams["class_names"] == ["a", "b", "c"] and model.num_classes == 3
     for key, value in trained.state_dict().items():
@@ -250,7 +251,7 @@ def test_load_model_round_trip(checkpoint) -> None:
 
 
 def test_predict_logits_batches_in_order(checkpoint) -> None:
-    model = ev.load_model(checkpoint[0])
+    model = load_model(checkpoint[0])
     x = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 1), dtype=np.uint8)
     transform = BatchTransform(None, [0.3], [0.2])
     dataset = ArrayDataset(x, np.zeros(7, dtype=np.int64), transform)
@@ -263,7 +264,7 @@ def test_predict_logits_batches_in_order(checkpoint) -> None:
 
 def test_load_model_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConvpipeError, match="checkpoint not found"):
-        ev.load_model(tmp_path / "absent.ckpt")
+        load_model(tmp_path / "absent.ckpt")
 
 
 def test_load_model_truncated_file(checkpoint, tmp_path: Path) -> None:
@@ -271,7 +272,7 @@ def test_load_model_truncated_file(checkpoint, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConvpipeError) as info:
-        ev.load_model(truncated)
+        load_model(truncated)
     assert info.value.line().startswith("convpipe: error: cannot load checkpoint")
     assert "truncated.ckpt" in info.value.line() and "\n" not in info.value.line()
 
@@ -280,7 +281,7 @@ def test_load_model_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "tensor.pt"
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(ConvpipeError, match="cannot load checkpoint"):
-        ev.load_model(path)
+        load_model(path)
 
 
 class MakesAFile:
@@ -298,7 +299,7 @@ def test_load_model_never_runs_code_from_the_checkpoint(tmp_path: Path) -> None:
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": MakesAFile(marker)}, evil)
     with pytest.raises(ConvpipeError, match="cannot load checkpoint"):
-        ev.load_model(evil)
+        load_model(evil)
     assert not marker.exists()
     # the payload is live: an unsafe load would have run it
     proof = tmp_path / "proof"
@@ -336,7 +337,7 @@ def test_a_checkpoint_with_an_instantiator_is_refused_before_lightning(
     monkeypatch.setattr(saving, "_ALLOWED_INSTANTIATORS", {*saving._ALLOWED_INSTANTIATORS, path})
     evil = _crafted(checkpoint[0], tmp_path / "evil.ckpt", _instantiator=path)
     with pytest.raises(ConvpipeError) as info:
-        ev.load_model(evil)
+        load_model(evil)
     line = info.value.line()
     assert "hold keys convpipe never writes (_instantiator)" in line and "\n" not in line
     assert not marker.exists()
@@ -360,7 +361,7 @@ def test_hyperparameters_convpipe_did_not_write_are_refused(
 ) -> None:
     evil = _crafted(checkpoint[0], tmp_path / "odd.ckpt", **change)
     with pytest.raises(ConvpipeError) as info:
-        ev.load_model(evil)
+        load_model(evil)
     assert message in info.value.line()
 
 
@@ -369,11 +370,11 @@ def test_a_checkpoint_without_hyperparameters_is_refused(checkpoint, tmp_path: P
     del data["hyper_parameters"]["class_names"]
     torch.save(data, tmp_path / "missing.ckpt")
     with pytest.raises(ConvpipeError, match="lack class_names"):
-        ev.load_model(tmp_path / "missing.ckpt")
+        load_model(tmp_path / "missing.ckpt")
     del data["hyper_parameters"]
     torch.save(data, tmp_path / "none.ckpt")
     with pytest.raises(ConvpipeError, match="it has no hyperparameters"):
-        ev.load_model(tmp_path / "none.ckpt")
+        load_model(tmp_path / "none.ckpt")
 
 
 # --------------------------------------------------------------------------- evaluate()

@@ -23,10 +23,10 @@ from convpipe.config import Params, TrainParams, parse_params
 from convpipe.data.dataset import Manifest, load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
+from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.datamodule import ArrayDataset
 from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier, probabilities
-from convpipe.transforms import BatchTransform
 from tests import datagen
 from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 

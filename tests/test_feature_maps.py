@@ -18,6 +18,7 @@ from convpipe.config import parse_params
 from convpipe.data.dataset import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
+from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.feature_maps import (
     MAX_COLUMNS,
     feature_maps,
@@ -26,7 +27,6 @@ from convpipe.feature_maps import (
     plot_feature_maps,
 )
 from convpipe.model import CNNClassifier
-from convpipe.transforms import normalize_batch
 from tests.conftest import quiet_trainer, run_cli
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling

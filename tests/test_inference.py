@@ -21,6 +21,7 @@ from convpipe.config import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.dataset import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
+from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.datamodule import ArrayDataset
 from convpipe.inference import (
     dense_equivalent_parameters,
@@ -30,7 +31,6 @@ from convpipe.inference import (
     receptive_fields,
 )
 from convpipe.model import CNNClassifier, build_cnn, count_parameters
-from convpipe.transforms import BatchTransform
 from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 
 

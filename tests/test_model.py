@@ -73,9 +73,11 @@ def classifier(
     num_classes: int = 3,
     channels: int = 1,
     model: ModelParams | None = None,
+    runtime: dict[str, Any] | None = None,
     **train_update: Any,
 ) -> CNNClassifier:
-    return CNNClassifier(
+    """A tiny classifier; with ``runtime`` (overrides of the shipped section) it runs so."""
+    module = CNNClassifier(
         model=(model or tiny_model(params)).model_dump(),
         train=train_variant(params, **train_update).model_dump(),
         in_channels=channels,
@@ -83,6 +85,9 @@ def classifier(
         num_classes=num_classes,
         train_size=32,
     )
+    if runtime is not None:
+        module.use_runtime(params.runtime.model_copy(update=runtime))
+    return module
 
 
 def loader(num_classes: int = 3, n: int = 16, channels: int = 1, nan: bool = False) -> DataLoader:
@@ -545,18 +550,18 @@ def test_cpu_threads():
     assert cpu_threads("auto", 10_000) == 1
 
 
-def test_fit_uses_train_threads(params):
+def test_fit_uses_runtime_threads(params):
     before = torch.get_num_threads()
     try:
-        trainer().fit(classifier(params, threads=1), loader())
+        trainer().fit(classifier(params, runtime={"threads": 1}), loader())
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
 
 def test_channels_last_changes_layout_not_results(params):
-    nhwc = classifier(params, channels=3, channels_last=True)  # with 1 channel both layouts
-    nchw = classifier(params, channels=3, channels_last=False)  # are the same strides
+    nhwc = classifier(params, channels=3, runtime={"channels_last": True})  # with 1 channel
+    nchw = classifier(params, channels=3)  # both layouts have the same strides
     nchw.load_state_dict(nhwc.state_dict())
     assert nhwc.state_dict().keys() == nchw.state_dict().keys()
     conv = nhwc.net.features[0].conv.weight
@@ -573,7 +578,7 @@ def test_compile_trains_and_keeps_parameter_names(params, tmp_path):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    module = classifier(params, compile=True)
+    module = classifier(params, runtime={"compile": True})
     names = list(module.state_dict())
     fitted = trainer(max_steps=-1, max_epochs=2)
     fitted.fit(module, loader(), loader())
@@ -609,25 +614,23 @@ def test_train_metrics_are_global_means_under_ddp(params):
     assert metrics["train/acc"].item() == pytest.approx(right.mean().item())
 
 
-def test_checkpoint_from_before_the_speed_keys_still_loads(params, tmp_path):
-    """A model trained before train.threads/channels_last/compile existed loads as NCHW, eager."""
-    module = classifier(params, channels_last=False)
+def test_a_checkpoint_with_runtime_keys_under_train_still_loads(params, tmp_path):
+    """Before the runtime section, checkpoints stored its keys under ``train``: dropped."""
+    module = classifier(params, runtime={"channels_last": True})
     fitted = trainer(max_steps=1)
     fitted.fit(module, loader())
     path = tmp_path / "old.ckpt"
     fitted.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    for key in ("threads", "channels_last", "compile"):
-        del checkpoint["hyper_parameters"]["train"][key]
+    assert "channels_last" not in checkpoint["hyper_parameters"]["train"]  # how, not what
+    checkpoint["hyper_parameters"]["train"].update(threads=2, channels_last=True, compile=False)
     torch.save(checkpoint, path)
     loaded = CNNClassifier.load_from_checkpoint(path, weights_only=True)
-    assert (loaded.train_params.channels_last, loaded.train_params.compile) == (False, False)
+    assert loaded.runtime is None  # runs NCHW, eager, until told otherwise
     x = torch.randn(2, 1, *HW)
     module.eval()
     loaded.eval()
     with torch.no_grad():
-        assert torch.equal(module(x), loaded(x))
-    partial = {**params.train.model_dump(), "threads": 2}
-    del partial["compile"]  # some but not all of them: a real params mistake, still refused
-    with pytest.raises(ConvpipeError, match=r"missing key 'train\.compile'"):
-        CNNClassifier(tiny_model(params), partial, 1, HW, 3, 32)
+        torch.testing.assert_close(module(x), loaded(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConvpipeError, match=r"train\.thread"):  # other unknown keys: refused
+        CNNClassifier(tiny_model(params), {**params.train.model_dump(), "thread": 2}, 1, HW, 3, 32)

@@ -16,9 +16,12 @@ import pytest
 from dvc.utils.hydra import apply_overrides
 
 from convpipe.config import load_params
+from convpipe.recipes import apply_recipe
 from tests.conftest import ROOT
 
-PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "params").glob("*.yaml"))]
+# params.yaml as shipped, and as each recipe leaves it
+RECIPES = sorted((ROOT / "params").glob("*.yaml"))
+PARAMS_FILES = ["params.yaml", *(f"params.yaml + {r.relative_to(ROOT)}" for r in RECIPES)]
 # (override, the key's line after it): a scalar of each kind, in several sections
 OVERRIDES = [
     ("train.lr=0.002", "  lr: 0.002"),
@@ -30,18 +33,26 @@ OVERRIDES = [
 ]
 
 
+def _params_copy(name: str, tmp_path: Path) -> Path:
+    """``params.yaml`` (with the recipe ``name`` names applied) copied into ``tmp_path``."""
+    copy = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", copy)
+    if " + " in name:
+        apply_recipe(ROOT / name.split(" + ")[1], copy)
+    return copy
+
+
 def _changed_lines(before: str, after: str) -> list[str]:
     diff = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
     return [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
 
 
-@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize("path", PARAMS_FILES)
 @pytest.mark.parametrize(("override", "line"), OVERRIDES, ids=[o for o, _ in OVERRIDES])
 def test_dvc_set_param_changes_only_that_line(
-    path: Path, override: str, line: str, tmp_path: Path
+    path: str, override: str, line: str, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "params.yaml"
-    shutil.copyfile(path, copy)
+    copy = _params_copy(path, tmp_path)
     before = copy.read_text(encoding="utf-8")
     apply_overrides(copy, [override])
     changed = _changed_lines(before, copy.read_text(encoding="utf-8"))
@@ -53,10 +64,9 @@ def test_dvc_set_param_changes_only_that_line(
     assert str(getattr(getattr(loaded, section), name)).lower() == value.lower()
 
 
-@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_a_list_override_changes_only_that_list(path: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "params.yaml"
-    shutil.copyfile(path, copy)
+@pytest.mark.parametrize("path", PARAMS_FILES)
+def test_a_list_override_changes_only_that_list(path: str, tmp_path: Path) -> None:
+    copy = _params_copy(path, tmp_path)
     before = copy.read_text(encoding="utf-8")
     apply_overrides(copy, ["augment.affine.scale=[0.8,1.2]"])
     changed = _changed_lines(before, copy.read_text(encoding="utf-8"))

@@ -85,6 +85,13 @@ def test_second_repro_runs_nothing(project):
     assert len(_runs(project)) == 1
 
 
+def test_a_runtime_knob_reruns_nothing(project):
+    project.set_params(**{"runtime.threads": 1, "runtime.channels_last": False})
+    out = project.run("dvc", "repro").stdout
+    assert _stages_run(out) == set()  # how it runs is not what it learnt
+    project.run("git", "checkout", "params.yaml")
+
+
 def test_exp_run_lr_reruns_only_train_and_evaluate(project):
     out = project.run("dvc", "exp", "run", "-S", "train.lr=0.002").stdout
     assert _stages_run(out) == {"train", "evaluate"}

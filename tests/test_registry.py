@@ -30,12 +30,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from torch.utils.data import DataLoader, TensorDataset
 
+from convpipe.checkpoint import load_model
 from convpipe.config import Params, TrainParams, parse_params
 from convpipe.data.dataset import Manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
+from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
-from convpipe.evaluation import load_model
 from convpipe.inference import predict_images
 from convpipe.model import CNNClassifier
 from convpipe.registry import (
@@ -50,7 +51,6 @@ from convpipe.registry import (
     tag_accuracy,
 )
 from convpipe.tracking import store_lock
-from convpipe.transforms import normalize_batch
 from tests.conftest import TINY_CONV, free_port, quiet_trainer, stop_server, wait_for_http
 from tests.project import make_project
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
 from convpipe.evaluation import evaluate
-from convpipe.resume import Preempted
+from convpipe.resume import Preempted, fingerprint
 from convpipe.tracking import ENV_URI, RunInfo, masked_params, params_for_mlflow
 from convpipe.training import (
     HISTORY_COLUMNS,
@@ -298,6 +297,13 @@ def test_a_preemption_exits_as_the_signal_would_in_one_line(capsys) -> None:
     assert report(ConvpipeError("bad")) == EXIT_USER_ERROR
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "convpipe: error: stopped by SIGTERM, saved in last.ckpt, rerun"
+
+
+def test_a_runtime_knob_never_blocks_a_resume(make_params) -> None:
+    shipped = fingerprint(make_params(), "content", 100)
+    other_machine = {"runtime.threads": 1, "runtime.num_workers": 2, "runtime.compile": True}
+    assert fingerprint(make_params(**other_machine), "content", 100) == shipped
+    assert fingerprint(make_params(**{"train.lr": 0.1}), "content", 100) != shipped
 
 
 def test_checkpoints_are_written_whole_or_not_at_all(make_params, tmp_path: Path) -> None:
@@ -735,13 +741,13 @@ def test_train_and_evaluate_against_a_tracking_server(
 @pytest.mark.slow
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"no MNIST IDX files at {MNIST}")
 def test_mnist_recipe_with_dvc(tmp_path: Path) -> None:
-    """The README's recipe: IDX files in data/mnist, cp params/mnist.yaml params.yaml, dvc repro.
+    """The README's recipe: IDX files in data/mnist, convpipe recipe params/mnist.yaml, dvc repro.
 
     The whole recipe takes minutes (benchmarks/bench_mnist.py measures it); here one epoch on
     a tenth of the training images proves the file drives every stage.
     """
     project = make_project(tmp_path / "project")
-    shutil.copy2(ROOT / "params" / "mnist.yaml", project.root / "params.yaml")
+    project.run("convpipe", "recipe", "params/mnist.yaml")
     (project.root / "data").mkdir(exist_ok=True)
     os.symlink(MNIST, project.root / "data" / "mnist", target_is_directory=True)
     project.set_params(**{"train.max_epochs": 1, "data.val_fraction": 0.9})

@@ -1,4 +1,4 @@
-"""Fast tests of the transforms factory (convpipe.transforms)."""
+"""Fast tests of the transforms (convpipe.data.transforms)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-# Imported before convpipe.transforms here: skip albumentations' PyPI version check too.
+# Imported before convpipe.data.transforms here: skip albumentations' PyPI version check too.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A
@@ -21,8 +21,25 @@ import pytest
 import torch
 from PIL import Image
 
-from convpipe import transforms as T
 from convpipe.config import AugmentParams, load_params
+from convpipe.data.transforms.apply import augment_batches
+from convpipe.data.transforms.batched import tensor_augmentation
+from convpipe.data.transforms.factory import (
+    SECTIONS,
+    build_augmentation,
+    load_augmentation,
+    save_augmentation,
+    seed_augmentation,
+)
+from convpipe.data.transforms.normalize import BatchTransform, normalize_batch
+from convpipe.data.transforms.preview import (
+    PREVIEW_GAP,
+    PREVIEW_HEADER,
+    PREVIEW_MIN_TILE,
+    preview_grid,
+    preview_scale,
+    save_png,
+)
 from convpipe.errors import ConvpipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,17 +86,17 @@ def make_images(n: int = 6, channels: int = 1, hw: tuple[int, int] = HW) -> np.n
 
 
 def run(pipeline: A.Compose, images: np.ndarray, copies: int = 1) -> np.ndarray:
-    return np.concatenate(list(T.augment_batches(images, pipeline, copies, chunk_size=4)))
+    return np.concatenate(list(augment_batches(images, pipeline, copies, chunk_size=4)))
 
 
 # --------------------------------------------------------------------------- building
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("section", T.SECTIONS)
+@pytest.mark.parametrize("section", SECTIONS)
 def test_each_section_alone_changes_images_and_keeps_shape(section: str, channels: int) -> None:
     params = make_params(**{section: {"p": 1.0}})
-    pipeline = T.build_augmentation(params, HW, channels, seed=0)
+    pipeline = build_augmentation(params, HW, channels, seed=0)
     assert [type(t) for t in pipeline.transforms] == [EXPECTED_CLASS[section]]
     images = make_images(channels=channels)
     out = run(pipeline, images)
@@ -88,18 +105,18 @@ def test_each_section_alone_changes_images_and_keeps_shape(section: str, channel
 
 
 def test_p_zero_leaves_sections_out_of_the_compose() -> None:
-    pipeline = T.build_augmentation(make_params(), HW, 3, seed=0)
+    pipeline = build_augmentation(make_params(), HW, 3, seed=0)
     assert len(pipeline.transforms) == 0
     images = make_images(channels=3)
     np.testing.assert_array_equal(run(pipeline, images), images)
 
     two = make_params(affine={"p": 0.5}, gaussian_noise={"p": 0.2})
-    classes = [type(t) for t in T.build_augmentation(two, HW, 3, seed=0).transforms]
+    classes = [type(t) for t in build_augmentation(two, HW, 3, seed=0).transforms]
     assert classes == [A.Affine, A.GaussNoise]
 
 
 def test_crop_pads_and_crops_back_as_one_unit() -> None:
-    pipeline = T.build_augmentation(make_params(crop={"p": 0.4, "padding": 3}), HW, 1, seed=0)
+    pipeline = build_augmentation(make_params(crop={"p": 0.4, "padding": 3}), HW, 1, seed=0)
     (unit,) = pipeline.transforms
     assert unit.p == 0.4
     pad, crop = unit.transforms
@@ -107,7 +124,7 @@ def test_crop_pads_and_crops_back_as_one_unit() -> None:
     assert (crop.height, crop.width) == HW
     # Padding is black and the crop window moves over the padded canvas.
     white = np.full((1, *HW, 1), 255, dtype=np.uint8)
-    always = T.build_augmentation(make_params(crop={"p": 1.0, "padding": 3}), HW, 1, seed=0)
+    always = build_augmentation(make_params(crop={"p": 1.0, "padding": 3}), HW, 1, seed=0)
     out = run(always, np.repeat(white, 20, axis=0))
     assert out.shape == (20, *HW, 1) and (out == 0).any() and (out == 255).any()
 
@@ -116,19 +133,19 @@ def test_crop_pads_and_crops_back_as_one_unit() -> None:
 def test_colour_keys_on_grayscale_are_a_clear_user_error(key: str) -> None:
     params = make_params(color_jitter={"p": 0.5, key: 0.1})
     with pytest.raises(ConvpipeError) as info:
-        T.build_augmentation(params, HW, 1, seed=0)
+        build_augmentation(params, HW, 1, seed=0)
     message = str(info.value)
     assert f"augment.color_jitter.{key}=0.1" in message
     assert "1 channel" in message
     assert "data.channels: 3" in message
     # Meaningful for RGB, and irrelevant while the section is off.
-    T.build_augmentation(params, HW, 3, seed=0)
-    T.build_augmentation(make_params(color_jitter={"p": 0.0, key: 0.1}), HW, 1, seed=0)
+    build_augmentation(params, HW, 3, seed=0)
+    build_augmentation(make_params(color_jitter={"p": 0.0, key: 0.1}), HW, 1, seed=0)
 
 
 def test_grayscale_colour_jitter_scales_brightness_multiplicatively() -> None:
     params = make_params(color_jitter={"p": 1.0, "brightness": 0.5, "contrast": 0.0})
-    pipeline = T.build_augmentation(params, HW, 1, seed=3)
+    pipeline = build_augmentation(params, HW, 1, seed=3)
     image = np.full((1, *HW, 1), 100, dtype=np.uint8)
     out = run(pipeline, image)
     # One factor per image in [0.5, 1.5], applied to every pixel: a flat image stays flat.
@@ -139,14 +156,14 @@ def test_grayscale_colour_jitter_scales_brightness_multiplicatively() -> None:
 def test_invalid_range_names_the_section() -> None:
     params = make_params(resized_crop={"p": 1.0, "scale": [0.9, 0.5]})
     with pytest.raises(ConvpipeError) as info:
-        T.build_augmentation(params, HW, 3, seed=0)
+        build_augmentation(params, HW, 3, seed=0)
     assert "augment.resized_crop is invalid: scale: First value should be less" in str(info.value)
 
 
 def test_shipped_params_build_for_grayscale_and_rgb() -> None:
     augment = load_params(ROOT / "params.yaml").augment
     for channels in (1, 3):
-        pipeline = T.build_augmentation(augment, (8, 8), channels, seed=1)
+        pipeline = build_augmentation(augment, (8, 8), channels, seed=1)
         images = make_images(channels=channels, hw=(8, 8))
         assert run(pipeline, images, copies=2).shape == (12, 8, 8, channels)
 
@@ -165,9 +182,9 @@ ALL_ON = {
 def test_same_seed_is_byte_identical_and_different_seed_differs() -> None:
     params = make_params(**ALL_ON)
     images = make_images(n=10, channels=3)
-    first = run(T.build_augmentation(params, HW, 3, seed=11), images, copies=2)
-    second = run(T.build_augmentation(params, HW, 3, seed=11), images, copies=2)
-    other = run(T.build_augmentation(params, HW, 3, seed=12), images, copies=2)
+    first = run(build_augmentation(params, HW, 3, seed=11), images, copies=2)
+    second = run(build_augmentation(params, HW, 3, seed=11), images, copies=2)
+    other = run(build_augmentation(params, HW, 3, seed=12), images, copies=2)
     assert first.tobytes() == second.tobytes()
     assert first.tobytes() != other.tobytes()
 
@@ -175,15 +192,15 @@ def test_same_seed_is_byte_identical_and_different_seed_differs() -> None:
 def test_same_seed_is_byte_identical_across_processes() -> None:
     script = (
         "import hashlib, numpy as np\n"
-        "from convpipe import transforms as T\n"
+        "from convpipe.data.transforms.factory import build_augmentation\n"
         "from tests.test_transforms import ALL_ON, HW, make_images, make_params, run\n"
-        "p = T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=11)\n"
+        "p = build_augmentation(make_params(**ALL_ON), HW, 3, seed=11)\n"
         "print(hashlib.sha256(run(p, make_images(n=10, channels=3)).tobytes()).hexdigest())\n"
     )
     child = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    here = run(T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=11), make_images(10, 3))
+    here = run(build_augmentation(make_params(**ALL_ON), HW, 3, seed=11), make_images(10, 3))
     assert child.stdout.strip() == hashlib.sha256(here.tobytes()).hexdigest()
 
 
@@ -191,7 +208,7 @@ def test_sections_draw_independently() -> None:
     # A.Compose(seed=...) alone gives both flips the same stream, so they always fire together.
     params = make_params(horizontal_flip={"p": 0.5}, vertical_flip={"p": 0.5})
     image = make_images(n=1)
-    out = run(T.build_augmentation(params, HW, 1, seed=0), np.repeat(image, 64, axis=0))
+    out = run(build_augmentation(params, HW, 1, seed=0), np.repeat(image, 64, axis=0))
     h_only = [np.array_equal(o, image[0][:, ::-1]) for o in out]
     v_only = [np.array_equal(o, image[0][::-1]) for o in out]
     assert any(h_only) and any(v_only)
@@ -204,28 +221,28 @@ def test_sections_draw_independently() -> None:
 def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     params = make_params(**ALL_ON, rotate={"p": 0.3}, resized_crop={"p": 0.3})
     target = tmp_path / "out" / "pipeline.json"
-    T.save_augmentation(T.build_augmentation(params, HW, 3, seed=5), target)
+    save_augmentation(build_augmentation(params, HW, 3, seed=5), target)
     assert json.loads(target.read_text())["transform"]["__class_fullname__"] == "Compose"
     assert [p.name for p in target.parent.iterdir()] == ["pipeline.json"]  # no temp files
 
     images = make_images(n=10, channels=3)
-    fresh = run(T.build_augmentation(params, HW, 3, seed=5), images, copies=2)
-    loaded = run(T.load_augmentation(target, seed=5), images, copies=2)
+    fresh = run(build_augmentation(params, HW, 3, seed=5), images, copies=2)
+    loaded = run(load_augmentation(target, seed=5), images, copies=2)
     assert fresh.tobytes() == loaded.tobytes()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # albumentations' own note on a bad file
 def test_load_errors_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(ConvpipeError, match="not found"):
-        T.load_augmentation(tmp_path / "missing.json", seed=0)
+        load_augmentation(tmp_path / "missing.json", seed=0)
     bad = tmp_path / "bad.json"
     for text in ('{"transform": {"__class_fullname__": "NoSuchTransform"}}', "{not json", "[]"):
         bad.write_text(text)
         with pytest.raises(ConvpipeError, match="dvc repro augment"):
-            T.load_augmentation(bad, seed=0)
+            load_augmentation(bad, seed=0)
     bad.write_text(json.dumps(A.to_dict(A.HorizontalFlip())))
     with pytest.raises(ConvpipeError, match="expected an albumentations Compose"):
-        T.load_augmentation(bad, seed=0)
+        load_augmentation(bad, seed=0)
 
 
 # --------------------------------------------------------------------------- augment_batches
@@ -234,7 +251,7 @@ def test_load_errors_are_user_errors(tmp_path: Path) -> None:
 def test_augment_batches_order_length_and_chunking() -> None:
     images = make_images(n=5, channels=1)
     labels = np.arange(5)
-    chunks = list(T.augment_batches(images, T.build_augmentation(make_params(), HW, 1, 0), 3, 4))
+    chunks = list(augment_batches(images, build_augmentation(make_params(), HW, 1, 0), 3, 4))
     assert [len(c) for c in chunks] == [4, 4, 4, 3]
     out = np.concatenate(chunks)
     # Copy-major order: output row k comes from images[k % N], so labels tile.
@@ -244,8 +261,8 @@ def test_augment_batches_order_length_and_chunking() -> None:
 
 def test_augment_batches_pairs_each_output_with_its_source() -> None:
     images = make_images(n=5, channels=3)
-    pipeline = T.build_augmentation(make_params(horizontal_flip={"p": 1.0}), HW, 3, seed=0)
-    out = np.concatenate(list(T.augment_batches(images, pipeline, copies=2, chunk_size=3)))
+    pipeline = build_augmentation(make_params(horizontal_flip={"p": 1.0}), HW, 3, seed=0)
+    out = np.concatenate(list(augment_batches(images, pipeline, copies=2, chunk_size=3)))
     np.testing.assert_array_equal(out, np.tile(images[:, :, ::-1], (2, 1, 1, 1)))
 
 
@@ -254,19 +271,19 @@ def test_augment_batches_does_not_depend_on_chunk_size_and_reads_memmaps(tmp_pat
     images = make_images(n=7, channels=3)
     np.save(tmp_path / "x.npy", images)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    small = list(T.augment_batches(mapped, T.build_augmentation(params, HW, 3, 9), 2, 1))
-    large = list(T.augment_batches(images, T.build_augmentation(params, HW, 3, 9), 2, 100))
+    small = list(augment_batches(mapped, build_augmentation(params, HW, 3, 9), 2, 1))
+    large = list(augment_batches(images, build_augmentation(params, HW, 3, 9), 2, 100))
     assert len(small) == 14 and len(large) == 1
     np.testing.assert_array_equal(np.concatenate(small), large[0])
 
 
 def test_augment_batches_edge_cases() -> None:
-    pipeline = T.build_augmentation(make_params(), HW, 1, seed=0)
-    assert list(T.augment_batches(make_images(), pipeline, copies=0, chunk_size=4)) == []
+    pipeline = build_augmentation(make_params(), HW, 1, seed=0)
+    assert list(augment_batches(make_images(), pipeline, copies=0, chunk_size=4)) == []
     with pytest.raises(ValueError):
-        next(T.augment_batches(make_images(), pipeline, copies=1, chunk_size=0))
+        next(augment_batches(make_images(), pipeline, copies=1, chunk_size=0))
     with pytest.raises(ValueError):
-        next(T.augment_batches(make_images()[..., 0], pipeline, copies=1, chunk_size=4))
+        next(augment_batches(make_images()[..., 0], pipeline, copies=1, chunk_size=4))
 
 
 # --------------------------------------------------------------------------- previews
@@ -276,10 +293,10 @@ def test_augment_batches_edge_cases() -> None:
 def test_preview_grid_layout_and_original_column(channels: int) -> None:
     originals = make_images(n=3, channels=channels, hw=(8, 8))
     augmented = [255 - originals, originals // 2]
-    grid = T.preview_grid(originals, augmented, headers=False)
-    scale = T.preview_scale((8, 8))
-    tile, gap = 8 * scale, T.PREVIEW_GAP
-    assert scale * 8 >= T.PREVIEW_MIN_TILE
+    grid = preview_grid(originals, augmented, headers=False)
+    scale = preview_scale((8, 8))
+    tile, gap = 8 * scale, PREVIEW_GAP
+    assert scale * 8 >= PREVIEW_MIN_TILE
     assert grid.shape == (3 * tile + 4 * gap, 3 * tile + 4 * gap, 3)
     assert grid.dtype == np.uint8
     for row in range(3):
@@ -293,25 +310,25 @@ def test_preview_grid_layout_and_original_column(channels: int) -> None:
 
 def test_preview_grid_headers_only_add_a_band_on_top() -> None:
     originals = make_images(n=2, channels=3, hw=(32, 32))
-    plain = T.preview_grid(originals, [originals])
-    assert plain.shape[0] == T.preview_grid(originals, [originals], headers=False).shape[0] + 16
-    assert (plain[: T.PREVIEW_HEADER] < 128).any()  # some dark text was drawn
+    plain = preview_grid(originals, [originals])
+    assert plain.shape[0] == preview_grid(originals, [originals], headers=False).shape[0] + 16
+    assert (plain[:PREVIEW_HEADER] < 128).any()  # some dark text was drawn
     np.testing.assert_array_equal(
-        plain[T.PREVIEW_HEADER :], T.preview_grid(originals, [originals], headers=False)
+        plain[PREVIEW_HEADER:], preview_grid(originals, [originals], headers=False)
     )
 
 
 def test_preview_grid_rejects_mismatched_columns() -> None:
     with pytest.raises(ValueError, match=r"augmented\[0\]"):
-        T.preview_grid(make_images(n=2), [make_images(n=3)])
+        preview_grid(make_images(n=2), [make_images(n=3)])
 
 
 def test_save_png_round_trip(tmp_path: Path) -> None:
-    grid = T.preview_grid(make_images(n=2, hw=(8, 8)), [make_images(n=2, hw=(8, 8))])
+    grid = preview_grid(make_images(n=2, hw=(8, 8)), [make_images(n=2, hw=(8, 8))])
     target = tmp_path / "reports" / "augment_preview.png"
-    T.save_png(grid, target)
+    save_png(grid, target)
     np.testing.assert_array_equal(np.asarray(Image.open(target)), grid)
-    T.save_png(make_images(n=1)[0], tmp_path / "gray.png")
+    save_png(make_images(n=1)[0], tmp_path / "gray.png")
     assert Image.open(tmp_path / "gray.png").mode == "L"
 
 
@@ -320,7 +337,7 @@ def test_save_png_round_trip(tmp_path: Path) -> None:
 
 def test_normalize_batch_by_hand() -> None:
     images = torch.tensor([[[[0], [255]], [[51], [102]]]], dtype=torch.uint8)  # (1, 2, 2, 1)
-    out = T.normalize_batch(images, mean=[0.5], std=[0.25])
+    out = normalize_batch(images, mean=[0.5], std=[0.25])
     expected = torch.tensor([[[[-2.0, 2.0], [-1.2, -0.4]]]])  # (x/255 - 0.5) / 0.25
     assert out.shape == (1, 1, 2, 2) and out.dtype == torch.float32 and out.is_contiguous()
     torch.testing.assert_close(out, expected)
@@ -329,39 +346,38 @@ def test_normalize_batch_by_hand() -> None:
 def test_normalize_batch_is_per_channel() -> None:
     images = torch.zeros((2, 3, 4, 3), dtype=torch.uint8)
     images[..., 0], images[..., 1], images[..., 2] = 255, 0, 51
-    out = T.normalize_batch(images, mean=[0.0, 0.5, 0.2], std=[1.0, 0.5, 0.1])
+    out = normalize_batch(images, mean=[0.0, 0.5, 0.2], std=[1.0, 0.5, 0.1])
     assert out.shape == (2, 3, 3, 4)
     torch.testing.assert_close(out[:, 0], torch.full((2, 3, 4), 1.0))
     torch.testing.assert_close(out[:, 1], torch.full((2, 3, 4), -1.0))
     torch.testing.assert_close(out[:, 2], torch.zeros((2, 3, 4)))
     with pytest.raises(ValueError):
-        T.normalize_batch(images, mean=[0.5], std=[0.5])
+        normalize_batch(images, mean=[0.5], std=[0.5])
     with pytest.raises(ValueError):
-        T.normalize_batch(images.float(), mean=[0.5] * 3, std=[0.5] * 3)
+        normalize_batch(images.float(), mean=[0.5] * 3, std=[0.5] * 3)
 
 
-def test_create_transforms_train_and_eval_sides() -> None:
+def test_batch_transform_train_and_eval_sides() -> None:
     images = make_images(n=4, channels=1)
-    online = make_params(horizontal_flip={"p": 1.0}).model_copy(update={"online": True})
-    train = T.create_transforms(online, HW, 1, [0.5], [0.5], seed=0, train=True)
-    evaluate = T.create_transforms(online, HW, 1, [0.5], [0.5], seed=0, train=False)
-    not_online = online.model_copy(update={"online": False})
-    offline = T.create_transforms(not_online, HW, 1, [0.5], [0.5], seed=0, train=True)
-    assert train.train and not evaluate.train and not offline.train
+    flip = build_augmentation(make_params(horizontal_flip={"p": 1.0}), HW, 1, seed=0)
+    train = BatchTransform(flip, [0.5], [0.5], seed=0)
+    evaluate = BatchTransform(None, [0.5], [0.5], seed=0)
+    assert train.train and not evaluate.train
     as_tensor = torch.from_numpy(images)
-    expected_eval = T.normalize_batch(as_tensor, [0.5], [0.5])
+    expected_eval = normalize_batch(as_tensor, [0.5], [0.5])
     torch.testing.assert_close(evaluate(as_tensor), expected_eval)
     torch.testing.assert_close(evaluate(images), expected_eval)  # numpy input too
-    flipped = T.normalize_batch(torch.from_numpy(images[:, :, ::-1].copy()), [0.5], [0.5])
+    flipped = normalize_batch(torch.from_numpy(images[:, :, ::-1].copy()), [0.5], [0.5])
     torch.testing.assert_close(train(as_tensor), flipped)
 
 
 def test_batch_transform_reseeds_once_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    online = make_params(gaussian_noise={"p": 1.0}).model_copy(update={"online": True})
+    noise = make_params(gaussian_noise={"p": 1.0})
     images = torch.from_numpy(make_images(n=2, channels=3))
 
     def in_worker(worker_seed: int) -> list[torch.Tensor]:
-        transform = T.create_transforms(online, HW, 3, [0.5] * 3, [0.5] * 3, seed=1, train=True)
+        pipeline = build_augmentation(noise, HW, 3, seed=1)
+        transform = BatchTransform(pipeline, [0.5] * 3, [0.5] * 3, seed=1)
         info = types.SimpleNamespace(seed=worker_seed, id=0)
         monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
         return [transform(images), transform(images)]
@@ -399,19 +415,19 @@ def structured_image(channels: int, hw: tuple[int, int] = (16, 20)) -> np.ndarra
 def both_paths(pipeline: A.Compose, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(albumentations per image, batched tensor path) outputs as float ``(N, H, W, C)``."""
     per_image = run(pipeline, images).astype(np.float64)
-    batched = T.tensor_augmentation(pipeline, seed=0)
+    batched = tensor_augmentation(pipeline, seed=0)
     assert batched is not None
     tensor = batched(torch.from_numpy(images)).permute(0, 2, 3, 1).numpy().astype(np.float64)
     return per_image, tensor
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("section", T.SECTIONS)
+@pytest.mark.parametrize("section", SECTIONS)
 def test_batched_path_draws_from_the_same_distribution(section: str, channels: int) -> None:
     settings = dict(EVERY_SECTION[section])
     if section == "color_jitter" and channels == 3:
         settings.update(saturation=0.5, hue=0.2)
-    pipeline = T.build_augmentation(make_params(**{section: settings}), (16, 20), channels, 0)
+    pipeline = build_augmentation(make_params(**{section: settings}), (16, 20), channels, 0)
     images = np.repeat(structured_image(channels)[None], 3000, axis=0)
     per_image, batched = both_paths(pipeline, images)
     # Per pixel, the mean and spread over 3,000 augmented copies of one image agree within
@@ -453,8 +469,8 @@ def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def test_batched_crop_is_a_whole_pixel_shift_with_black_borders() -> None:
-    pipeline = T.build_augmentation(make_params(crop={"p": 1.0, "padding": 2}), HW, 1, seed=0)
-    batched = T.tensor_augmentation(pipeline, seed=4)
+    pipeline = build_augmentation(make_params(crop={"p": 1.0, "padding": 2}), HW, 1, seed=0)
+    batched = tensor_augmentation(pipeline, seed=4)
     assert batched is not None
     image = make_images(n=1)
     out = batched(torch.from_numpy(np.repeat(image, 200, axis=0)))[:, 0].numpy()
@@ -469,9 +485,9 @@ def test_batched_crop_is_a_whole_pixel_shift_with_black_borders() -> None:
 
 
 def test_batched_path_is_seeded_and_restarts_on_reseed() -> None:
-    pipeline = T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=0)
+    pipeline = build_augmentation(make_params(**ALL_ON), HW, 3, seed=0)
     images = torch.from_numpy(make_images(n=16, channels=3))
-    first, second, other = (T.tensor_augmentation(pipeline, s) for s in (7, 7, 8))
+    first, second, other = (tensor_augmentation(pipeline, s) for s in (7, 7, 8))
     assert first is not None and second is not None and other is not None
     a = first(images)
     torch.testing.assert_close(a, second(images), rtol=0, atol=0)
@@ -482,7 +498,7 @@ def test_batched_path_is_seeded_and_restarts_on_reseed() -> None:
 
 
 def test_batched_path_keeps_the_thread_count() -> None:
-    batched = T.tensor_augmentation(T.build_augmentation(make_params(**ALL_ON), HW, 3, 0), 0)
+    batched = tensor_augmentation(build_augmentation(make_params(**ALL_ON), HW, 3, 0), 0)
     assert batched is not None
     before = torch.get_num_threads()
     batched(torch.from_numpy(make_images(channels=3)))
@@ -490,8 +506,8 @@ def test_batched_path_keeps_the_thread_count() -> None:
 
 
 def test_the_shipped_pipeline_runs_batched_online() -> None:
-    augment = load_params(ROOT / "params.yaml").augment.model_copy(update={"online": True})
-    transform = T.create_transforms(augment, (28, 28), 1, [0.1], [0.3], seed=0, train=True)
+    pipeline = build_augmentation(load_params(ROOT / "params.yaml").augment, (28, 28), 1, seed=0)
+    transform = BatchTransform(pipeline, [0.1], [0.3], seed=0)
     assert transform.batched is not None
     out = transform(make_images(n=8, hw=(28, 28)))
     assert out.shape == (8, 1, 28, 28) and out.dtype == torch.float32
@@ -509,24 +525,24 @@ def test_the_shipped_pipeline_runs_batched_online() -> None:
 )
 def test_pipelines_the_batched_path_lacks_run_per_image(unsupported: Any) -> None:
     pipeline = A.Compose([A.HorizontalFlip(p=0.5), unsupported], seed=3)
-    assert T.tensor_augmentation(pipeline, seed=0) is None
-    transform = T.BatchTransform(pipeline, [0.5], [0.5], seed=0)
+    assert tensor_augmentation(pipeline, seed=0) is None
+    transform = BatchTransform(pipeline, [0.5], [0.5], seed=0)
     assert transform.batched is None and transform.train
     images = make_images(n=4)
-    T.seed_augmentation(pipeline, 9)
+    seed_augmentation(pipeline, 9)
     out = transform(images)
-    T.seed_augmentation(pipeline, 9)
-    expected = T.normalize_batch(torch.from_numpy(run(pipeline, images)), [0.5], [0.5])
+    seed_augmentation(pipeline, 9)
+    expected = normalize_batch(torch.from_numpy(run(pipeline, images)), [0.5], [0.5])
     torch.testing.assert_close(out, expected)
 
 
 def test_per_image_path_on_request_matches_albumentations() -> None:
-    pipeline = T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=2)
-    transform = T.BatchTransform(pipeline, [0.5] * 3, [0.5] * 3, seed=2, batched=False)
+    pipeline = build_augmentation(make_params(**ALL_ON), HW, 3, seed=2)
+    transform = BatchTransform(pipeline, [0.5] * 3, [0.5] * 3, seed=2, batched=False)
     assert transform.batched is None
     images = make_images(n=6, channels=3)
     out = transform(images)
-    expected = run(T.build_augmentation(make_params(**ALL_ON), HW, 3, seed=2), images)
+    expected = run(build_augmentation(make_params(**ALL_ON), HW, 3, seed=2), images)
     torch.testing.assert_close(
-        out, T.normalize_batch(torch.from_numpy(expected), [0.5] * 3, [0.5] * 3)
+        out, normalize_batch(torch.from_numpy(expected), [0.5] * 3, [0.5] * 3)
     )

@@ -1,5 +1,7 @@
 """Reading checkpoints without running anything in them, and writing them whole.
 
+:func:`load_model` is how every command gets a trained model from a file.
+
 Every command that loads a checkpoint (evaluate, predict, export, feature maps, the registered
 model, resuming a training) reads it here first: ``torch.load(weights_only=True)`` refuses
 pickled code, and :func:`check_hyperparameters` refuses hyperparameters that convpipe never
@@ -21,6 +23,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path
+from convpipe.model import CNNClassifier
 
 #: What ``CNNClassifier.save_hyperparameters`` stores: nothing else may be in a checkpoint.
 HPARAM_KEYS = frozenset(
@@ -141,3 +144,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+
+def load_model(path: str | Path) -> CNNClassifier:
+    """Load a checkpoint safely, in eval mode.
+
+    The file is read with ``weights_only=True`` and its hyperparameters are checked to be
+    exactly what convpipe writes (:mod:`convpipe.checkpoint`); the model is then built from
+    them here, so nothing in the file is ever imported or called.
+
+    Raises:
+        ConvpipeError: If the file is missing, corrupt, unsafe, or not a convpipe model.
+    """
+    checkpoint = read_checkpoint(path)
+    hparams = check_hyperparameters(checkpoint, path)
+    try:
+        model = CNNClassifier(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except ConvpipeError as exc:
+        raise ConvpipeError(
+            f"cannot load checkpoint: its hyperparameters are invalid: {exc.what}",
+            f"at {path}",
+            "retrain with `dvc repro train`",
+        ) from None
+    except (RuntimeError, TypeError, ValueError) as exc:  # weights of another network
+        first = " ".join(str(exc).split())[:200]
+        raise ConvpipeError(
+            f"cannot load checkpoint (its weights do not fit its network: {first})",
+            f"at {path}",
+            "retrain with `dvc repro train`",
+        ) from None
+    model.eval()
+    return model

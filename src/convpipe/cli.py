@@ -29,6 +29,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """Write a recipe's values into the params file, keeping everything else in it."""
+    from convpipe.recipes import apply_recipe
+
+    changed = apply_recipe(args.recipe, args.params)
+    shown = ", ".join(changed) if changed else "nothing: its values were already there"
+    print(f"{args.params}: applied {args.recipe} ({len(changed)} keys): {shown}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Open the MLflow UI on the tracking store of params.yaml (127.0.0.1 unless told)."""
     from convpipe.tracking import mask_uri, tracking_uri
@@ -93,9 +103,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files with the trained model; one row per file, errors included."""
+    from convpipe.checkpoint import load_model
     from convpipe.data.dataset import load_manifest
     from convpipe.errors import ConvpipeError
-    from convpipe.evaluation import load_model
     from convpipe.inference import (
         check_data_matches,
         find_images,
@@ -153,8 +163,9 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     """Draw one image's feature maps through every conv and pooling layer to a PNG."""
     from pathlib import Path
 
+    from convpipe.checkpoint import load_model
     from convpipe.data.dataset import load_manifest
-    from convpipe.evaluation import load_model, save_figure
+    from convpipe.evaluation import save_figure
     from convpipe.feature_maps import picture
     from convpipe.inference import check_data_matches, load_image
 
@@ -172,6 +183,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Command, str]] = {
     "validate": (cmd_validate, "check params.yaml against the schema"),
+    "recipe": (cmd_recipe, "apply a recipe overlay (params/<name>.yaml) to the params file"),
     "ui": (cmd_ui, "open the MLflow UI (binds 127.0.0.1 by default)"),
     "tune": (cmd_tune, "run or continue the Optuna tuning campaign of params.yaml's tune:"),
     "summary": (cmd_summary, "per-layer shapes, parameters and receptive fields of the model"),
@@ -190,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
+    sub.choices["recipe"].add_argument(
+        "recipe", metavar="RECIPE", help="a recipe file, such as params/mnist.yaml"
+    )
     ui = sub.choices["ui"]
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     ui.add_argument("--port", type=int, default=5000)

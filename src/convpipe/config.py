@@ -192,12 +192,7 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    """The train stage: optimisation, regularisation, early stopping and the Trainer.
-
-    ``threads``, ``channels_last`` and ``compile`` change speed only, not what is learnt
-    (beyond float rounding): the CPU threads per process, the NHWC memory layout and
-    ``torch.compile``.
-    """
+    """The train stage: optimisation, regularisation, early stopping and the Trainer."""
 
     optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw"]
     lr: Annotated[float, Field(gt=0.0)]
@@ -216,6 +211,25 @@ class TrainParams(Section):
     num_nodes: PositiveInt
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"]
     sync_batchnorm: bool
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_namespaced(cls, value: str) -> str:
+        if not value.startswith(("train/", "val/")):
+            raise ValueError(
+                f"train.monitor must name a 'val/...' or 'train/...' metric, got '{value}'"
+            )
+        return value
+
+
+class RuntimeParams(Section):
+    """How a training runs, never what it learns (beyond float rounding).
+
+    The DataLoader workers, the CPU threads per process, the NHWC memory layout and
+    ``torch.compile``. No stage lists this section as a DVC param, checkpoints do not store
+    it and a resumed training may change it: set it for the machine at hand.
+    """
+
     num_workers: NonNegInt
     threads: PositiveInt | Literal["auto"]
     channels_last: bool
@@ -229,16 +243,7 @@ class TrainParams(Section):
             isinstance(value, int) and not isinstance(value, bool) and value > 0
         ):
             return value
-        raise ValueError(f"train.threads must be a number >= 1 or 'auto', got {value!r}")
-
-    @field_validator("monitor")
-    @classmethod
-    def _monitor_namespaced(cls, value: str) -> str:
-        if not value.startswith(("train/", "val/")):
-            raise ValueError(
-                f"train.monitor must name a 'val/...' or 'train/...' metric, got '{value}'"
-            )
-        return value
+        raise ValueError(f"runtime.threads must be a number >= 1 or 'auto', got {value!r}")
 
 
 class EvaluateParams(Section):
@@ -325,6 +330,7 @@ class Params(Section):
     augment: AugmentParams
     model: ModelParams
     train: TrainParams
+    runtime: RuntimeParams
     evaluate: EvaluateParams
     mlflow: MlflowParams
     tune: TuneParams
@@ -356,10 +362,18 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+# Keys that moved to another section, for a params file written before the move.
+MOVED_KEYS = {f"train.{key}": f"runtime.{key}" for key in RuntimeParams.model_fields}
+
+
 def _describe(error: Any, source: str) -> ConvpipeError:
     """Turn the first pydantic error into a user-facing :class:`ConvpipeError`."""
     loc = tuple(error["loc"])
     key = _dotted(loc)
+    if error["type"] == "extra_forbidden" and key in MOVED_KEYS:
+        return ConvpipeError(
+            f"unknown key '{key}'", f"in {source}", f"it is now '{MOVED_KEYS[key]}': move it there"
+        )
     if error["type"] == "extra_forbidden":
         choices = _known_keys(Params, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), choices, n=1)

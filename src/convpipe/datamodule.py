@@ -2,7 +2,8 @@
 
 Batches are fetched whole (``__getitems__``): one fancy-indexing read of the memmap per batch
 instead of one Python call per image, then normalised with the manifest's mean/std (and
-augmented online if ``augment.online``) by the transform from :mod:`convpipe.transforms`.
+augmented online if ``augment.online``) by the transform from
+:mod:`convpipe.data.transforms.normalize`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch.utils.data import (
 )
 
 from convpipe.data.dataset import PIPELINE_FILE, Manifest, load_manifest, load_split
+from convpipe.data.transforms.factory import load_augmentation
+from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
-from convpipe.transforms import BatchTransform, load_augmentation
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 EVAL_BATCH_SIZE = 512

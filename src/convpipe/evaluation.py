@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torchmetrics.functional import classification as tmf
 
-from convpipe.checkpoint import check_hyperparameters, read_checkpoint
+from convpipe.checkpoint import load_model
 from convpipe.config import Params
 from convpipe.data.dataset import Manifest
 from convpipe.datamodule import ArrayDataset, ConvDataModule
@@ -36,38 +36,6 @@ if TYPE_CHECKING:
 EVAL_BATCH = 512
 EXAMPLE_IMAGES = 2  # test images saved with the registered model as its input example
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
-
-
-def load_model(path: str | Path) -> CNNClassifier:
-    """Load a checkpoint safely, in eval mode.
-
-    The file is read with ``weights_only=True`` and its hyperparameters are checked to be
-    exactly what convpipe writes (:mod:`convpipe.checkpoint`); the model is then built from
-    them here, so nothing in the file is ever imported or called.
-
-    Raises:
-        ConvpipeError: If the file is missing, corrupt, unsafe, or not a convpipe model.
-    """
-    checkpoint = read_checkpoint(path)
-    hparams = check_hyperparameters(checkpoint, path)
-    try:
-        model = CNNClassifier(**hparams)
-        model.load_state_dict(checkpoint["state_dict"])
-    except ConvpipeError as exc:
-        raise ConvpipeError(
-            f"cannot load checkpoint: its hyperparameters are invalid: {exc.what}",
-            f"at {path}",
-            "retrain with `dvc repro train`",
-        ) from None
-    except (RuntimeError, TypeError, ValueError) as exc:  # weights of another network
-        first = " ".join(str(exc).split())[:200]
-        raise ConvpipeError(
-            f"cannot load checkpoint (its weights do not fit its network: {first})",
-            f"at {path}",
-            "retrain with `dvc repro train`",
-        ) from None
-    model.eval()
-    return model
 
 
 @torch.no_grad()

@@ -35,11 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from convpipe import __version__
+from convpipe.checkpoint import load_model
 from convpipe.config import Params
 from convpipe.data.dataset import Manifest
 from convpipe.datamodule import ArrayDataset, ConvDataModule
 from convpipe.errors import ConvpipeError
-from convpipe.evaluation import EVAL_BATCH, load_model, predict_logits
+from convpipe.evaluation import EVAL_BATCH, predict_logits
 from convpipe.inference import check_data_matches
 from convpipe.io import atomic_path
 from convpipe.model import CNNClassifier

@@ -22,9 +22,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 from torch import Tensor, nn
 
+from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.inference import predict_images, receptive_fields
 from convpipe.model import CNNClassifier
-from convpipe.transforms import normalize_batch
 
 __all__ = [
     "MAX_COLUMNS",

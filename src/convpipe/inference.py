@@ -30,9 +30,9 @@ from convpipe.config import ModelParams
 from convpipe.data.dataset import Manifest
 from convpipe.data.images import is_image_file, normalize, open_image
 from convpipe.data.raw import BadFileError
+from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier, layer_shapes, probabilities
-from convpipe.transforms import normalize_batch
 
 __all__ = [
     "FORMATS",

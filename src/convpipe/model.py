@@ -39,7 +39,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from convpipe.config import ConvBlock, ModelParams, TrainParams
+from convpipe.config import ConvBlock, ModelParams, RuntimeParams, TrainParams
 from convpipe.config import _describe as _describe_validation_error
 from convpipe.errors import ConvpipeError
 
@@ -73,7 +73,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 _POOLS: dict[str, Callable[[int], nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 _PENALISED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-# torch's own thread default at import (the cores, or OMP_NUM_THREADS): what train.threads
+# torch's own thread default at import (the cores, or OMP_NUM_THREADS): what runtime.threads
 # "auto" shares out, even after something in this process changed the current setting.
 _DEFAULT_THREADS = torch.get_num_threads()
 
@@ -557,16 +557,15 @@ def _parse_section(schema: type[_Schema], value: Any, section: str) -> _Schema:
         raise _describe_validation_error(error, "the model hyperparameters") from None
 
 
-# What checkpoints written before train.threads/channels_last/compile existed were trained
-# with. These keys change speed only; without them such a checkpoint (one in the MLflow model
-# registry, say) could no longer be loaded for evaluation or prediction.
-_BEFORE_SPEED_KEYS = {"threads": "auto", "channels_last": False, "compile": False}
+# Checkpoints written before the runtime section existed stored its keys under `train`; they
+# say how that training ran, not what it learnt, so loading one drops them.
+_RUNTIME_KEYS = frozenset(RuntimeParams.model_fields)
 
 
-def _with_speed_keys(train: Any) -> Any:
-    """``train`` as a mapping, completed with :data:`_BEFORE_SPEED_KEYS` if it predates them."""
-    if isinstance(train, Mapping) and not any(key in train for key in _BEFORE_SPEED_KEYS):
-        return {**train, **_BEFORE_SPEED_KEYS}
+def _without_runtime_keys(train: Any) -> Any:
+    """``train`` without the keys that moved to the ``runtime`` section."""
+    if isinstance(train, Mapping):
+        return {key: value for key, value in train.items() if key not in _RUNTIME_KEYS}
     return train
 
 
@@ -604,7 +603,7 @@ def cpu_threads(setting: int | str, processes: int) -> int:
     """The intra-op CPU threads one training process should use.
 
     Args:
-        setting: ``train.threads``: a number, or ``auto``.
+        setting: ``runtime.threads``: a number, or ``auto``.
         processes: Training processes sharing this machine (``train.devices``).
 
     Returns:
@@ -664,7 +663,7 @@ class CNNClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         model_params = _parse_section(ModelParams, model, "model")
-        train_params = _parse_section(TrainParams, _with_speed_keys(train), "train")
+        train_params = _parse_section(TrainParams, _without_runtime_keys(train), "train")
         hw = _check_inputs(in_channels, image_hw, num_classes)
         _check_train_size(train_size)
         _check_optimizer(train_params)
@@ -686,12 +685,8 @@ class CNNClassifier(L.LightningModule):
         self.binary = num_classes == 2
         self.input_shape = (int(in_channels), *hw)
         self.net = build_cnn(model_params, in_channels, hw, num_classes)
-        self.channels_last = train_params.channels_last
-        self._compiled_net: nn.Module | None = None  # set by setup("fit") with train.compile
-        if self.channels_last:
-            # NHWC: oneDNN's fast convolution layout on CPU (the weights keep their values
-            # and state_dict keys; only the strides change).
-            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.runtime: RuntimeParams | None = None  # how to run: see use_runtime()
+        self._compiled_net: nn.Module | None = None  # set by setup("fit") with runtime.compile
         # The epoch's training sums so far: J * n, penalty * n, correct, n. Logged once, at
         # the epoch's last step; float64 on the CPU whatever the device (MPS has no float64).
         self._train_sums = torch.zeros(4, dtype=torch.float64)
@@ -721,7 +716,7 @@ class CNNClassifier(L.LightningModule):
                 "at the model input",
                 "prepare the data with the data.image_size and data.channels used in training",
             )
-        if self.channels_last:
+        if self.runtime is not None and self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         compiled = self._compiled_net
         logits = compiled(x) if compiled is not None and self.training else self.net(x)
@@ -864,16 +859,36 @@ class CNNClassifier(L.LightningModule):
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return probabilities(self(x), self.num_classes)
 
+    def use_runtime(self, runtime: RuntimeParams) -> None:
+        """Run with ``runtime``'s memory layout, threads and compilation from now on.
+
+        How a module runs is not what it learnt, so none of it is a hyperparameter: a
+        module without a runtime (loaded for evaluation, prediction, export) runs NCHW,
+        eager, with the process's threads.
+
+        Args:
+            runtime: The ``runtime`` section.
+        """
+        self.runtime = runtime
+        # NHWC is oneDNN's fast convolution layout on CPU; the weights keep their values and
+        # state_dict keys, only the strides change.
+        layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=layout)  # type: ignore[call-overload]
+
     def setup(self, stage: str) -> None:
         """Give this process its share of the CPU threads; compile the network for ``fit``.
 
-        With ``train.compile``, training steps run ``torch.compile(net)``, which shares the
-        eager network's parameters; validation, testing and prediction stay eager (no second
-        compile for eval mode and other batch sizes).
+        Both follow :meth:`use_runtime`. With ``runtime.compile``, training steps run
+        ``torch.compile(net)``, which shares the eager network's parameters; validation,
+        testing and prediction stay eager (no second compile for eval mode and other batch
+        sizes).
         """
+        runtime = self.runtime
+        if runtime is None:
+            return
         processes = self.trainer.num_devices if self._trainer is not None else 1
-        torch.set_num_threads(cpu_threads(self.train_params.threads, processes))
-        if stage == "fit" and self.train_params.compile and self._compiled_net is None:
+        torch.set_num_threads(cpu_threads(runtime.threads, processes))
+        if stage == "fit" and runtime.compile and self._compiled_net is None:
             # torch.compile(module), not module.compile(): torch 2.13 silently skips the latter
             # for a Sequential of built-in layers (pytorch#150915). Kept out of the submodules,
             # so state_dict keys stay those of the eager network.

@@ -41,8 +41,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Map
 
+from convpipe.checkpoint import load_model
 from convpipe.data.dataset import MANIFEST, Manifest, load_manifest
-from convpipe.evaluation import load_model
 from convpipe.inference import check_data_matches, predict_images
 from convpipe.tracking import mask_uri, mlflow_error, store_lock
 

@@ -463,12 +463,11 @@ def _summary(
 
 def build_datamodule(params: Params) -> ConvDataModule:
     """The DataModule over ``paths.prepared`` + ``paths.augmented`` as params configure it."""
-    cfg = params.train
     return ConvDataModule(
         params.paths.prepared,
         params.paths.augmented,
-        cfg.batch_size,
-        cfg.num_workers,
+        params.train.batch_size,
+        params.runtime.num_workers,
         params.augment.online,
         params.base.seed,
     )
@@ -516,6 +515,7 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
         train_size=datamodule.train_size,
         class_names=manifest.class_names,
     )
+    model.use_runtime(params.runtime)
     return datamodule, model
 
 

@@ -21,14 +21,10 @@ from convpipe.data.dataset import (
     load_manifest,
     load_split,
 )
+from convpipe.data.transforms.apply import augment_batches
+from convpipe.data.transforms.factory import build_augmentation, save_augmentation
+from convpipe.data.transforms.preview import preview_grid, save_png
 from convpipe.io import atomic_dir, create_npy
-from convpipe.transforms import (
-    augment_batches,
-    build_augmentation,
-    preview_grid,
-    save_augmentation,
-    save_png,
-)
 
 PREVIEW_VERSIONS = 4
 

@@ -1,0 +1,60 @@
+"""What every batched op shares: the per-image firing mask and uniform parameter draws.
+
+A batched op is one albumentations transform re-implemented on a float ``(N, C, H, W)`` batch
+in ``[0, 255]``; :mod:`.batched_geometry` and :mod:`.batched_photometric` hold the ops, and
+:mod:`.batched` chains them into a pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+import torch
+
+
+def uniform(
+    generator: torch.Generator,
+    count: int,
+    bounds: Sequence[float],
+    shape: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """float64 ``(count, *shape)`` uniform in ``[low, high)``, like ``random.uniform``.
+
+    Args:
+        generator: The random stream to draw from.
+        count: One draw (of ``shape``) per image.
+        bounds: ``(low, high)``.
+        shape: Extra trailing dimensions, e.g. ``(10,)`` for ten tries per image.
+    """
+    low, high = (float(v) for v in bounds)
+    draw = torch.rand((count, *shape), generator=generator, dtype=torch.float64)
+    return low + (high - low) * draw
+
+
+class BatchedOp:
+    """One albumentations transform as a batched op on float ``(N, C, H, W)`` in ``[0, 255]``.
+
+    Every image fires independently with probability ``p``; only the images that fire are
+    touched, each with its own random parameters.
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = float(p)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Transform the images of float ``(N, C, H, W)`` that fire, in place; return them."""
+        fires = torch.rand(images.shape[0], generator=generator) < self.p
+        chosen = fires.nonzero().flatten()
+        if chosen.numel():
+            images[chosen] = self.apply(images[chosen], generator)
+        return images
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Transform every image of ``images`` (float ``(n, C, H, W)``)."""
+        raise NotImplementedError
+
+
+#: Turns one albumentations transform into its batched op, or None if an option it uses has no
+#: batched equivalent (the pipeline then runs per image through albumentations).
+OpBuilder: TypeAlias = Callable[[Any], BatchedOp | None]
