@@ -27,12 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MNIST, ROOT, Section, fmt, print_sections
+from common import MNIST, ROOT, Checkout, Section, fmt, print_sections
 
 from convpipe.data.dataset import load_manifest
 from convpipe.model import cpu_threads
 from convpipe.recipes import load_with_recipe
-from tests.project import Project, make_project
 
 RECIPE = ROOT / "params" / "mnist.yaml"
 GOAL_ACC = 0.993
@@ -40,9 +39,9 @@ GOAL_SECONDS = 300.0
 LENET5_ACC = 0.9905
 
 
-def mnist_project(dest: Path) -> Project:
+def mnist_project(dest: Path) -> Checkout:
     """A project copy set up the way the README's MNIST recipe says."""
-    project = make_project(dest)
+    project = Checkout.of_this_one(dest)
     project.run("convpipe", "recipe", str(RECIPE))  # as the README says
     data = project.root / "data"
     data.mkdir(exist_ok=True)
@@ -50,7 +49,7 @@ def mnist_project(dest: Path) -> Project:
     return project
 
 
-def timed_train(project: Project) -> float:
+def timed_train(project: Checkout) -> float:
     """Wall seconds of ``dvc repro train``, after an untimed ``dvc repro augment``."""
     project.run("dvc", "repro", "augment")  # prepare + augment: not part of the figure
     start = time.perf_counter()

@@ -32,10 +32,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.project import Project, make_project  # noqa: E402
+from common import Checkout
 
 STUDY = "bench"
 GOAL_SPEEDUP = 2.0
@@ -79,16 +78,15 @@ class CaseResult:
         )
 
 
-def prepare_case(pruner: str, trials: int, workdir: Path) -> Project:
+def prepare_case(pruner: str, trials: int, workdir: Path) -> Checkout:
     """A fresh project under ``workdir`` with its data augmented and ``tune:`` set for the case."""
-    project = make_project(workdir / pruner)
-    project.env.pop("MLFLOW_TRACKING_URI", None)  # the project's own sqlite store
+    project = Checkout.of_this_one(workdir / pruner)
     project.run("dvc", "repro", "augment")
     project.set_params(**{"tune.pruner": pruner, "tune.n_trials": trials, "tune.study_name": STUDY})
     return project
 
 
-def time_campaign(project: Project) -> Timing:
+def time_campaign(project: Checkout) -> Timing:
     """Run a whole campaign from scratch (no study, no MLflow store yet); time it."""
     for name in ("optuna.db", "mlflow.db"):
         (project.root / name).unlink(missing_ok=True)
@@ -131,7 +129,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def summarise(pruner: str, timings: list[Timing], project: Project) -> CaseResult:
+def summarise(pruner: str, timings: list[Timing], project: Checkout) -> CaseResult:
     """The fastest timing, then trial states, epochs and best trial of the project's study."""
     fastest = min(timings, key=lambda t: t.seconds)
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{project.root / 'optuna.db'}")
@@ -147,7 +145,7 @@ def summarise(pruner: str, timings: list[Timing], project: Project) -> CaseResul
     return CaseResult(pruner, fastest, len(timings), states, epochs, best.value, best.number, acc)
 
 
-def best_trial_acc(project: Project, trial: FrozenTrial) -> float | None:
+def best_trial_acc(project: Checkout, trial: FrozenTrial) -> float | None:
     """val/acc of ``trial``'s MLflow child run at the step where its val/loss was lowest."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if not run_id:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +95,60 @@ def print_sections(sections: Sequence[Section]) -> None:
     """Print sections as Markdown (what a standalone ``bench_*.py`` run shows)."""
     for section in sections:
         print(section.markdown())
+
+
+@dataclass
+class Checkout:
+    """A throwaway copy of this checkout in its own git repo: what a fresh clone holds.
+
+    Benchmarks that time the real CLIs (``dvc repro``, ``convpipe tune``) run them here, with
+    this venv's executables and the copy's sources first on the path.
+    """
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_this_one(cls, dest: Path) -> Checkout:
+        """Copy every tracked or new, not ignored, file of the project into ``dest``."""
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        for name in filter(None, listed.split("\0")):
+            if (ROOT / name).is_file():  # a tracked file deleted in the working tree is not
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, dest / name)
+        env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(dest / "src"))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.pop("MLFLOW_TRACKING_URI", None)  # the copy tracks into its own mlflow.db
+        checkout = cls(dest, env)
+        for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"]):
+            checkout.run(*cmd)
+        checkout.run(
+            "git",
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@localhost",
+            "commit",
+            "-q",
+            "-m",
+            "benchmark copy",
+        )
+        return checkout
+
+    def run(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` in the copy; raise with its output if it fails."""
+        done = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
+        return done
+
+    def set_params(self, **values: object) -> None:
+        """Set dotted params keys as ``dvc exp run -S`` does (DVC's own writer)."""
+        from dvc.utils.hydra import apply_overrides
+
+        apply_overrides(self.root / "params.yaml", [f"{k}={v}" for k, v in values.items()])

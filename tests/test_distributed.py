@@ -192,7 +192,7 @@ def test_ddp_tuning_trial_samples_once_for_both_ranks(tmp_path):
 
 
 def test_ddp_tuning_refuses_journal_storage(make_params):
-    from convpipe.tuning import check_distributed_storage
+    from convpipe.tuning.worker import check_distributed_storage
 
     params = make_params(**{"train.devices": 2, "tune.storage": "journal:optuna.journal"})
     with pytest.raises(ConvpipeError, match=r"must be an RDB URL"):
@@ -243,7 +243,8 @@ def test_slurm_srun_launch_two_tasks(tmp_path):
         for task in tasks:
             task.kill()
     assert [task.returncode for task in tasks] == [0, 0], outputs
-    assert "SLURM" in outputs[0] or "SLURM" in outputs[1]  # Lightning saw a SLURM job
+    for rank, output in enumerate(outputs):  # each rank is SLURM_PROCID's, of SLURM_NTASKS
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output, output
     runs = _runs(project.root)
     assert len(runs) == 1 and runs[0][1] == "FINISHED"
     assert json.loads((project.root / "metrics/train.json").read_text())["test/count"] == 269

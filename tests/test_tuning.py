@@ -30,25 +30,19 @@ from ruamel.yaml import YAML
 from convpipe.config import CategoricalDim, FloatDim, IntDim, load_params
 from convpipe.errors import ConvpipeError
 from convpipe.tracking import ENV_URI
-from convpipe.tuning import (
-    HEARTBEAT_ATTR,
-    REASON_ATTR,
-    RUN_ATTR,
-    Campaign,
-    apply_best,
+from convpipe.tuning.apply import apply_best, yaml_scalar
+from convpipe.tuning.campaign import RUN_ATTR, Campaign
+from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
+from convpipe.tuning.space import (
     best_value,
     check_space,
     direction,
-    fail_stale_trials,
-    heartbeat,
-    load_study,
     make_pruner,
     make_sampler,
-    open_storage,
     suggest,
     with_values,
-    yaml_scalar,
 )
+from convpipe.tuning.storage import load_study, open_storage
 from tests.conftest import TINY_CONV
 from tests.project import ROOT, Project, make_project
 

@@ -66,7 +66,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from convpipe.errors import ConvpipeError
-    from convpipe.tuning import apply_best, tune
+    from convpipe.tuning.apply import apply_best
+    from convpipe.tuning.worker import tune
 
     if args.n_trials is not None and args.n_trials < 0:
         raise ConvpipeError(

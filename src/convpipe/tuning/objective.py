@@ -1,0 +1,196 @@
+"""One trial: train with the sampled values and report the best validation value."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import optuna
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from convpipe.config import (
+    Params,
+)
+from convpipe.errors import ConvpipeError
+from convpipe.training import (
+    EpochHistory,
+    RunLogger,
+    build_model,
+    build_trainer,
+)
+from convpipe.tuning.campaign import Campaign
+from convpipe.tuning.liveness import REASON_ATTR, heartbeat
+from convpipe.tuning.space import best_value, diverged, make_sampler, suggest, with_values
+
+log = logging.getLogger("convpipe")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-fit banners: a campaign prints one line per trial instead."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class FinitePruning(PyTorchLightningPruningCallback):
+    """Optuna's pruning callback, but a nan/inf monitor fails the trial instead of pruning it."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop with an error on a non-finite monitor, else report it to the pruner."""
+        score = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and score is not None and not math.isfinite(float(score)):
+            raise diverged(self.monitor, float(score), pl_module.current_epoch)
+        super().on_validation_end(trainer, pl_module)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, ConvpipeError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:2000]
+
+
+@dataclass
+class TrialRunner:
+    """The objective: sample, train on train/val, return the best monitored value.
+
+    Each trial's MLflow child run ends with the outcome: COMPLETE, PRUNED, or FAIL with the
+    reason (KILLED on an interrupt).
+    """
+
+    params: Params
+    campaign: Campaign
+
+    def __call__(self, trial: Trial) -> float:
+        """Run one trial (a heartbeat covers all of it).
+
+        Raises:
+            optuna.TrialPruned: the pruner stopped it.
+            Exception: whatever failed it (a ConvpipeError for divergence).
+        """
+        tune, campaign = self.params.tune, self.campaign
+        with heartbeat(campaign.study, trial._trial_id, tune.heartbeat_seconds):
+            values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
+            run_id = campaign.start_trial(trial, values)
+            try:
+                value = self.fit(trial, values, run_id)
+            except optuna.TrialPruned:
+                campaign.end_trial(run_id, "PRUNED")
+                raise
+            except (KeyboardInterrupt, SystemExit):
+                campaign.end_trial(run_id, "FAIL", "interrupted", status="KILLED")
+                raise
+            except Exception as exc:
+                campaign.end_trial(run_id, "FAIL", _reason(exc))
+                raise
+            campaign.client.log_metric(run_id, "objective", value)
+            campaign.end_trial(run_id, "COMPLETE")
+        return value
+
+    def fit(self, trial: Trial, values: Mapping[str, Any], run_id: str) -> float:
+        """Train with the sampled ``values``; prune (or fail on nan) on ``train.monitor``."""
+        fixed = {"train.max_epochs": self.params.tune.max_epochs, **trial_strategy(self.params)}
+        params = with_values(self.params, {**values, **fixed})
+        cfg = params.train
+        L.seed_everything(params.base.seed, workers=True, verbose=False)
+        datamodule, model = build_model(params)
+        history = EpochHistory()
+        pruning = FinitePruning(trial, monitor=cfg.monitor)
+        early = EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.patience)
+        callbacks: list[Callback] = [pruning, early, history, SameValuesOnEveryRank(trial)]
+        logger = RunLogger(tracking_uri=self.campaign.uri, run_id=run_id)
+        with quiet_lightning(), tempfile.TemporaryDirectory(prefix="convpipe-trial-") as root:
+            trainer = build_trainer(cfg, callbacks, logger, root, interactive=False)
+            trainer.fit(model, datamodule=datamodule)
+        pruning.check_pruned()  # under DDP the prune decision arrives here, not as an exception
+        if history.rows:
+            return best_value(history.rows, cfg.monitor, cfg.monitor_mode)
+        # spawned DDP ranks kept their history; the pruning callback stored every epoch's value
+        reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
+        rows = [{cfg.monitor: value} for value in reported.values()]
+        return best_value(rows, cfg.monitor, cfg.monitor_mode)
+
+
+def trial_strategy(params: Params) -> dict[str, str]:
+    """The strategy override a multi-process trial needs.
+
+    ``ddp`` relaunches the whole command in every rank for each ``fit``, which cannot work
+    inside a campaign loop; ``ddp_spawn`` starts the ranks from this process instead, so the
+    values are sampled once, here, and handed to every rank with the model.
+    """
+    devices = params.train.devices
+    multi = devices == "auto" or int(devices) > 1 or params.train.num_nodes > 1
+    if multi and params.train.strategy in ("auto", "ddp"):
+        return {"train.strategy": "ddp_spawn"}
+    return {}
+
+
+class SameValuesOnEveryRank(Callback):
+    """Under DDP, prove that every rank trains with the values sampled once for the trial.
+
+    Each rank gathers a digest of its hyperparameters; any difference stops the trial. Rank 0
+    records how many ranks agreed in the trial's ``ddp_ranks_agreed`` user attribute.
+    """
+
+    def __init__(self, trial: Trial) -> None:
+        self.trial = trial
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Compare the hyperparameter digests of all ranks."""
+        if trainer.world_size < 2:
+            return
+        text = json.dumps(dict(pl_module.hparams), sort_keys=True, default=str)
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+        gathered = trainer.strategy.all_gather(torch.tensor([digest], dtype=torch.int64))
+        if torch.unique(gathered).numel() != 1:
+            raise ConvpipeError(
+                "DDP ranks of one trial train with different hyperparameters",
+                f"in trial {self.trial.number}",
+                "report this as a convpipe bug",
+            )
+        if trainer.is_global_zero:
+            self.trial.set_user_attr("ddp_ranks_agreed", trainer.world_size)
+
+
+def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
+    """Ask for a trial, run it, tell its outcome; returns it as stored.
+
+    Raises:
+        KeyboardInterrupt: after recording the trial FAIL (also for Lightning's exit on Ctrl+C).
+    """
+    trial = study.ask()
+    study.sampler = make_sampler(runner.params.tune, runner.params.base.seed + trial.number)
+    value: float | None = None
+    try:
+        value = runner(trial)
+        state = TrialState.COMPLETE
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except (KeyboardInterrupt, SystemExit) as exc:
+        with contextlib.suppress(Exception):
+            trial.set_user_attr(REASON_ATTR, "interrupted")
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise KeyboardInterrupt from exc
+    except Exception as exc:
+        log.debug("trial %d failed", trial.number, exc_info=True)
+        with contextlib.suppress(Exception):  # failed by a worker that took this one for dead
+            trial.set_user_attr(REASON_ATTR, _reason(exc))
+        state = TrialState.FAIL
+    frozen = study.tell(trial, value, state=state, skip_if_finished=True)
+    if frozen.state != state:  # another worker marked it FAIL meanwhile: MLflow must agree
+        runner.campaign.end_stale(frozen)
+    return frozen
