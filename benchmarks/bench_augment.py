@@ -54,12 +54,12 @@ from common import MNIST, ROOT, Section, fmt, median_spread
 
 from convpipe.config import Params, parse_params, read_yaml, set_dotted
 from convpipe.data.augment import write_augmented
-from convpipe.data.dataset import PIPELINE_FILE
+from convpipe.data.datamodule import ConvDataModule
+from convpipe.data.manifest import PIPELINE_FILE
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.factory import load_augmentation
 from convpipe.data.transforms.normalize import BatchTransform
-from convpipe.datamodule import ConvDataModule
 from convpipe.training import build_model
 
 GOAL = 0.10  # online at most 10 % slower than no augmentation

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import MNIST, ROOT, Checkout, Section, fmt, print_sections
 
-from convpipe.data.dataset import load_manifest
+from convpipe.data.manifest import load_manifest
 from convpipe.model import cpu_threads
 from convpipe.recipes import load_with_recipe
 

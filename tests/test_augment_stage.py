@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from convpipe.data.augment import PIPELINE_FILE, PREVIEW_VERSIONS, preview_indices, write_augmented
-from convpipe.data.dataset import load_manifest, load_split
+from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.preview import preview_grid

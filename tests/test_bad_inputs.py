@@ -37,7 +37,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from convpipe.config import load_params, set_dotted
-from convpipe.data.dataset import load_manifest
+from convpipe.data.manifest import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.readers.base import FileReader
 from convpipe.data.sources import open_source
@@ -394,7 +394,7 @@ def good_model(good_data: Path) -> Path:
     from mlflow.tracking import MlflowClient
 
     from convpipe.checkpoint import load_model
-    from convpipe.tracking import RunInfo
+    from convpipe.tracking.provenance import RunInfo
 
     with contextlib.chdir(good_data):
         params = load_params()

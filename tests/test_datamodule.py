@@ -16,18 +16,18 @@ import torch
 
 from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
-from convpipe.data.dataset import MANIFEST, load_manifest, load_split
-from convpipe.data.prepare import write_prepared
-from convpipe.data.sources import open_source
-from convpipe.datamodule import (
+from convpipe.data.datamodule import (
     ArrayDataset,
     ConvDataModule,
     ResumableSampler,
     TrainLoader,
     collate_batch,
 )
+from convpipe.data.manifest import MANIFEST, load_manifest, load_split
+from convpipe.data.prepare import write_prepared
+from convpipe.data.sources import open_source
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import ENV_URI
+from convpipe.tracking.store import ENV_URI
 from convpipe.training import check_batch_size, train
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from convpipe.checkpoint import load_model
-from convpipe.datamodule import ConvDataModule, ShardSampler
+from convpipe.data.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation import predict_logits
 from convpipe.training import build_trainer, check_strategy

@@ -20,11 +20,11 @@ from convpipe import evaluation as ev
 from convpipe import export as ex
 from convpipe.cli import build_parser
 from convpipe.config import Params, TrainParams, parse_params
-from convpipe.data.dataset import Manifest, load_manifest, load_split
+from convpipe.data.datamodule import ArrayDataset
+from convpipe.data.manifest import Manifest, load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
-from convpipe.datamodule import ArrayDataset
 from convpipe.errors import ConvpipeError
 from convpipe.model import CNNClassifier, probabilities
 from tests import datagen

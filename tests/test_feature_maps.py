@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe.config import parse_params
-from convpipe.data.dataset import load_manifest, load_split
+from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch

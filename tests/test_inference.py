@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe import evaluation as ev
 from convpipe.config import ModelParams, Params, TrainParams, parse_params
-from convpipe.data.dataset import load_manifest, load_split
+from convpipe.data.datamodule import ArrayDataset
+from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
-from convpipe.datamodule import ArrayDataset
 from convpipe.inference import (
     dense_equivalent_parameters,
     find_images,

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from convpipe.data.dataset import load_manifest, load_split
+from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import SKIPPED_REPORT, write_prepared
 from convpipe.data.sources import open_source
 from convpipe.errors import ConvpipeError

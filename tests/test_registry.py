@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe.checkpoint import load_model
 from convpipe.config import Params, TrainParams, parse_params
-from convpipe.data.dataset import Manifest, load_split
+from convpipe.data.manifest import Manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch
@@ -50,7 +50,7 @@ from convpipe.registry import (
     should_promote,
     tag_accuracy,
 )
-from convpipe.tracking import store_lock
+from convpipe.tracking.store import store_lock
 from tests.conftest import TINY_CONV, free_port, quiet_trainer, stop_server, wait_for_http
 from tests.project import make_project
 
@@ -345,7 +345,7 @@ def test_a_champion_without_accuracy_keeps_the_alias(trained: Trained, caplog) -
 REGISTER = """
 import sys
 import numpy as np
-from convpipe.data.dataset import load_manifest, load_split
+from convpipe.data.manifest import load_manifest, load_split
 from convpipe.registry import log_and_register
 uri, run_id, name, ckpt, prepared = sys.argv[1:6]
 manifest = load_manifest(prepared)

@@ -16,23 +16,22 @@ from mlflow.tracking import MlflowClient
 
 from convpipe.config import Params
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import (
-    ENV_URI,
+from convpipe.tracking.params import flatten, log_params, masked_params, params_for_mlflow
+from convpipe.tracking.provenance import (
     RunInfo,
-    artifact_location,
-    check_reachable,
     dataset_inputs,
     dvc_lock_hashes,
-    flatten,
-    log_params,
-    mark_model_training,
-    mask_uri,
-    masked_params,
-    params_for_mlflow,
     run_name,
     run_tags,
-    tracking_uri,
     training_note,
+)
+from convpipe.tracking.store import (
+    ENV_URI,
+    artifact_location,
+    check_reachable,
+    mark_model_training,
+    mask_uri,
+    tracking_uri,
 )
 
 # The shape DVC 3 writes (schema 2.0): deps/params/outs per stage, outs with md5 + size.
@@ -300,7 +299,7 @@ def test_run_names_differ_even_after_identical_seeding() -> None:
 
 
 def _manifest(**changes):
-    from convpipe.data.dataset import Manifest
+    from convpipe.data.manifest import Manifest
 
     base = {
         "format_version": 1, "stage": "prepare", "source": "imagefolder",

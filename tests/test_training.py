@@ -29,13 +29,15 @@ from ruamel.yaml import YAML
 from convpipe.checkpoint import AtomicCheckpointIO
 from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
-from convpipe.data.dataset import load_manifest
+from convpipe.data.manifest import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
 from convpipe.evaluation import evaluate
 from convpipe.resume import Preempted, fingerprint
-from convpipe.tracking import ENV_URI, RunInfo, masked_params, params_for_mlflow
+from convpipe.tracking.params import masked_params, params_for_mlflow
+from convpipe.tracking.provenance import RunInfo
+from convpipe.tracking.store import ENV_URI
 from convpipe.training import (
     HISTORY_COLUMNS,
     INTERRUPTED_TAG,

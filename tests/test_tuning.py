@@ -29,7 +29,7 @@ from ruamel.yaml import YAML
 
 from convpipe.config import CategoricalDim, FloatDim, IntDim, load_params
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import ENV_URI
+from convpipe.tracking.store import ENV_URI
 from convpipe.tuning.apply import apply_best, yaml_scalar
 from convpipe.tuning.campaign import RUN_ATTR, Campaign
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat

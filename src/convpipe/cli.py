@@ -41,7 +41,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Open the MLflow UI on the tracking store of params.yaml (127.0.0.1 unless told)."""
-    from convpipe.tracking import mask_uri, tracking_uri
+    from convpipe.tracking.store import mask_uri, tracking_uri
 
     uri = tracking_uri(load_params(args.params).mlflow)
     print(f"MLflow UI for {mask_uri(uri)} on http://{args.host}:{args.port}", flush=True)
@@ -90,7 +90,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     """Per-layer shapes, parameters, receptive fields; totals against a dense network."""
     import json
 
-    from convpipe.data.dataset import load_manifest
+    from convpipe.data.manifest import load_manifest
     from convpipe.inference import format_summary, summary_dict
 
     params = load_params(args.params)
@@ -105,7 +105,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files with the trained model; one row per file, errors included."""
     from convpipe.checkpoint import load_model
-    from convpipe.data.dataset import load_manifest
+    from convpipe.data.manifest import load_manifest
     from convpipe.errors import ConvpipeError
     from convpipe.inference import (
         check_data_matches,
@@ -165,7 +165,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from convpipe.checkpoint import load_model
-    from convpipe.data.dataset import load_manifest
+    from convpipe.data.manifest import load_manifest
     from convpipe.evaluation import save_figure
     from convpipe.feature_maps import picture
     from convpipe.inference import check_data_matches, load_image

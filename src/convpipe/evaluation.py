@@ -22,13 +22,14 @@ from torchmetrics.functional import classification as tmf
 
 from convpipe.checkpoint import load_model
 from convpipe.config import Params
-from convpipe.data.dataset import Manifest
-from convpipe.datamodule import ArrayDataset, ConvDataModule
+from convpipe.data.datamodule import ArrayDataset, ConvDataModule
+from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.model import CNNClassifier, probabilities
-from convpipe.tracking import RunInfo, check_reachable, mask_uri, mlflow_error
-from convpipe.tracking import tracking_uri as resolve_uri
+from convpipe.tracking.provenance import RunInfo
+from convpipe.tracking.store import check_reachable, mask_uri, mlflow_error
+from convpipe.tracking.store import tracking_uri as resolve_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

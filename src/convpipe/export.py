@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from convpipe import __version__
 from convpipe.checkpoint import load_model
 from convpipe.config import Params
-from convpipe.data.dataset import Manifest
-from convpipe.datamodule import ArrayDataset, ConvDataModule
+from convpipe.data.datamodule import ArrayDataset, ConvDataModule
+from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation import EVAL_BATCH, predict_logits
 from convpipe.inference import check_data_matches

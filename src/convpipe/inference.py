@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from convpipe.config import ModelParams
-from convpipe.data.dataset import Manifest
 from convpipe.data.images import is_image_file, normalize, open_image
+from convpipe.data.manifest import Manifest
 from convpipe.data.raw import BadFileError
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError

@@ -42,9 +42,9 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Map
 
 from convpipe.checkpoint import load_model
-from convpipe.data.dataset import MANIFEST, Manifest, load_manifest
+from convpipe.data.manifest import MANIFEST, Manifest, load_manifest
 from convpipe.inference import check_data_matches, predict_images
-from convpipe.tracking import mask_uri, mlflow_error, store_lock
+from convpipe.tracking.store import mask_uri, mlflow_error, store_lock
 
 __all__ = [
     "ACCURACY_TAG",

@@ -4,7 +4,8 @@
 augmented data, tests the best checkpoint, and writes the DVC outputs named in ``paths:``.
 
 The MLflow run gets, once each: a name saying what it is (the DVC experiment's, see
-:func:`convpipe.tracking.run_name`), every resolved param (``train.lr``, ``model.conv``, ...)
+:func:`convpipe.tracking.provenance.run_name`), every resolved param (``train.lr``,
+``model.conv``, ...)
 plus the values derived from the data (``derived.*``), tags naming the code, data and DVC
 experiment (git commit, dirty flag, ``dvc.lock`` hashes, ``dvc.exp_name``), its input datasets,
 per-epoch metrics (stepped by epoch), the test metrics of the best checkpoint, and the
@@ -43,8 +44,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from convpipe.checkpoint import AtomicCheckpointIO
 from convpipe.config import Params, TrainParams
-from convpipe.data.dataset import MANIFEST, PIPELINE_FILE
-from convpipe.datamodule import ConvDataModule
+from convpipe.data.datamodule import ConvDataModule
+from convpipe.data.manifest import MANIFEST, PIPELINE_FILE
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.model import CNNClassifier
@@ -59,27 +60,27 @@ from convpipe.resume import (
     preemption_is_resumable,
     start_record,
 )
-from convpipe.tracking import (
+from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
+from convpipe.tracking.provenance import (
     FREEZE_ARTIFACT,
     RunInfo,
-    TrackingLost,
-    artifact_location,
-    check_reachable,
     dataset_inputs,
-    is_tracking_failure,
-    log_params,
-    mark_model_training,
-    mask_uri,
-    masked_params,
-    mlflow_error,
-    params_for_mlflow,
     pip_freeze,
     run_name,
     run_tags,
-    store_lock,
     training_note,
 )
-from convpipe.tracking import tracking_uri as resolve_uri
+from convpipe.tracking.store import (
+    TrackingLost,
+    artifact_location,
+    check_reachable,
+    is_tracking_failure,
+    mark_model_training,
+    mask_uri,
+    mlflow_error,
+    store_lock,
+)
+from convpipe.tracking.store import tracking_uri as resolve_uri
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -144,7 +145,7 @@ class RunLogger(MLFlowLogger):
 
     Lightning would log the LightningModule's ``hparams`` a second time under other names
     (``train/lr`` beside ``train.lr``) and truncate every value to 250 characters; the run's
-    params are logged once, in full, by :func:`convpipe.tracking.log_params` instead.
+    params are logged once, in full, by :func:`convpipe.tracking.params.log_params` instead.
     """
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -487,7 +488,10 @@ def _derived(datamodule: ConvDataModule, uri: str) -> dict[str, str]:
 
 
 def _datasets(params: Params, datamodule: ConvDataModule) -> list[Any]:
-    """The MLflow dataset inputs of this training (see :func:`convpipe.tracking.dataset_inputs`)."""
+    """The MLflow dataset inputs of this training.
+
+    See :func:`convpipe.tracking.provenance.dataset_inputs`.
+    """
     origin = params.data.path
     if origin is None:
         origin = BUILTIN_SOURCES.get(params.data.source, params.data.source)

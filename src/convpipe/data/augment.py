@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from convpipe.config import Params
-from convpipe.data.dataset import (
+from convpipe.data.manifest import (
     MANIFEST,
     PIPELINE_FILE,
     Manifest,

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from convpipe.config import DataParams
-from convpipe.data.dataset import (
+from convpipe.data.images import channels_of, normalize
+from convpipe.data.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     Manifest,
@@ -26,7 +27,6 @@ from convpipe.data.dataset import (
     class_counts,
     content_hash,
 )
-from convpipe.data.images import channels_of, normalize
 from convpipe.data.raw import ALL, SPLITS, BadFileError, ImageInfo, RawDataset, RawSplit
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_dir, atomic_path, create_npy

@@ -17,18 +17,17 @@ from convpipe.config import (
     Params,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import (
+from convpipe.tracking.params import log_params, params_for_mlflow
+from convpipe.tracking.provenance import run_tags
+from convpipe.tracking.store import (
     artifact_location,
     check_reachable,
-    log_params,
     mark_model_training,
     mask_uri,
     mlflow_error,
-    params_for_mlflow,
-    run_tags,
     store_lock,
 )
-from convpipe.tracking import tracking_uri as resolve_uri
+from convpipe.tracking.store import tracking_uri as resolve_uri
 from convpipe.training import (
     INPUT_STAGES,
 )

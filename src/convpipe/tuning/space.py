@@ -20,9 +20,7 @@ from convpipe.config import (
     set_dotted,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import (
-    flatten,
-)
+from convpipe.tracking.params import flatten
 
 #: Trials that count toward ``tune.n_trials``: a failed trial (diverged, or its worker died)
 #: is reported but does not use up the budget.

@@ -14,10 +14,7 @@ from convpipe.config import (
     Params,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import (
-    mask_uri,
-    store_lock,
-)
+from convpipe.tracking.store import mask_uri, store_lock
 from convpipe.tuning.space import direction, make_pruner, make_sampler
 
 SCHEMA_ATTEMPTS = 4

@@ -13,9 +13,7 @@ from convpipe.config import (
     Params,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.tracking import (
-    mask_uri,
-)
+from convpipe.tracking.store import mask_uri
 from convpipe.training import (
     build_datamodule,
     check_monitor,

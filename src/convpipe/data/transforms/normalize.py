@@ -1,7 +1,7 @@
 """What the model sees: uint8 ``(N, H, W, C)`` batches as normalised float32 ``(N, C, H, W)``.
 
 Training and evaluation both get their batch transform as a :class:`BatchTransform` (from
-:meth:`convpipe.datamodule.ConvDataModule.transform`) and inference normalises with
+:meth:`convpipe.data.datamodule.ConvDataModule.transform`) and inference normalises with
 :func:`normalize_batch`; all of them compute ``(x / 255 - mean) / std`` with the per-channel
 mean and std of the training images, so the sides cannot drift apart. Only training augments.
 """

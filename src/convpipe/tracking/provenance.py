@@ -1,14 +1,7 @@
-"""MLflow: where runs go, what identifies them, and how stages find the run of a training.
-
-The train stage opens the run (through Lightning's MLFlowLogger) and writes its id to
-``paths.run_info``; the evaluate stage reads that file and logs into the same run. The
-tracking URI is always passed explicitly, because MLFlowLogger would otherwise fall back to a
-``file:`` store that MLflow ≥ 3.13 rejects.
-"""
+"""What identifies a run: code, data and environment tags, dataset inputs, run info."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -16,264 +9,45 @@ import json
 import os
 import platform
 import secrets
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convpipe.config import MlflowParams, Params
-from convpipe.data.dataset import Manifest
+from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json
 
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
-    from mlflow.tracking import MlflowClient
 
-ENV_URI = "MLFLOW_TRACKING_URI"
+from convpipe.tracking.store import mask_uri, repo_root
+
 # What `dvc exp run` (in the workspace or from the queue) tells the stages it runs.
 ENV_EXP_NAME = "DVC_EXP_NAME"
+
 ENV_EXP_BASELINE = "DVC_EXP_BASELINE_REV"
+
 EXP_NAME_TAG = "dvc.exp_name"
+
 BASELINE_TAG = "dvc.exp_baseline_rev"
+
 COMMIT_TAG = "git.commit"
+
 # The hash-locked environment `make setup` installs, and the run's record of it.
 LOCK_FILE = "requirements.lock"
+
 LOCK_TAG = "convpipe.lock_sha256"
+
 FREEZE_ARTIFACT = "environment/pip-freeze.txt"
-# MLflow 3's UI opens an experiment of this kind on its training runs, not on GenAI traces.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"
+
 # Contexts are the manifest's own split names, so a dataset reads the same in DVC and MLflow.
 DATASET_CONTEXTS = ("train", "val", "test")
+
 DIGEST_LENGTH = 16  # of the manifest's sha256 (MLflow stores at most 36 characters)
-CONNECT_TIMEOUT_S = 5.0
-MASK = "***"
-# query-string keys whose values are secrets (e.g. ``postgresql://h/db?password=...``)
-SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "access_key", "api_key")
-# MLflow's client retries a dead server for minutes (7 retries, backoff factor 2, 120 s
-# timeout); a training should learn in seconds that its server is gone. A user's own
-# setting of these variables wins.
-FAIL_FAST_HTTP = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-# MLflow limits: values per log_batch call, characters per param value
-PARAMS_PER_BATCH = 100
-MAX_PARAM_LENGTH = 6000
-
-
-def repo_root() -> Path:
-    """The project folder: ``$DVC_ROOT`` under DVC, else the current folder.
-
-    DVC sets ``DVC_ROOT`` to the project also for queued experiments, which run in a copy.
-    """
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
-
-
-def tracking_uri(params: MlflowParams) -> str:
-    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri``.
-
-    A relative sqlite path is taken from the project folder, so ``dvc exp run --queue``
-    experiments, which run in temporary copies, still track into the project's store.
-    """
-    uri = os.environ.get(ENV_URI) or params.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(repo_root() / uri.removeprefix(prefix))
-    return uri
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialise the first steps of local processes on one store (MLflow's or Optuna's).
-
-    Two processes that open a fresh sqlite store at once both create its schema and one dies
-    (MLflow: "duplicate column", Optuna: "UNIQUE constraint failed: alembic_version"); two
-    tuning workers would both create a parent run.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (start workers a few seconds apart)
-        yield
-        return
-    key = uri
-    if uri.startswith("sqlite:///"):
-        key = str(Path(uri.removeprefix("sqlite:///")).resolve())
-    name = f"convpipe-store-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
-    try:
-        handle = open(Path(tempfile.gettempdir()) / name, "a+")  # noqa: SIM115
-    except OSError:  # e.g. another user's lock file: go on unserialised
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
-    """Tag the experiment as model training, so the MLflow UI opens on its training runs.
-
-    MLflow 3's UI otherwise treats an untagged experiment as GenAI and opens on traces.
-    A kind the user set is kept.
-
-    Args:
-        client: A client of the tracking store.
-        experiment_id: The experiment to tag.
-    """
-    experiment = client.get_experiment(experiment_id)
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: ``mlruns/`` in the project for a local store.
-
-    MLflow's own default is ``./mlruns`` of whatever folder first creates the experiment,
-    which for a queued DVC experiment is a temporary copy that is deleted afterwards.
-    """
-    if uri.startswith("sqlite:"):
-        return (repo_root() / "mlruns").as_uri()
-    return None
-
-
-def _mask_query(query: str) -> str:
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    if not any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
-        return query
-    masked = [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
-    return urllib.parse.urlencode(masked, safe="*")
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (safe to print, log and store).
-
-    Both the ``user:password@`` part and secret query parameters (``?password=...``,
-    ``?token=...``) are masked; the rest of the URI is kept verbatim.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:{MASK}@{hostport}"
-    query = _mask_query(parts.query)
-    if netloc == parts.netloc and query == parts.query:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def check_reachable(uri: str) -> None:
-    """Fail fast, with one line, when an ``http(s)://`` tracking server does not answer.
-
-    MLflow's own client retries for minutes before giving up; a user deserves to know in
-    seconds that the server is down. Later requests of this process then fail fast too
-    (:data:`FAIL_FAST_HTTP`), so a server that dies mid-training ends it in seconds.
-
-    Raises:
-        ConvpipeError: If nothing accepts a TCP connection at the URI's host and port.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return
-    for name, value in FAIL_FAST_HTTP.items():
-        os.environ.setdefault(name, value)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ConvpipeError(
-            "MLflow tracking URI has an invalid port",
-            f"at {mask_uri(uri)}",
-            f"fix mlflow.tracking_uri / {ENV_URI}",
-        ) from None
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise ConvpipeError(
-            f"MLflow tracking server unreachable ({exc.strerror or exc})",
-            f"at {mask_uri(uri)}",
-            f"start it, or set mlflow.tracking_uri / {ENV_URI} to a reachable store",
-        ) from None
-
-
-class TrackingLost(ConvpipeError):
-    """The tracking store stopped answering while a training ran (it can be resumed)."""
-
-
-def is_tracking_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` came from the tracking store (MLflow's client or its HTTP layer)."""
-    from mlflow.exceptions import MlflowException
-    from requests.exceptions import RequestException
-
-    return isinstance(exc, (TrackingLost, MlflowException, RequestException))
-
-
-def mlflow_error(exc: Exception, uri: str, doing: str) -> ConvpipeError:
-    """A one-line user error for an MLflow failure while ``doing`` something at ``uri``."""
-    first = " ".join(str(getattr(exc, "message", exc)).split())[:300]
-    return ConvpipeError(
-        f"MLflow failed while {doing} ({type(exc).__name__}: {first})",
-        f"at {mask_uri(uri)}",
-        f"check mlflow.tracking_uri / {ENV_URI} and that the store is writable",
-    )
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield ``("section.key", value)`` for every leaf; lists stay whole values."""
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from flatten(value, f"{name}.")
-        else:
-            yield name, value
-
-
-def params_for_mlflow(params: Params) -> dict[str, str]:
-    """Every resolved param as ``{"train.lr": "0.003", ...}``, URIs masked.
-
-    Lists (e.g. ``model.conv``) are one JSON value each; values are never truncated below
-    MLflow's own limit.
-    """
-    out = {}
-    for key, value in flatten(masked_params(params)):
-        out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return out
-
-
-def _mask_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _mask_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask_tree(v) for v in value]
-    return mask_uri(value) if isinstance(value, str) and "://" in value else value
-
-
-def masked_params(params: Params) -> dict[str, Any]:
-    """``params`` as a plain nested mapping with every URL's password masked.
-
-    Any string value that is a URL is masked, whatever its key (``mlflow.tracking_uri``,
-    ``tune.storage``, ...), so no database password reaches a run or an artifact.
-    """
-    return dict(_mask_tree(params.model_dump(mode="json")))
-
-
-def log_params(client: MlflowClient, run_id: str, values: Mapping[str, str]) -> None:
-    """Log ``values`` as run params in batches of at most MLflow's 100 per request."""
-    from mlflow.entities import Param
-
-    items = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in values.items()]
-    for start in range(0, len(items), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
 
 
 def _git(*args: str) -> str | None:

@@ -23,7 +23,7 @@ from torch.utils.data import (
     Sampler,
 )
 
-from convpipe.data.dataset import PIPELINE_FILE, Manifest, load_manifest, load_split
+from convpipe.data.manifest import PIPELINE_FILE, Manifest, load_manifest, load_split
 from convpipe.data.transforms.factory import load_augmentation
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
