@@ -32,8 +32,9 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
+# The edit loop (< 2 min): unit tests, no end-to-end runs and no subprocess-heavy CLI tests.
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not subprocess"
 
 ui: setup
 	convpipe ui

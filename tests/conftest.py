@@ -18,8 +18,7 @@ import lightning as L
 import pytest
 
 from convpipe.config import Params, parse_params, read_yaml, set_dotted
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.project import ROOT
 
 #: One small conv block (4 filters, same padding, batch norm, 2x2 max pooling): fast tests.
 TINY_CONV = [

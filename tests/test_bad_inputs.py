@@ -43,8 +43,8 @@ from convpipe.data.readers.base import FileReader
 from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError
 from tests import datagen
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PARAMS = (ROOT / "params.yaml").read_text(encoding="utf-8")
 PREFIX = "convpipe: error: "
 TIMEOUT_S = 120.0  # a hang (symlink loop, unreachable server) fails the case instead of the run
@@ -424,6 +424,7 @@ def _copy_inputs(stage: str, source: Path, cwd: Path) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", [case.param() for case in CASES])
 def test_bad_input(
     case: Case,
@@ -513,6 +514,7 @@ def test_file_disappearing_mid_read(
     assert not out.exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.subprocess
 def test_payloads_are_live(tmp_path: Path) -> None:
     """The planted pickles do run code when loaded unsafely, so their refusal means something."""
     import torch
@@ -527,6 +529,7 @@ def test_payloads_are_live(tmp_path: Path) -> None:
     assert checkpoint.exists()
 
 
+@pytest.mark.subprocess
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     write_params(tmp_path, {"train.lrr": 0.01})
 

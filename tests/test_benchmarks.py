@@ -35,6 +35,7 @@ def _figure(cell: str) -> float:
     return float(found.group(1).replace(",", ""))
 
 
+@pytest.mark.subprocess
 def test_quick_prepare_run_is_assembled_into_a_full_report(tmp_path: Path) -> None:
     before = _state(run_all.RESULTS)
     out = tmp_path / "quick.md"

@@ -32,6 +32,7 @@ def test_validate_ok_and_bad(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_negative_trial_count_is_refused():
     result = _run("tune", "--n-trials", "-1")
     assert result.returncode == 2 and "--n-trials must be 0 or more" in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,6 +28,7 @@ from convpipe.model import (
     regularization_penalty,
     same_padding,
 )
+from tests.conftest import ROOT
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
@@ -36,7 +36,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 HW = (8, 8)
 
 

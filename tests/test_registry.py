@@ -301,6 +301,7 @@ print(json.dumps({"convpipe": convpipe.__file__, "class": out["class"][0]}))
 """
 
 
+@pytest.mark.subprocess
 def test_a_fresh_process_predicts_with_the_code_saved_in_the_model(
     trained: Trained, champion, tmp_path: Path
 ) -> None:
@@ -354,6 +355,7 @@ log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.a
 """
 
 
+@pytest.mark.subprocess
 def test_the_alias_decision_waits_for_the_store_lock(trained: Trained, tmp_path: Path) -> None:
     client = MlflowClient(trained.uri)
     name = "locked"

@@ -41,8 +41,7 @@ from convpipe.data.transforms.preview import (
     save_png,
 )
 from convpipe.errors import ConvpipeError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 # Every section present and disabled; tests switch on what they need.
 OFF: dict[str, Any] = {
@@ -189,6 +188,7 @@ def test_same_seed_is_byte_identical_and_different_seed_differs() -> None:
     assert first.tobytes() != other.tobytes()
 
 
+@pytest.mark.subprocess
 def test_same_seed_is_byte_identical_across_processes() -> None:
     script = (
         "import hashlib, numpy as np\n"
