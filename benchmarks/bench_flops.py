@@ -42,7 +42,7 @@ from bench_loop import mnist_like, quiet
 from common import ROOT, Section, fmt, median_spread, print_sections
 
 from convpipe.config import Params, parse_params, read_yaml
-from convpipe.model import cpu_threads
+from convpipe.models.module import cpu_threads
 from convpipe.training import build_model, build_trainer
 
 GOAL = 0.40

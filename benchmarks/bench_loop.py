@@ -49,13 +49,9 @@ from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
-from convpipe.model import (
-    CNNClassifier,
-    build_optimizer,
-    build_scheduler,
-    cpu_threads,
-    regularization_penalty,
-)
+from convpipe.models.module import CNNClassifier, cpu_threads
+from convpipe.models.network import regularization_penalty
+from convpipe.models.optim import build_optimizer, build_scheduler
 from convpipe.recipes import overlaid
 from convpipe.training import EpochHistory, build_model, build_trainer
 
@@ -337,7 +333,7 @@ Per-epoch mean data loss J (first round; the summary gives the largest differenc
 Found by profiling (cProfile, per-step timings): ``CNNClassifier.training_step`` called
 ``self.log`` four times and updated a torchmetrics accuracy on every step; Lightning rebuilds
 and deep-copies its logging metadata on each ``self.log`` call. Fixed in convpipe's
-``model.py``: the step adds loss, penalty and correct counts into one small tensor and the
+``models/module.py``: the step adds loss, penalty and correct counts into one small tensor and the
 epoch means are logged once, at the epoch's last step (summed over DDP ranks first). The
 remaining gap is Lightning's own per-step machinery (hooks, closure, profiler contexts).
 """

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import MNIST, ROOT, Checkout, Section, fmt, print_sections
 
 from convpipe.data.manifest import load_manifest
-from convpipe.model import cpu_threads
+from convpipe.models.module import cpu_threads
 from convpipe.recipes import load_with_recipe
 
 RECIPE = ROOT / "params" / "mnist.yaml"

@@ -167,7 +167,7 @@ def write_checkpoint(path: Path, num_classes: int, payload: object = None) -> Pa
     import lightning as L
     import torch
 
-    from convpipe.model import CNNClassifier
+    from convpipe.models.module import CNNClassifier
 
     params = load_params(ROOT / "params.yaml")
     model = CNNClassifier(
@@ -393,7 +393,7 @@ def good_model(good_data: Path) -> Path:
     """``good_data`` plus what training leaves: a checkpoint and its run in ``mlflow.db``."""
     from mlflow.tracking import MlflowClient
 
-    from convpipe.checkpoint import load_model
+    from convpipe.models.checkpoint import load_model
     from convpipe.tracking.provenance import RunInfo
 
     with contextlib.chdir(good_data):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.checkpoint import load_model
 from convpipe.data.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation import predict_logits
+from convpipe.models.checkpoint import load_model
 from convpipe.training import build_trainer, check_strategy
 from tests.conftest import ROOT, free_port
 from tests.project import make_project

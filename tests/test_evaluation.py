@@ -15,12 +15,12 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe import evaluation as ev
-from convpipe.checkpoint import load_model
 from convpipe.config import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
-from convpipe.model import CNNClassifier
+from convpipe.models.checkpoint import load_model
+from convpipe.models.module import CNNClassifier
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import ENV_URI
 from tests.conftest import TINY_CONV, quiet_trainer

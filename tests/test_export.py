@@ -26,7 +26,8 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
-from convpipe.model import CNNClassifier, probabilities
+from convpipe.models.module import CNNClassifier
+from convpipe.models.network import probabilities
 from tests import datagen
 from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 

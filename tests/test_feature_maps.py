@@ -26,7 +26,7 @@ from convpipe.feature_maps import (
     picture,
     plot_feature_maps,
 )
-from convpipe.model import CNNClassifier
+from convpipe.models.module import CNNClassifier
 from tests.conftest import quiet_trainer, run_cli
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling

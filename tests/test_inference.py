@@ -30,7 +30,8 @@ from convpipe.inference import (
     predict_images,
     receptive_fields,
 )
-from convpipe.model import CNNClassifier, build_cnn, count_parameters
+from convpipe.models.module import CNNClassifier
+from convpipe.models.network import build_cnn, count_parameters
 from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 
 

@@ -14,20 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe.config import ModelParams, Params, TrainParams, load_params
 from convpipe.errors import ConvpipeError
-from convpipe.model import (
-    CNNClassifier,
+from convpipe.models.module import CNNClassifier, cpu_threads
+from convpipe.models.network import (
     build_cnn,
-    build_optimizer,
-    build_scheduler,
-    conv_output_size,
     count_parameters,
-    cpu_threads,
-    layer_shapes,
-    output_units,
     probabilities,
     regularization_penalty,
-    same_padding,
 )
+from convpipe.models.optim import build_optimizer, build_scheduler
+from convpipe.models.shapes import conv_output_size, layer_shapes, output_units, same_padding
 from tests.conftest import ROOT
 
 pytestmark = [

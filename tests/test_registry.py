@@ -30,7 +30,6 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.checkpoint import load_model
 from convpipe.config import Params, TrainParams, parse_params
 from convpipe.data.manifest import Manifest, load_split
 from convpipe.data.prepare import write_prepared
@@ -38,7 +37,8 @@ from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
 from convpipe.inference import predict_images
-from convpipe.model import CNNClassifier
+from convpipe.models.checkpoint import load_model
+from convpipe.models.module import CNNClassifier
 from convpipe.registry import (
     ACCURACY_TAG,
     CHAMPION,
@@ -261,7 +261,10 @@ def test_logged_model_sits_in_the_run_and_unpickles_nothing(trained: Trained, ch
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"MLmodel", "artifacts/model.ckpt", "artifacts/manifest.json"} <= files
     assert "convpipe_classifier.py" in files  # models from code ...
-    assert {"code/convpipe/registry.py", "code/convpipe/model.py"} <= files  # ... with its code
+    assert {
+        "code/convpipe/registry.py",
+        "code/convpipe/models/module.py",
+    } <= files  # ... with its code
     assert not any(f.endswith((".pkl", ".pickle")) for f in files)  # ... nothing pickled
     requirements = (local / "requirements.txt").read_text().split()
     assert f"mlflow=={mlflow.__version__}" in requirements  # given, not inferred (slow)

@@ -26,7 +26,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
-from convpipe.checkpoint import AtomicCheckpointIO
 from convpipe.config import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.manifest import load_manifest
@@ -34,6 +33,7 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
 from convpipe.evaluation import evaluate
+from convpipe.models.checkpoint import AtomicCheckpointIO
 from convpipe.resume import Preempted, fingerprint
 from convpipe.tracking.params import masked_params, params_for_mlflow
 from convpipe.tracking.provenance import RunInfo

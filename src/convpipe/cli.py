@@ -104,7 +104,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files with the trained model; one row per file, errors included."""
-    from convpipe.checkpoint import load_model
     from convpipe.data.manifest import load_manifest
     from convpipe.errors import ConvpipeError
     from convpipe.inference import (
@@ -114,6 +113,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predict_files,
     )
     from convpipe.io import atomic_path
+    from convpipe.models.checkpoint import load_model
 
     if args.top_k < 1:
         raise ConvpipeError(f"--top-k must be 1 or more, got {args.top_k}", "on the command line")
@@ -164,11 +164,11 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     """Draw one image's feature maps through every conv and pooling layer to a PNG."""
     from pathlib import Path
 
-    from convpipe.checkpoint import load_model
     from convpipe.data.manifest import load_manifest
     from convpipe.evaluation import save_figure
     from convpipe.feature_maps import picture
     from convpipe.inference import check_data_matches, load_image
+    from convpipe.models.checkpoint import load_model
 
     params = load_params(args.params)
     manifest = load_manifest(params.paths.prepared)

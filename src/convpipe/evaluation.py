@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torchmetrics.functional import classification as tmf
 
-from convpipe.checkpoint import load_model
 from convpipe.config import Params
 from convpipe.data.datamodule import ArrayDataset, ConvDataModule
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
-from convpipe.model import CNNClassifier, probabilities
+from convpipe.models.checkpoint import load_model
+from convpipe.models.module import CNNClassifier
+from convpipe.models.network import probabilities
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import check_reachable, mask_uri, mlflow_error
 from convpipe.tracking.store import tracking_uri as resolve_uri

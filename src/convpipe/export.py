@@ -6,7 +6,7 @@ The exported model is the checkpoint's network in eval mode and nothing else:
                        (``(pixel / 255 - mean[c]) / std[c]``), N free
     output ``logits``: float32 ``(N,)`` for 2 classes (the logit of class 1), else ``(N, K)``
 
-exactly like :meth:`convpipe.model.CNNClassifier.forward`. What a consumer needs to use it
+exactly like :meth:`convpipe.models.module.CNNClassifier.forward`. What a consumer needs to use it
 (class names, mean/std, channels, image size, sigmoid or softmax) travels inside the file, as
 the JSON object of :func:`export_metadata`: in TorchScript the extra file ``convpipe.json``
 (``torch.jit.load(path, _extra_files={"convpipe.json": ""})``), in ONNX the model's
@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 
 from convpipe import __version__
-from convpipe.checkpoint import load_model
 from convpipe.config import Params
 from convpipe.data.datamodule import ArrayDataset, ConvDataModule
 from convpipe.data.manifest import Manifest
@@ -43,7 +42,8 @@ from convpipe.errors import ConvpipeError
 from convpipe.evaluation import EVAL_BATCH, predict_logits
 from convpipe.inference import check_data_matches
 from convpipe.io import atomic_path
-from convpipe.model import CNNClassifier
+from convpipe.models.checkpoint import load_model
+from convpipe.models.module import CNNClassifier
 
 __all__ = [
     "FORMATS",
@@ -81,7 +81,7 @@ Runner = Callable[[Tensor], Tensor]
 class LogitsNet(nn.Module):
     """The checkpoint's network as a plain module: what gets exported.
 
-    :class:`~convpipe.model.CNNClassifier` carries Lightning state and raises
+    :class:`~convpipe.models.module.CNNClassifier` carries Lightning state and raises
     :class:`ConvpipeError` from ``forward``; neither can be scripted or exported, so this
     module holds only the ``nn.Sequential`` and repeats the shape check with a plain error.
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.inference import predict_images, receptive_fields
-from convpipe.model import CNNClassifier
+from convpipe.models.module import CNNClassifier
 
 __all__ = [
     "MAX_COLUMNS",

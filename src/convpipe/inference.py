@@ -32,7 +32,9 @@ from convpipe.data.manifest import Manifest
 from convpipe.data.raw import BadFileError
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
-from convpipe.model import CNNClassifier, layer_shapes, probabilities
+from convpipe.models.module import CNNClassifier
+from convpipe.models.network import probabilities
+from convpipe.models.shapes import layer_shapes
 
 __all__ = [
     "FORMATS",
@@ -59,7 +61,7 @@ FORMATS = ("table", "csv", "json")
 
 
 class LayerField(NamedTuple):
-    """One row of :func:`receptive_fields`: a :class:`~convpipe.model.LayerShape` and more.
+    """One row of :func:`receptive_fields`: a :class:`~convpipe.models.shapes.LayerShape` and more.
 
     Attributes:
         name: Where the layer comes from, e.g. ``model.conv[0].pool``.
@@ -104,11 +106,11 @@ def receptive_fields(
         num_classes: Number of classes K (>= 2).
 
     Returns:
-        One :class:`LayerField` per row of :func:`convpipe.model.layer_shapes`, in forward
+        One :class:`LayerField` per row of :func:`convpipe.models.shapes.layer_shapes`, in forward
         order.
 
     Raises:
-        ConvpipeError: As :func:`convpipe.model.layer_shapes` (bad inputs, a stack that
+        ConvpipeError: As :func:`convpipe.models.shapes.layer_shapes` (bad inputs, a stack that
             shrinks the image below 1x1).
     """
     rows = layer_shapes(params, in_channels, image_hw, num_classes)

@@ -41,9 +41,9 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Map
 
-from convpipe.checkpoint import load_model
 from convpipe.data.manifest import MANIFEST, Manifest, load_manifest
 from convpipe.inference import check_data_matches, predict_images
+from convpipe.models.checkpoint import load_model
 from convpipe.tracking.store import mask_uri, mlflow_error, store_lock
 
 __all__ = [

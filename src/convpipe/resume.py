@@ -37,10 +37,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from convpipe.checkpoint import check_hyperparameters, read_checkpoint
 from convpipe.config import Params
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json
+from convpipe.models.checkpoint import check_hyperparameters, read_checkpoint
 
 log = logging.getLogger("convpipe")
 

@@ -42,13 +42,13 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from convpipe.checkpoint import AtomicCheckpointIO
 from convpipe.config import Params, TrainParams
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import MANIFEST, PIPELINE_FILE
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path, write_json, write_text
-from convpipe.model import CNNClassifier
+from convpipe.models.checkpoint import AtomicCheckpointIO
+from convpipe.models.module import CNNClassifier
 from convpipe.resume import (
     InterruptCheckpoint,
     Preempted,

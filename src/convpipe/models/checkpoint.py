@@ -23,7 +23,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path
-from convpipe.model import CNNClassifier
+from convpipe.models.module import CNNClassifier
 
 #: What ``CNNClassifier.save_hyperparameters`` stores: nothing else may be in a checkpoint.
 HPARAM_KEYS = frozenset(
@@ -150,7 +150,7 @@ def load_model(path: str | Path) -> CNNClassifier:
     """Load a checkpoint safely, in eval mode.
 
     The file is read with ``weights_only=True`` and its hyperparameters are checked to be
-    exactly what convpipe writes (:mod:`convpipe.checkpoint`); the model is then built from
+    exactly what convpipe writes (:func:`check_hyperparameters`); the model is then built from
     them here, so nothing in the file is ever imported or called.
 
     Raises:

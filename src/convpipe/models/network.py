@@ -1,0 +1,230 @@
+"""The CNN built from ``params.model``: its layers, its weight penalty, its probabilities.
+
+Architecture (one row per entry of ``model.conv``, then the fully connected head)::
+
+    input (N, C, H, W), C in {1, 3}, already normalised
+    model.conv[i]:      [ZeroPad2d] -> Conv2d -> [BatchNorm2d] -> activation -> [Max|AvgPool2d]
+    flatten:            (N, F)
+    model.hidden[j]:    Linear -> ReLU -> Dropout(model.dropout)
+    (no hidden layer):  Dropout(model.dropout)
+    output:             Linear -> (N, 1) for 2 classes (sigmoid / BCE),
+                                  (N, K) otherwise (softmax / CE)
+
+Every shape is known before a layer is built (:mod:`convpipe.models.shapes`), so a stack that
+does not fit the image size fails naming the layer.
+
+Regularisation is the course's explicit penalty ``(lambda / m) * sum|w|`` (L1) or
+``(lambda / m) * sum w^2`` (L2) over the weights of conv and linear layers, where ``m`` is the
+training-set size; optimisers get no ``weight_decay``, so the penalty is the only one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from convpipe.config import ConvBlock, ModelParams
+from convpipe.errors import ConvpipeError
+from convpipe.models.shapes import (
+    block_hw,
+    check_inputs,
+    check_num_classes,
+    is_int,
+    layer_shapes,
+    output_units,
+    same_padding,
+)
+
+__all__ = [
+    "REG_TYPES",
+    "build_cnn",
+    "count_parameters",
+    "probabilities",
+    "regularization_penalty",
+]
+
+REG_TYPES = ("none", "l1", "l2")
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+_POOLS: dict[str, Callable[[int], nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+_PENALISED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _conv_block(block: ConvBlock, in_channels: int, hw: tuple[int, int]) -> nn.Sequential:
+    """One conv block as ``Sequential(pad?, conv, bn?, act, pool?)`` for an input of size ``hw``."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    padding: tuple[int, int] = (0, 0)
+    if block.padding == "same":
+        top, bottom = same_padding(hw[0], block.kernel, block.stride)
+        left, right = same_padding(hw[1], block.kernel, block.stride)
+        if (top, left) == (bottom, right):
+            padding = (top, left)
+        else:
+            layers["pad"] = nn.ZeroPad2d((left, right, top, bottom))
+    layers["conv"] = nn.Conv2d(
+        in_channels,
+        block.filters,
+        kernel_size=block.kernel,
+        stride=block.stride,
+        padding=padding,
+        bias=not block.batch_norm,
+    )
+    if block.batch_norm:
+        layers["bn"] = nn.BatchNorm2d(block.filters)
+    layers["act"] = _ACTIVATIONS[block.activation]()
+    if block.pool != "none":
+        layers["pool"] = _POOLS[block.pool](block.pool_size)
+    return nn.Sequential(layers)
+
+
+def _classifier(params: ModelParams, features: int, num_classes: int) -> nn.Sequential:
+    """Flatten, hidden ``Linear -> ReLU -> Dropout`` layers, then the output ``Linear``."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    for j, units in enumerate(params.hidden):
+        layers[f"fc{j}"] = nn.Linear(features, units)
+        layers[f"relu{j}"] = nn.ReLU()
+        layers[f"drop{j}"] = nn.Dropout(params.dropout)
+        features = units
+    if not params.hidden:
+        # The output layer always gets dropped-out inputs, so model.dropout never goes unused.
+        layers["drop"] = nn.Dropout(params.dropout)
+    layers["out"] = nn.Linear(features, output_units(num_classes))
+    return nn.Sequential(layers)
+
+
+def build_cnn(
+    params: ModelParams, in_channels: int, image_hw: Sequence[int], num_classes: int
+) -> nn.Sequential:
+    """Build the CNN described by ``params``.
+
+    Args:
+        params: The ``model`` section.
+        in_channels: Image channels C (1 or 3).
+        image_hw: Image ``(H, W)``; fixed, since ``same`` padding for stride > 1 and the first
+            linear layer depend on it.
+        num_classes: Number of classes K (>= 2).
+
+    Returns:
+        ``Sequential(features=..., classifier=...)`` mapping a float ``(N, C, H, W)`` batch to
+        logits ``(N, 1)`` when K == 2, else ``(N, K)``. ``features[i]`` is ``model.conv[i]``
+        with children ``pad`` (only for asymmetric ``same`` padding), ``conv``, ``bn`` (only
+        with batch_norm), ``act``, ``pool`` (unless ``none``).
+
+    Raises:
+        ConvpipeError: If an argument is invalid or a layer would shrink the feature map below
+            1x1 (see :func:`layer_shapes`).
+    """
+    rows = layer_shapes(params, in_channels, image_hw, num_classes)
+    image = hw = check_inputs(in_channels, image_hw, num_classes)
+    features = nn.Sequential()
+    channels = in_channels
+    for i, block in enumerate(params.conv):
+        features.add_module(str(i), _conv_block(block, channels, hw))
+        hw = block_hw(block, hw, f"model.conv[{i}]", image)[1]
+        channels = block.filters
+    flat = next(row.shape[0] for row in rows if row.name == "flatten")
+    classifier = _classifier(params, flat, num_classes)
+    return nn.Sequential(OrderedDict(features=features, classifier=classifier))
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements in ``module`` (buffers such as BN running stats excluded).
+
+    Args:
+        module: Any module.
+        trainable_only: Count only parameters with ``requires_grad``.
+
+    Returns:
+        The total number of scalars.
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def regularization_penalty(module: nn.Module, reg_type: str, reg_lambda: float, m: int) -> Tensor:
+    """The course's weight penalty, scaled by ``lambda / m``.
+
+    ``l1``: ``(lambda / m) * sum |w|``; ``l2``: ``(lambda / m) * sum w^2``; ``none``: 0. The sum
+    runs over the ``weight`` of every conv and linear layer; biases and BatchNorm parameters
+    are not penalised. Added to each mini-batch's mean data loss, it makes the per-batch
+    objective an unbiased estimate of the full-batch course objective ``J + penalty``.
+
+    Args:
+        module: The network.
+        reg_type: ``none``, ``l1`` or ``l2``.
+        reg_lambda: lambda >= 0.
+        m: Training-set size (> 0).
+
+    Returns:
+        A scalar tensor (differentiable w.r.t. the weights unless it is the constant 0).
+
+    Raises:
+        ConvpipeError: For an unknown ``reg_type``, a negative ``reg_lambda`` or ``m`` < 1.
+    """
+    _check_penalty_args(reg_type, reg_lambda, m)
+    weights = [mod.weight for mod in module.modules() if isinstance(mod, _PENALISED)]
+    if reg_type == "none" or reg_lambda == 0 or not weights:
+        ref = next(module.parameters(), None)
+        if ref is None:
+            return torch.zeros(())
+        return torch.zeros((), device=ref.device, dtype=ref.dtype)
+    if reg_type == "l1":
+        total = torch.stack([w.abs().sum() for w in weights]).sum()
+    else:
+        total = torch.stack([w.pow(2).sum() for w in weights]).sum()
+    return total * (reg_lambda / m)
+
+
+def _check_penalty_args(reg_type: str, reg_lambda: float, m: int) -> None:
+    if reg_type not in REG_TYPES:
+        raise ConvpipeError(
+            f"unknown regularisation '{reg_type}'", "at train.reg_type", "use none, l1 or l2"
+        )
+    if reg_lambda < 0:
+        raise ConvpipeError(
+            f"the regularisation strength must be >= 0, got {reg_lambda}",
+            "at train.reg_lambda",
+            "use 0 or a positive value",
+        )
+    if not is_int(m) or m < 1:
+        raise ConvpipeError(
+            f"the training-set size m must be a positive integer, got {m!r}",
+            "for the lambda/m penalty",
+            "check that the train split is not empty",
+        )
+
+
+def probabilities(logits: Tensor, num_classes: int) -> Tensor:
+    """Class probabilities from the network's logits.
+
+    Args:
+        logits: ``(N,)`` or ``(N, 1)`` for 2 classes, ``(N, K)`` otherwise.
+        num_classes: K (>= 2).
+
+    Returns:
+        ``(N, K)`` probabilities that sum to 1 per row; for 2 classes ``[1 - p, p]`` with
+        ``p = sigmoid(logit)`` the probability of class 1.
+
+    Raises:
+        ValueError: If the logits' shape does not match ``num_classes``.
+    """
+    check_num_classes(num_classes)
+    if num_classes == 2:
+        if logits.ndim == 2 and logits.shape[1] == 1:
+            logits = logits[:, 0]
+        if logits.ndim != 1:
+            raise ValueError(f"binary logits must be (N,) or (N, 1), got {tuple(logits.shape)}")
+        p = torch.sigmoid(logits)
+        return torch.stack([1 - p, p], dim=1)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must be (N, {num_classes}), got {tuple(logits.shape)}")
+    return torch.softmax(logits, dim=1)
