@@ -60,7 +60,7 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.factory import load_augmentation
 from convpipe.data.transforms.normalize import BatchTransform
-from convpipe.training import build_model
+from convpipe.training.run import build_model
 
 GOAL = 0.10  # online at most 10 % slower than no augmentation
 

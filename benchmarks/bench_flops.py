@@ -43,7 +43,8 @@ from common import ROOT, Section, fmt, median_spread, print_sections
 
 from convpipe.config import Params, parse_params, read_yaml
 from convpipe.models.module import cpu_threads
-from convpipe.training import build_model, build_trainer
+from convpipe.training.run import build_model
+from convpipe.training.trainer import build_trainer
 
 GOAL = 0.40
 PEAK_SIZE = 4096

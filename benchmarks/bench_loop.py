@@ -4,7 +4,7 @@ Both arms train the same network (built under the same seed, so the same initial
 the same batches in the same order (the DataModule's seeded DistributedSampler, ``set_epoch``
 per epoch), with the same batch size, thread count, λ/m penalty, optimiser, learning-rate
 schedule and dropout stream (the global RNG is seeded identically and consumed identically).
-The convpipe arm is the train stage's Trainer (``convpipe.training.build_trainer``) with what
+The convpipe arm is the train stage's Trainer (``convpipe.training.trainer.build_trainer``) with what
 differs only in logging turned off: no logger, no progress bar, no checkpoints, no validation
 (the plain loop validates nothing either). Runs alternate (convpipe, plain, before-the-fix,
 convpipe, ...) so a change of machine load hits the arms alike; the figure is the ratio within
@@ -53,7 +53,9 @@ from convpipe.models.module import CNNClassifier, cpu_threads
 from convpipe.models.network import regularization_penalty
 from convpipe.models.optim import build_optimizer, build_scheduler
 from convpipe.recipes import overlaid
-from convpipe.training import EpochHistory, build_model, build_trainer
+from convpipe.training.callbacks import EpochHistory
+from convpipe.training.run import build_model
+from convpipe.training.trainer import build_trainer
 
 RECIPE = ROOT / "params" / "mnist.yaml"
 GOAL_RATIO = 0.95

@@ -2,7 +2,7 @@
 
 from convpipe.config import Params
 from convpipe.stage import log, run_stage
-from convpipe.training import train
+from convpipe.training.run import train
 
 
 def train_stage(params: Params) -> None:

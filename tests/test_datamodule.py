@@ -28,7 +28,8 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
-from convpipe.training import check_batch_size, train
+from convpipe.training.run import train
+from convpipe.training.trainer import check_batch_size
 
 
 def params_in(raw: dict[str, Any], root: Path, **overrides: Any) -> Params:

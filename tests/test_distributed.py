@@ -16,7 +16,7 @@ from convpipe.data.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation import predict_logits
 from convpipe.models.checkpoint import load_model
-from convpipe.training import build_trainer, check_strategy
+from convpipe.training.trainer import build_trainer, check_strategy
 from tests.conftest import ROOT, free_port
 from tests.project import make_project
 
@@ -200,7 +200,7 @@ def test_ddp_tuning_refuses_journal_storage(make_params):
 
 
 def test_the_sbatch_script_asks_for_the_signal_convpipe_requeues_on():
-    from convpipe.resume import REQUEUE_SIGNAL
+    from convpipe.training.preemption import REQUEUE_SIGNAL
 
     lines = (ROOT / "slurm/train.sbatch").read_text().splitlines()
     options = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]

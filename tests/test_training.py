@@ -34,22 +34,15 @@ from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
 from convpipe.evaluation import evaluate
 from convpipe.models.checkpoint import AtomicCheckpointIO
-from convpipe.resume import Preempted, fingerprint
 from convpipe.tracking.params import masked_params, params_for_mlflow
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import ENV_URI
-from convpipe.training import (
-    HISTORY_COLUMNS,
-    INTERRUPTED_TAG,
-    EpochHistory,
-    RunLogger,
-    TrainResult,
-    build_trainer,
-    check_monitor,
-    failed_run_on_error,
-    start_run,
-    train,
-)
+from convpipe.training.callbacks import HISTORY_COLUMNS, EpochHistory
+from convpipe.training.mlflow_run import INTERRUPTED_TAG, RunLogger, failed_run_on_error, start_run
+from convpipe.training.preemption import Preempted
+from convpipe.training.resume import fingerprint
+from convpipe.training.run import TrainResult, train
+from convpipe.training.trainer import build_trainer, check_monitor
 from tests.conftest import ROOT, TINY_CONV, free_port, start_mlflow_server, stop_server
 from tests.project import make_project
 

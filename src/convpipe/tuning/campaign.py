@@ -28,9 +28,7 @@ from convpipe.tracking.store import (
     store_lock,
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
-from convpipe.training import (
-    INPUT_STAGES,
-)
+from convpipe.training.mlflow_run import INPUT_STAGES
 from convpipe.tuning.liveness import REASON_ATTR
 from convpipe.tuning.reports import REPORTS
 from convpipe.tuning.space import COUNTED, direction

@@ -23,12 +23,10 @@ from convpipe.config import (
     Params,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.training import (
-    EpochHistory,
-    RunLogger,
-    build_model,
-    build_trainer,
-)
+from convpipe.training.callbacks import EpochHistory
+from convpipe.training.mlflow_run import RunLogger
+from convpipe.training.run import build_model
+from convpipe.training.trainer import build_trainer
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, heartbeat
 from convpipe.tuning.space import best_value, diverged, make_sampler, suggest, with_values

@@ -14,10 +14,8 @@ from convpipe.config import (
 )
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import mask_uri
-from convpipe.training import (
-    build_datamodule,
-    check_monitor,
-)
+from convpipe.training.run import build_datamodule
+from convpipe.training.trainer import check_monitor
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, fail_stale_trials, last_beat
 from convpipe.tuning.objective import TrialRunner, run_trial

@@ -5,37 +5,21 @@ runs, ``resume.json`` there records its MLflow run id and a fingerprint of every
 shapes the result; ``last.ckpt`` is rewritten after every epoch. The next training with the
 same fingerprint continues from ``last.ckpt`` in the same MLflow run; one with other params
 refuses, naming what changed. A finished or failed training removes ``resume.json``.
-
-A scheduler's warning before preemption (SIGTERM, or SLURM's ``--signal=USR1@<seconds>``)
-stops the training after the batch in progress; ``last.ckpt`` then holds that moment,
-part-way through the epoch, and the rerun continues from the next batch
-(:class:`Preemption`, :class:`InterruptCheckpoint`). Ctrl+C can land inside an optimiser
-step, so it keeps the ``last.ckpt`` of the last finished epoch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import signal
-import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.callbacks import Callback
 
 from convpipe.config import Params
 from convpipe.errors import ConvpipeError
@@ -45,6 +29,7 @@ from convpipe.models.checkpoint import check_hyperparameters, read_checkpoint
 log = logging.getLogger("convpipe")
 
 STATE_FILE = "resume.json"
+
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -182,138 +167,3 @@ class RngState(Callback):
 def _to_lists(state: Any) -> Any:
     version, internal, gauss_next = state
     return [version, list(internal), gauss_next]
-
-
-REQUEUE_SIGNAL = signal.SIGUSR1  # what `#SBATCH --signal=USR1@90` sends before the time limit
-
-
-class InterruptCheckpoint(ModelCheckpoint):
-    """The ``last.ckpt`` writer: after every epoch, and on an interruption part-way through one.
-
-    Lightning answers a preemption signal (:class:`Preemption`) after the batch in
-    progress, so that checkpoint holds a consistent state. Anything else writes nothing: a
-    Ctrl+C may have stopped an optimiser step half-way, and a training that failed for good
-    is never resumed.
-    """
-
-    def __init__(self, dirpath: str, filename: str) -> None:
-        super().__init__(
-            dirpath=dirpath,
-            filename=filename,
-            monitor=None,
-            save_top_k=1,
-            enable_version_counter=False,
-            save_on_exception=True,
-        )
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        """Save the state reached if a preemption signal raised ``exception``."""
-        interrupted = (
-            isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING
-        )
-        if interrupted and self._should_save_on_exception(trainer):
-            filepath = self.format_checkpoint_name(metrics=self._monitor_candidates(trainer))
-            self._save_checkpoint(trainer, filepath)
-            log.info("interrupted: saved the state reached to %s", filepath)
-
-
-class Preemption(Callback):
-    """Treats SIGUSR1 like SIGTERM, and remembers which of them stopped the training.
-
-    Lightning answers SIGTERM by raising ``SIGTERMException`` after the batch in progress
-    (on every DDP rank at once). SLURM's ``--signal=USR1@<seconds>`` warning gets the same
-    treatment here instead of Lightning's own requeue handler, which would mark the MLflow
-    run FINISHED and write a second kind of checkpoint: convpipe keeps one ``last.ckpt`` and
-    one run status, and requeues the job itself (:func:`preemption_is_resumable`).
-    """
-
-    def __init__(self) -> None:
-        self.signal: signal.Signals | None = None
-        self._previous: Any = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Install the SIGUSR1 handler (Lightning installs its SIGTERM handler after this)."""
-        self.signal = None
-        if threading_is_main():
-            self._previous = signal.signal(REQUEUE_SIGNAL, self._on_requeue_signal)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Put back the SIGUSR1 handler found at the start."""
-        if self._previous is not None and threading_is_main():
-            signal.signal(REQUEUE_SIGNAL, self._previous)
-            self._previous = None
-
-    def _on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = signal.Signals(signum)
-        handler = signal.getsignal(signal.SIGTERM)  # Lightning's, during the fit
-        if callable(handler):
-            handler(signum, frame)
-
-    def received(self) -> signal.Signals:
-        """The signal that stopped the training (SIGTERM unless SIGUSR1 came)."""
-        return self.signal or signal.SIGTERM
-
-
-def threading_is_main() -> bool:
-    """Whether signal handlers can be set here (only the main thread may)."""
-    return threading.current_thread() is threading.main_thread()
-
-
-class Preempted(ConvpipeError):
-    """A training stopped by a preemption signal, its state saved to resume from.
-
-    Attributes:
-        exit_code: ``128 + signal number``, as a shell reports a process a signal ended.
-        description: where it stopped, for the MLflow run's tag.
-    """
-
-    def __init__(self, what: str, where: str, todo: str, signum: int) -> None:
-        super().__init__(what, where, todo)
-        self.exit_code = 128 + signum
-        self.description = f"{what}; {where}"
-
-
-def requeue_slurm_job() -> str:
-    """Ask SLURM to requeue this job (``scontrol requeue``); say what happened."""
-    job = os.environ.get("SLURM_JOB_ID", "")
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        job = f"{array}_{task}"
-    try:
-        done = subprocess.run(
-            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"requeueing SLURM job {job} failed ({type(exc).__name__}): requeue it by hand"
-    if done.returncode != 0:
-        reason = " ".join(done.stderr.split())[:200] or f"exit {done.returncode}"
-        return f"requeueing SLURM job {job} failed ({reason}): requeue it by hand"
-    return f"SLURM job {job} is requeued and resumes from there"
-
-
-@contextmanager
-def preemption_is_resumable(
-    trainer: L.Trainer, preemption: Preemption, folder: str
-) -> Iterator[None]:
-    """Turn Lightning's ``SIGTERMException`` into :class:`Preempted`, requeueing on SLURM.
-
-    By then :class:`InterruptCheckpoint` has saved ``last.ckpt``. On SLURM, the requeue
-    signal makes global rank 0 requeue the job, whose rerun finds the resume record.
-    """
-    try:
-        yield
-    except SIGTERMException:
-        received = preemption.received()
-        loop = trainer.fit_loop.epoch_loop.batch_progress.current
-        todo = "rerun `dvc repro train` to resume from there"
-        if SLURMEnvironment.detect() and received == REQUEUE_SIGNAL:
-            todo = requeue_slurm_job() if trainer.is_global_zero else "rank 0 requeues the job"
-        raise Preempted(
-            f"stopped by {received.name} at epoch {trainer.current_epoch} after batch "
-            f"{loop.completed} of {trainer.num_training_batches}",
-            f"the state is saved in {Path(folder) / LAST_CHECKPOINT}",
-            todo,
-            int(received),
-        ) from None

@@ -1,0 +1,204 @@
+"""The training's MLflow run: opened with its params and tags, closed whatever happens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from convpipe.config import Params
+from convpipe.data.datamodule import ConvDataModule
+from convpipe.data.manifest import MANIFEST, PIPELINE_FILE
+from convpipe.tracking.provenance import (
+    dataset_inputs,
+    run_name,
+    run_tags,
+    training_note,
+)
+from convpipe.tracking.store import (
+    TrackingLost,
+    artifact_location,
+    check_reachable,
+    is_tracking_failure,
+    mark_model_training,
+    mask_uri,
+    mlflow_error,
+    store_lock,
+)
+from convpipe.training.preemption import (
+    Preempted,
+)
+
+log = logging.getLogger("convpipe")
+
+# The DVC stages whose outputs training reads (their dvc.lock hashes become run tags).
+INPUT_STAGES = ("prepare", "augment")
+
+# Set on the MLflow run a preemption stopped: what stopped it and where its state is.
+INTERRUPTED_TAG = "convpipe.last_interruption"
+
+# Sources that need no data.path: where their images come from, for MLflow's dataset source.
+BUILTIN_SOURCES = {"digits": "sklearn.datasets.load_digits"}
+
+
+class RunLogger(MLFlowLogger):
+    """MLFlowLogger that leaves params to :func:`train`.
+
+    Lightning would log the LightningModule's ``hparams`` a second time under other names
+    (``train/lr`` beside ``train.lr``) and truncate every value to 250 characters; the run's
+    params are logged once, in full, by :func:`convpipe.tracking.params.log_params` instead.
+    """
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Ignore Lightning's hparams (see the class docstring)."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log with the epoch as MLflow's step, so charts plot ``val/acc`` per epoch.
+
+        Every metric convpipe logs is epoch-level; Lightning would step them by optimiser
+        steps, whose count per epoch changes with the batch size and so misaligns runs.
+        """
+        epoch = metrics.get("epoch")
+        super().log_metrics(metrics, int(epoch) if epoch is not None else step)
+
+
+def _terminate(logger: MLFlowLogger | DummyLogger, status: str) -> None:
+    """Set the run's final status; a tracking failure here must not hide the original error."""
+    try:
+        logger.experiment.set_terminated(str(logger.run_id), status)
+    except Exception as exc:  # already failing: the first error is the one to report
+        log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, exc)
+
+
+def _tag(logger: MLFlowLogger | DummyLogger, key: str, value: str) -> None:
+    """Tag the run; like :func:`_terminate`, never hiding the error being reported."""
+    try:
+        logger.experiment.set_tag(str(logger.run_id), key, value)
+    except Exception as exc:
+        log.warning("could not tag MLflow run %s: %s", logger.run_id, exc)
+
+
+@contextmanager
+def tracking_lost_is_resumable(uri: str, checkpoints: str) -> Iterator[None]:
+    """Turn a tracking store that died mid-training into one line saying how to resume.
+
+    The last finished epoch is in ``checkpoints`` and the resume record is kept, so the rerun
+    continues into the same MLflow run once the store answers again.
+    """
+    try:
+        yield
+    except TrackingLost:
+        raise
+    except Exception as exc:
+        if not is_tracking_failure(exc):
+            raise
+        first = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+        raise TrackingLost(
+            f"MLflow stopped answering during training ({type(exc).__name__}: {first})",
+            f"at {mask_uri(uri)}; the last finished epoch is saved in {checkpoints}",
+            "bring the tracking server back and rerun: the training resumes from that epoch",
+        ) from None
+
+
+@contextmanager
+def failed_run_on_error(logger: MLFlowLogger | DummyLogger) -> Iterator[None]:
+    """Mark the MLflow run FAILED (KILLED on an interrupt) if anything below raises.
+
+    The run must already exist (see :func:`start_run`), so no run stays RUNNING. Lightning
+    answers Ctrl+C inside ``fit``/``test`` with ``sys.exit(1)`` after its own cleanup; that
+    exit is re-raised as the KeyboardInterrupt it was, so the stage reports it in one line.
+    """
+    try:
+        yield
+    except Preempted as exc:
+        _terminate(logger, "KILLED")
+        _tag(logger, INTERRUPTED_TAG, exc.description)
+        raise
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _terminate(logger, "KILLED")
+        if isinstance(exc, SystemExit):
+            raise KeyboardInterrupt from exc
+        raise
+    except BaseException as exc:
+        if not is_tracking_failure(exc):  # else the store is gone: nothing to mark it in
+            _terminate(logger, "FAILED")
+        raise
+
+
+def start_run(params: Params, uri: str, run_id: str | None = None) -> RunLogger | DummyLogger:
+    """Open the MLflow run (creating the experiment if needed) and return its logger.
+
+    Under DDP only rank 0 opens the run: the other ranks get a logger that does nothing
+    (Lightning logs from rank 0 anyway), so they never touch the store — several processes
+    creating one fresh sqlite database at once would race.
+
+    Raises:
+        ConvpipeError: If the tracking store is unreachable or refuses the run.
+    """
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return DummyLogger()
+    from mlflow.exceptions import MlflowException
+
+    check_reachable(uri)
+    tags = run_tags(INPUT_STAGES)
+    tags["mlflow.note.content"] = training_note(tags)
+    try:
+        with store_lock(uri):
+            logger = RunLogger(
+                experiment_name=params.mlflow.experiment,
+                run_name=run_name(tags),  # unused when resuming: the run keeps its name
+                tracking_uri=uri,
+                tags=tags,
+                run_id=run_id,
+                artifact_location=artifact_location(uri),
+            )
+            _ = logger.experiment  # creates the experiment and the run now, not mid-training
+            mark_model_training(logger.experiment, str(logger.experiment_id))
+            if run_id is not None:  # a resumed run was left RUNNING (or KILLED) by the kill
+                logger.experiment.update_run(run_id, status="RUNNING")
+    except (MlflowException, OSError) as exc:
+        raise mlflow_error(exc, uri, "opening a run") from None
+    return logger
+
+
+def derived_params(datamodule: ConvDataModule, uri: str) -> dict[str, str]:
+    """Run params that come from the data and the environment, not from params.yaml."""
+    manifest = datamodule.manifest
+    return {
+        "derived.tracking_uri": mask_uri(uri),  # $MLFLOW_TRACKING_URI may override the param
+        "derived.num_classes": str(manifest.num_classes),
+        "derived.in_channels": str(manifest.channels),
+        "derived.image_hw": str(list(manifest.image_hw)),
+        "derived.train_size": str(datamodule.train_size),
+        "derived.content_hash": manifest.content_hash,
+    }
+
+
+def run_datasets(params: Params, datamodule: ConvDataModule) -> list[Any]:
+    """The MLflow dataset inputs of this training.
+
+    See :func:`convpipe.tracking.provenance.dataset_inputs`.
+    """
+    origin = params.data.path
+    if origin is None:
+        origin = BUILTIN_SOURCES.get(params.data.source, params.data.source)
+    return dataset_inputs(datamodule.manifest, datamodule.augmented, origin)
+
+
+def log_artifacts(logger: MLFlowLogger, params: Params) -> None:
+    """The data manifests (and augmentation pipeline), the model and the history."""
+    client, run_id = logger.experiment, str(logger.run_id)
+    client.log_artifact(run_id, str(Path(params.paths.prepared) / MANIFEST), "data")
+    augmented = Path(params.paths.augmented)
+    for name in (MANIFEST, PIPELINE_FILE):
+        if (augmented / name).is_file():
+            client.log_artifact(run_id, str(augmented / name), "data/augmented")
+    client.log_artifact(run_id, params.paths.model, "model")
+    client.log_artifact(run_id, params.paths.train_history, "plots")

@@ -1,0 +1,203 @@
+"""The train stage's work: build, fit (or resume), test the best checkpoint, write outputs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import lightning as L
+from lightning.pytorch.callbacks import (
+    ModelCheckpoint,
+)
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from convpipe.config import Params
+from convpipe.data.datamodule import ConvDataModule
+from convpipe.io import atomic_path, write_json, write_text
+from convpipe.models.module import CNNClassifier
+from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
+from convpipe.tracking.provenance import (
+    FREEZE_ARTIFACT,
+    RunInfo,
+    pip_freeze,
+)
+from convpipe.tracking.store import (
+    is_tracking_failure,
+    mask_uri,
+)
+from convpipe.tracking.store import tracking_uri as resolve_uri
+from convpipe.training.mlflow_run import (
+    derived_params,
+    failed_run_on_error,
+    log_artifacts,
+    run_datasets,
+    start_run,
+    tracking_lost_is_resumable,
+)
+from convpipe.training.preemption import (
+    Preempted,
+    preemption_is_resumable,
+)
+from convpipe.training.resume import (
+    clear_record,
+    find_resume_point,
+    fingerprint,
+    start_record,
+)
+from convpipe.training.trainer import (
+    build_trainer,
+    check_batch_size,
+    check_monitor,
+    check_strategy,
+    training_callbacks,
+)
+
+log = logging.getLogger("convpipe")
+
+
+@contextmanager
+def _resume_record_on(folder: str, rank_zero: bool) -> Iterator[None]:
+    """Keep the resume record only while training may still be resumed.
+
+    A finished training, or one that failed for a reason a rerun would meet again (bad
+    params, divergence), removes it; an interrupted one (Ctrl+C, a kill, a preemption
+    signal, a tracking store that stopped answering) keeps it.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, Preempted):
+        raise
+    except BaseException as exc:
+        if rank_zero and not is_tracking_failure(exc):
+            clear_record(folder)
+        raise
+    if rank_zero:
+        clear_record(folder)
+
+
+@dataclass
+class TrainResult:
+    """What a training produced."""
+
+    best_checkpoint: str
+    metrics: dict[str, Any]
+    run: RunInfo
+
+
+def _summary(
+    trainer: L.Trainer, checkpoint: ModelCheckpoint, test: Mapping[str, float]
+) -> dict[str, Any]:
+    best = checkpoint.best_model_score
+    return {
+        "epochs": int(trainer.current_epoch),
+        "stopped_early": bool(
+            trainer.should_stop and trainer.current_epoch < (trainer.max_epochs or 0)
+        ),
+        "monitor": checkpoint.monitor,
+        "best": float(best) if best is not None else math.nan,
+        **{k: float(v) for k, v in test.items()},
+    }
+
+
+def build_datamodule(params: Params) -> ConvDataModule:
+    """The DataModule over ``paths.prepared`` + ``paths.augmented`` as params configure it."""
+    return ConvDataModule(
+        params.paths.prepared,
+        params.paths.augmented,
+        params.train.batch_size,
+        params.runtime.num_workers,
+        params.augment.online,
+        params.base.seed,
+    )
+
+
+def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
+    """The DataModule and a fresh CNN for it, after checking params against the data.
+
+    Raises:
+        ConvpipeError: an unknown monitor, a batch larger than the train split, a network
+            that does not fit the images.
+    """
+    check_monitor(params.train)
+    check_strategy(params.train.strategy)  # before any run is opened for a params typo
+    datamodule = build_datamodule(params)
+    manifest = datamodule.manifest
+    check_batch_size(params.train, datamodule.train_size)
+    model = CNNClassifier(
+        model=params.model.model_dump(mode="json"),
+        train=params.train.model_dump(mode="json"),
+        in_channels=manifest.channels,
+        image_hw=manifest.image_hw,
+        num_classes=manifest.num_classes,
+        train_size=datamodule.train_size,
+        class_names=manifest.class_names,
+    )
+    model.use_runtime(params.runtime)
+    return datamodule, model
+
+
+def train(params: Params) -> TrainResult:
+    """Train (or resume an interrupted training), test the best checkpoint, write outputs.
+
+    Raises:
+        ConvpipeError: bad params for this data, an unreachable tracking server, divergence,
+            an interrupted training with other params in ``paths.checkpoints``.
+    """
+    L.seed_everything(params.base.seed, workers=True, verbose=False)
+    paths, cfg = params.paths, params.train
+    datamodule, model = build_model(params)
+    current = fingerprint(params, datamodule.manifest.content_hash, datamodule.train_size)
+    resume = find_resume_point(paths.checkpoints, current)
+    uri = resolve_uri(params.mlflow)
+    logger = start_run(params, uri, resume.run_id if resume else None)
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    with (
+        tracking_lost_is_resumable(uri, paths.checkpoints),
+        failed_run_on_error(logger),
+        _resume_record_on(paths.checkpoints, rank_zero),
+    ):
+        client: Any = logger.experiment  # a no-op stand-in on DDP ranks other than 0
+        run_id = str(getattr(logger, "run_id", ""))
+        if resume is None and rank_zero:  # other DDP ranks start later
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+            start_record(paths.checkpoints, run_id, current)
+            log_params(
+                client, run_id, {**params_for_mlflow(params), **derived_params(datamodule, uri)}
+            )
+            client.log_dict(run_id, masked_params(params), "params.yaml")
+            client.log_text(run_id, pip_freeze(), FREEZE_ARTIFACT)
+            client.log_inputs(run_id, datasets=run_datasets(params, datamodule))
+        elif resume is not None:
+            log.info("resuming the interrupted training from %s", resume.checkpoint)
+        best, history, preemption, callbacks = training_callbacks(cfg, paths.checkpoints)
+        trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
+        with preemption_is_resumable(trainer, preemption, paths.checkpoints):
+            ckpt = resume.checkpoint if resume else None
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+        # before test(): restoring the best checkpoint also restores its (shorter) history
+        history_csv = history.to_csv()
+        test = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
+        )
+        metrics = {**_summary(trainer, best, test[0]), "mlflow_run_id": run_id}
+        run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask_uri(uri))
+        if trainer.is_global_zero:  # under DDP every rank gets here; one writes
+            _write_outputs(params, best.best_model_path, history_csv, metrics)
+            log_artifacts(cast(MLFlowLogger, logger), params)
+            run.save(paths.run_info)  # last: evaluate only ever finds a complete run
+            client.set_terminated(run_id, "FINISHED")
+    return TrainResult(paths.model, metrics, run)
+
+
+def _write_outputs(params: Params, best: str, history_csv: str, metrics: dict[str, Any]) -> None:
+    paths = params.paths
+    with atomic_path(paths.model) as tmp:
+        shutil.copyfile(best, tmp)
+    write_json(paths.train_metrics, metrics)
+    write_text(paths.train_history, history_csv)

@@ -1,0 +1,172 @@
+"""The Lightning Trainer that ``train:`` describes, with convpipe's callbacks and plugins."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+)
+from lightning.pytorch.loggers.logger import Logger
+
+from convpipe.config import TrainParams
+from convpipe.errors import ConvpipeError
+from convpipe.models.checkpoint import AtomicCheckpointIO
+from convpipe.training.callbacks import EpochHistory, EpochLearningRate
+from convpipe.training.preemption import (
+    InterruptCheckpoint,
+    Preemption,
+)
+from convpipe.training.resume import (
+    RngState,
+)
+
+# What CNNClassifier logs at epoch level during fit: the metrics train.monitor may name.
+# Checkpoint names in paths.checkpoints: the best epoch by train.monitor, and the latest.
+BEST, LAST = "best", "last"
+MONITORS = ("train/loss", "train/acc", "train/objective", "train/penalty", "val/loss", "val/acc")
+
+
+def build_trainer(
+    train: TrainParams,
+    callbacks: list[Callback],
+    logger: Logger | bool,
+    root: str,
+    *,
+    interactive: bool,
+    **options: Any,
+) -> L.Trainer:
+    """A Trainer configured from the ``train`` section (deterministic, epoch-level logging).
+
+    Args:
+        train: the ``train`` section.
+        callbacks: every callback (checkpointing only happens through these).
+        logger: the MLflow logger, or False.
+        root: Lightning's working folder.
+        interactive: show the progress bar and model summary (off for tuning trials).
+        **options: further ``L.Trainer`` arguments (benchmarks turn validation off with
+            ``limit_val_batches=0``); they override the ones derived from ``train``.
+
+    Raises:
+        ConvpipeError: If the accelerator, devices, strategy or precision are not usable here.
+    """
+    settings: dict[str, Any] = {
+        "accelerator": train.accelerator,
+        "devices": train.devices,
+        "strategy": check_strategy(train.strategy),
+        "num_nodes": train.num_nodes,
+        "precision": train.precision,
+        "max_epochs": train.max_epochs,
+        "deterministic": True,
+        "callbacks": callbacks,
+        "logger": logger,
+        "default_root_dir": root,
+        "log_every_n_steps": 1,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        "enable_progress_bar": interactive,
+        "enable_model_summary": interactive,
+        "sync_batchnorm": train.sync_batchnorm,
+        # the DataModule shards itself: seeded for train, unpadded for val/test
+        "use_distributed_sampler": False,
+        "plugins": _plugins(),
+    }
+    try:
+        return L.Trainer(**{**settings, **options})
+    except (ValueError, RuntimeError, MisconfigurationException) as exc:
+        raise ConvpipeError(
+            f"cannot build the Trainer: {' '.join(str(exc).split())}",
+            "in params.yaml train.accelerator/devices/strategy/num_nodes/precision",
+            "choose values your machine supports",
+        ) from None
+
+
+def _plugins() -> list[Any]:
+    """Atomic checkpoint writes; on SLURM, Lightning's environment without its requeue handler.
+
+    convpipe requeues a SLURM job itself (:class:`convpipe.resume.Preemption`).
+    """
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def check_strategy(strategy: str) -> str:
+    """``strategy`` if Lightning knows it.
+
+    Raises:
+        ConvpipeError: listing the strategies Lightning knows.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if strategy in known:
+        return strategy
+    close = difflib.get_close_matches(strategy, known, n=1)
+    raise ConvpipeError(
+        f"train.strategy '{strategy}' is not a Lightning strategy"
+        + (f" (did you mean '{close[0]}'?)" if close else ""),
+        "in params.yaml",
+        f"choose one of: {', '.join(known)}",
+    )
+
+
+def check_batch_size(train: TrainParams, train_size: int) -> None:
+    """Refuse a batch size larger than the training set (every epoch would be one short batch).
+
+    Raises:
+        ConvpipeError: If ``train.batch_size`` is a number above ``train_size``.
+    """
+    if train.batch_size != "full" and int(train.batch_size) > train_size:
+        raise ConvpipeError(
+            f"train.batch_size is {train.batch_size} but the train split has {train_size} images",
+            "in params.yaml",
+            "lower train.batch_size or use batch_size: full for batch gradient descent",
+        )
+
+
+def check_monitor(train: TrainParams) -> None:
+    """Refuse a ``train.monitor`` the model never logs (Lightning would fail mid-training).
+
+    Raises:
+        ConvpipeError: naming the closest valid metric.
+    """
+    if train.monitor in MONITORS:
+        return
+    close = difflib.get_close_matches(train.monitor, MONITORS, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(MONITORS)}"
+    raise ConvpipeError(
+        f"train.monitor is '{train.monitor}', a metric the model does not log",
+        "in params.yaml",
+        hint,
+    )
+
+
+def training_callbacks(
+    train: TrainParams, checkpoints: str
+) -> tuple[ModelCheckpoint, EpochHistory, Preemption, list[Callback]]:
+    """The best-checkpoint, history and preemption callbacks, and the full list."""
+    best = ModelCheckpoint(
+        dirpath=checkpoints,
+        filename=BEST,
+        monitor=train.monitor,
+        mode=train.monitor_mode,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    # Lightning 2.6 rewrites save_last's last.ckpt only when a better checkpoint is saved in
+    # the same step, so an unmonitored ModelCheckpoint writes last.ckpt after every epoch.
+    last = InterruptCheckpoint(checkpoints, LAST)
+    history = EpochHistory()
+    early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
+    lr = EpochLearningRate()
+    preemption = Preemption()
+    callbacks: list[Callback] = [best, last, early, lr, history, RngState(), preemption]
+    return best, history, preemption, callbacks
