@@ -4,9 +4,10 @@ Both arms train the same network (built under the same seed, so the same initial
 the same batches in the same order (the DataModule's seeded DistributedSampler, ``set_epoch``
 per epoch), with the same batch size, thread count, λ/m penalty, optimiser, learning-rate
 schedule and dropout stream (the global RNG is seeded identically and consumed identically).
-The convpipe arm is the train stage's Trainer (``convpipe.training.trainer.build_trainer``) with what
-differs only in logging turned off: no logger, no progress bar, no checkpoints, no validation
-(the plain loop validates nothing either). Runs alternate (convpipe, plain, before-the-fix,
+The convpipe arm is the train stage's Trainer
+(``convpipe.training.trainer.build_trainer``) with what differs only in logging turned off:
+no logger, no progress bar, no checkpoints, no validation (the plain loop validates nothing
+either). Runs alternate (convpipe, plain, before-the-fix,
 convpipe, ...) so a change of machine load hits the arms alike; the figure is the ratio within
 each round. The third arm is convpipe's training step as it was before issue #8 (a
 ``self.log`` per metric and step), kept to show what the fix is worth.

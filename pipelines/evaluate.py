@@ -1,7 +1,7 @@
 """DVC stage ``evaluate``: test-split metrics, plots and pictures, logged to the train run."""
 
 from convpipe.config import Params
-from convpipe.evaluation import evaluate
+from convpipe.evaluation.evaluate import evaluate
 from convpipe.stage import log, run_stage
 
 

@@ -14,7 +14,7 @@ import torch
 
 from convpipe.data.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
-from convpipe.evaluation import predict_logits
+from convpipe.evaluation.metrics import predict_logits
 from convpipe.models.checkpoint import load_model
 from convpipe.training.trainer import build_trainer, check_strategy
 from tests.conftest import ROOT, free_port

@@ -1,4 +1,4 @@
-"""evaluation.py: metrics against hand-computed values, plots, safe checkpoint loading."""
+"""The evaluation package: metrics against hand-computed values, plots, safe checkpoint loading."""
 
 from __future__ import annotations
 
@@ -14,11 +14,24 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe import evaluation as ev
 from convpipe.config import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
+from convpipe.evaluation.evaluate import evaluate, read_history
+from convpipe.evaluation.metrics import (
+    compute_metrics,
+    confusion_csv,
+    headline,
+    mlflow_metrics,
+    per_class_csv,
+    predict_logits,
+    worst_mistakes,
+)
+from convpipe.evaluation.metrics import (
+    test_loss as mean_test_loss,
+)
+from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
 from convpipe.tracking.provenance import RunInfo
@@ -44,7 +57,7 @@ LABELS_3 = torch.tensor([0, 0, 1, 1, 2, 2])
 
 
 def test_compute_metrics_three_classes_by_hand() -> None:
-    out = ev.compute_metrics(PROBS_3, LABELS_3, ["a", "b", "c"], top_k=2)
+    out = compute_metrics(PROBS_3, LABELS_3, ["a", "b", "c"], top_k=2)
     # class a: TP 1, FP 0, FN 1 | class b: TP 1, FP 1, FN 1 | class c: TP 2, FP 1, FN 0
     precision, recall = [1.0, 0.5, 2 / 3], [0.5, 0.5, 1.0]
     f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
@@ -67,11 +80,11 @@ def test_compute_metrics_three_classes_by_hand() -> None:
 
 
 def test_eval_json_holds_the_headline_and_the_per_class_rows_go_to_a_plot() -> None:
-    out = ev.compute_metrics(PROBS_3, LABELS_3, ["a", "b", "c"], top_k=2)
-    head = ev.headline(out)
+    out = compute_metrics(PROBS_3, LABELS_3, ["a", "b", "c"], top_k=2)
+    head = headline(out)
     assert next(iter(head)) == "accuracy" and "per_class" not in head
     assert set(head) == set(out) - {"per_class"}
-    lines = ev.per_class_csv(out["per_class"]).splitlines()
+    lines = per_class_csv(out["per_class"]).splitlines()
     assert lines[0] == "class,precision,recall,f1,support"
     rows = [line.split(",") for line in lines[1:]]
     assert [r[0] for r in rows] == ["a", "b", "c"]
@@ -100,7 +113,7 @@ LABELS_6 = torch.arange(6)
     [(2, "top2_accuracy", 4 / 6), (3, "top3_accuracy", 5 / 6), (10, "top6_accuracy", 1.0)],
 )
 def test_top_k_only_above_five_classes(top_k: int, key: str, expected: float) -> None:
-    out = ev.compute_metrics(PROBS_6, LABELS_6, list("uvwxyz"), top_k=top_k)
+    out = compute_metrics(PROBS_6, LABELS_6, list("uvwxyz"), top_k=top_k)
     assert out["accuracy"] == pytest.approx(2 / 6)
     assert [k for k in out if k.startswith("top")] == [key]
     assert out[key] == pytest.approx(expected)
@@ -108,7 +121,7 @@ def test_top_k_only_above_five_classes(top_k: int, key: str, expected: float) ->
 
 
 def test_no_top_k_at_five_classes() -> None:
-    out = ev.compute_metrics(torch.eye(5), torch.arange(5), list("abcde"), top_k=3)
+    out = compute_metrics(torch.eye(5), torch.arange(5), list("abcde"), top_k=3)
     assert out["accuracy"] == 1.0 and out["auroc_macro"] == 1.0
     assert not any(key.startswith("top") for key in out)
 
@@ -116,7 +129,7 @@ def test_no_top_k_at_five_classes() -> None:
 def test_binary_metrics_use_the_binary_auroc() -> None:
     p1 = torch.tensor([0.1, 0.6, 0.4, 0.9])
     probs = torch.stack([1 - p1, p1], dim=1)
-    out = ev.compute_metrics(probs, torch.tensor([0, 0, 1, 1]), ["neg", "pos"], top_k=3)
+    out = compute_metrics(probs, torch.tensor([0, 0, 1, 1]), ["neg", "pos"], top_k=3)
     assert out["accuracy"] == pytest.approx(0.5)
     # positives 0.4, 0.9 against negatives 0.1, 0.6: 3 of 4 pairs ranked right
     assert out["auroc_macro"] == pytest.approx(0.75)
@@ -128,17 +141,17 @@ def test_binary_metrics_use_the_binary_auroc() -> None:
 
 def test_test_loss_by_hand() -> None:
     # a zero logit: BCE = log 2; three equal logits: CE = log 3
-    assert ev.test_loss(torch.zeros(4), torch.tensor([0, 1, 1, 0])) == pytest.approx(math.log(2))
-    assert ev.test_loss(torch.zeros(2, 3), torch.tensor([0, 2])) == pytest.approx(math.log(3))
+    assert mean_test_loss(torch.zeros(4), torch.tensor([0, 1, 1, 0])) == pytest.approx(math.log(2))
+    assert mean_test_loss(torch.zeros(2, 3), torch.tensor([0, 2])) == pytest.approx(math.log(3))
     logits = torch.tensor([[2.0, 0.0, 0.0]])
     expected = -math.log(math.exp(2) / (math.exp(2) + 2))
-    assert ev.test_loss(logits, torch.tensor([0])) == pytest.approx(expected)
+    assert mean_test_loss(logits, torch.tensor([0])) == pytest.approx(expected)
 
 
 def test_mlflow_metrics_flattens_per_class_with_safe_names() -> None:
-    metrics = ev.compute_metrics(PROBS_3, LABELS_3, ["a", "b/c", "ü ber"], top_k=3)
+    metrics = compute_metrics(PROBS_3, LABELS_3, ["a", "b/c", "ü ber"], top_k=3)
     metrics["loss"] = 0.25
-    flat = ev.mlflow_metrics(metrics)
+    flat = mlflow_metrics(metrics)
     assert flat["test/accuracy"] == pytest.approx(4 / 6)
     assert flat["test/loss"] == 0.25 and flat["test/count"] == 6.0
     assert flat["test/support/b_c"] == 2.0
@@ -148,16 +161,16 @@ def test_mlflow_metrics_flattens_per_class_with_safe_names() -> None:
 
 
 def test_confusion_csv_rows() -> None:
-    text = ev.confusion_csv(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 1]), ["cat", "dog", "e"])
+    text = confusion_csv(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 1]), ["cat", "dog", "e"])
     assert text == "actual,predicted\ncat,cat\ndog,e\ndog,dog\n"
 
 
 def test_worst_mistakes_most_confident_first_ties_in_order() -> None:
     probs = torch.tensor([[0.25, 0.75], [0.3, 0.7], [0.125, 0.875], [0.75, 0.25], [0.6, 0.4]])
     labels = torch.tensor([0, 1, 0, 1, 0])
-    assert ev.worst_mistakes(probs, labels, 10).tolist() == [2, 0, 3]
-    assert ev.worst_mistakes(probs, labels, 2).tolist() == [2, 0]
-    assert ev.worst_mistakes(probs, probs.argmax(dim=1), 5).tolist() == []
+    assert worst_mistakes(probs, labels, 10).tolist() == [2, 0, 3]
+    assert worst_mistakes(probs, labels, 2).tolist() == [2, 0]
+    assert worst_mistakes(probs, probs.argmax(dim=1), 5).tolist() == []
 
 
 # --------------------------------------------------------------------------- pictures
@@ -165,7 +178,7 @@ def test_worst_mistakes_most_confident_first_ties_in_order() -> None:
 
 def test_plot_confusion_writes_counts() -> None:
     matrix = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 7]])
-    fig = ev.plot_confusion(matrix, ["a", "b", "c"])
+    fig = plot_confusion(matrix, ["a", "b", "c"])
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == [str(v) for v in matrix.flatten()]
@@ -174,10 +187,10 @@ def test_plot_confusion_writes_counts() -> None:
 
 def test_plot_misclassified_titles_and_empty_case() -> None:
     images = np.zeros((3, 8, 8, 1), dtype=np.uint8)
-    fig = ev.plot_misclassified(images, [0, 1, 2], [1, 2, 0], [0.9, 0.8, 0.7], ["a", "b", "c"])
+    fig = plot_misclassified(images, [0, 1, 2], [1, 2, 0], [0.9, 0.8, 0.7], ["a", "b", "c"])
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["a → b\n(0.90)", "b → c\n(0.80)", "c → a\n(0.70)"]
-    empty = ev.plot_misclassified(np.zeros((0, 8, 8, 1), np.uint8), [], [], [], ["a", "b"])
+    empty = plot_misclassified(np.zeros((0, 8, 8, 1), np.uint8), [], [], [], ["a", "b"])
     assert "no mistakes" in empty.axes[0].texts[0].get_text()
 
 
@@ -192,7 +205,7 @@ def test_plot_curves_draws_train_and_val() -> None:
             "val/acc": "0.7",
         },
     ]
-    fig = ev.plot_curves(rows)
+    fig = plot_curves(rows)
     loss_ax, acc_ax = fig.axes
     assert [line.get_label() for line in loss_ax.lines] == ["train", "val"]
     assert list(loss_ax.lines[0].get_ydata()) == [1.0, 0.5]
@@ -202,7 +215,7 @@ def test_plot_curves_draws_train_and_val() -> None:
 
 def test_save_figure_writes_a_png_atomically(tmp_path: Path) -> None:
     target = tmp_path / "reports" / "confusion.png"
-    ev.save_figure(ev.plot_confusion(np.eye(2, dtype=int), ["a", "b"]), target)
+    save_figure(plot_confusion(np.eye(2, dtype=int), ["a", "b"]), target)
     assert target.read_bytes().startswith(PNG_MAGIC)
     assert os.listdir(target.parent) == ["confusion.png"]
     # a figure that fails to render leaves the previous file whole and no temp file behind
@@ -210,7 +223,7 @@ def test_save_figure_writes_a_png_atomically(tmp_path: Path) -> None:
     broken = Figure()
     broken.subplots().set_title(r"$\frac{$")  # invalid mathtext: raises while drawing
     with pytest.raises(ValueError):
-        ev.save_figure(broken, target)
+        save_figure(broken, target)
     assert target.read_bytes() == before
     assert os.listdir(target.parent) == ["confusion.png"]
 
@@ -256,7 +269,7 @@ def test_predict_logits_batches_in_order(checkpoint) -> None:
     x = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 1), dtype=np.uint8)
     transform = BatchTransform(None, [0.3], [0.2])
     dataset = ArrayDataset(x, np.zeros(7, dtype=np.int64), transform)
-    logits = ev.predict_logits(model, dataset, batch=3)
+    logits = predict_logits(model, dataset, batch=3)
     with torch.no_grad():
         expected = model(transform(x))
     assert logits.shape == (7, 3)
@@ -395,11 +408,11 @@ def test_evaluate_without_a_training_run_fails_before_writing(
     monkeypatch.delenv(ENV_URI, raising=False)
     params = _params(raw_params, tmp_path)
     with pytest.raises(ConvpipeError, match="no MLflow run recorded"):
-        ev.evaluate(params)
+        evaluate(params)
     # a record of a run the tracking store does not know
     RunInfo("0" * 32, "1", "sqlite:///elsewhere.db").save(params.paths.run_info)
     with pytest.raises(ConvpipeError) as info:
-        ev.evaluate(params)
+        evaluate(params)
     assert f"run {'0' * 32} of the training not found" in info.value.line()
     assert "sqlite:///elsewhere.db" in info.value.line()
     assert not Path(params.paths.eval_metrics).exists()
@@ -408,4 +421,4 @@ def test_evaluate_without_a_training_run_fails_before_writing(
 
 def test_read_history_missing(tmp_path: Path) -> None:
     with pytest.raises(ConvpipeError, match="training history not found"):
-        ev.read_history(tmp_path / "history.csv")
+        read_history(tmp_path / "history.csv")

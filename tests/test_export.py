@@ -16,8 +16,6 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe import evaluation as ev
-from convpipe import export as ex
 from convpipe.cli import build_parser
 from convpipe.config import Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
@@ -26,8 +24,11 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
+from convpipe.evaluation.metrics import predict_logits
+from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
 from convpipe.models.network import probabilities
+from convpipe.tools import export as ex
 from tests import datagen
 from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 
@@ -99,7 +100,7 @@ def _reference(params: Params) -> tuple[torch.Tensor, ArrayDataset]:
     manifest = load_manifest(params.paths.prepared)
     x, y = load_split(params.paths.prepared, manifest, "test")
     dataset = ArrayDataset(x, y, BatchTransform(None, manifest.mean, manifest.std))
-    return ev.predict_logits(ev.load_model(params.paths.model), dataset), dataset
+    return predict_logits(load_model(params.paths.model), dataset), dataset
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,7 @@ def test_parity_by_hand() -> None:
 def test_metadata_round_trips(digits, exported, fmt: str) -> None:
     _, params = digits
     manifest = load_manifest(params.paths.prepared)
-    expected = ex.export_metadata(ev.load_model(params.paths.model), manifest)
+    expected = ex.export_metadata(load_model(params.paths.model), manifest)
     _, metadata = ex.load_exported(exported["digits", fmt].path, fmt)
     assert metadata == expected
     assert metadata["class_names"] == [str(i) for i in range(10)]
@@ -351,7 +352,7 @@ def test_export_that_misses_the_tolerance_writes_nothing(raw_params, tmp_path, c
 
 def test_serialize_exports_eval_mode_and_restores_the_mode(digits) -> None:
     _, params = digits
-    model = ev.load_model(params.paths.model)
+    model = load_model(params.paths.model)
     reference, dataset = _reference(params)
     model.train()  # dropout 0.5 and batch statistics: logits would differ on every call
     data = ex.serialize(model, "torchscript", {"k": "v"})

@@ -19,14 +19,14 @@ from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch
-from convpipe.feature_maps import (
+from convpipe.models.module import CNNClassifier
+from convpipe.tools.feature_maps import (
     MAX_COLUMNS,
     feature_maps,
     first_layer_filters,
     picture,
     plot_feature_maps,
 )
-from convpipe.models.module import CNNClassifier
 from tests.conftest import quiet_trainer, run_cli
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling

@@ -16,22 +16,18 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe import evaluation as ev
 from convpipe.config import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
 from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
-from convpipe.inference import (
-    dense_equivalent_parameters,
-    find_images,
-    format_predictions,
-    predict_images,
-    receptive_fields,
-)
+from convpipe.evaluation.metrics import predict_logits
+from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
 from convpipe.models.network import build_cnn, count_parameters
+from convpipe.tools.predict import find_images, format_predictions, predict_images
+from convpipe.tools.summary import dense_equivalent_parameters, receptive_fields
 from tests.conftest import TINY_CONV, quiet_trainer, run_cli
 
 
@@ -200,9 +196,9 @@ def test_find_images_recursive_sorted_extensions_only(images) -> None:
 def test_predict_images_top1_matches_predict_logits(setup) -> None:
     _, params, _ = setup
     manifest = load_manifest(params.paths.prepared)
-    model = ev.load_model(params.paths.model)
+    model = load_model(params.paths.model)
     x, y = load_split(params.paths.prepared, manifest, "test")
-    logits = ev.predict_logits(
+    logits = predict_logits(
         model, ArrayDataset(x, y, BatchTransform(None, manifest.mean, manifest.std))
     )
     top = predict_images(model, np.asarray(x), manifest.mean, manifest.std, top_k=3, batch=50)
@@ -229,7 +225,7 @@ def test_predict_folder_with_a_corrupt_file(setup, images, capsys) -> None:
     assert "broken.png" in rows[0] and "ERROR: not an image" in rows[0]
     # same top-1 as the model on the prepared arrays
     manifest = load_manifest(params.paths.prepared)
-    model = ev.load_model(params.paths.model)
+    model = load_model(params.paths.model)
     expected = predict_images(model, x, manifest.mean, manifest.std, top_k=1)
     assert [row.split()[1] for row in rows[1:]] == [e[0][0] for e in expected]
 
@@ -269,7 +265,7 @@ def test_predict_all_bad_exits_2_with_one_line(setup, images, tmp_path, capsys) 
 
 
 def test_format_predictions_table_all_errors_still_renders() -> None:
-    from convpipe.inference import Prediction
+    from convpipe.tools.predict import Prediction
 
     text = format_predictions([Prediction("x.png", [], "empty file")], "table", 2)
     assert "ERROR: empty file" in text

@@ -1,4 +1,4 @@
-"""registry.py: the champion rule, the pyfunc against convpipe's predict, real serving, real DVC.
+"""The model registry: the champion rule, the pyfunc against convpipe's predict, real serving.
 
 Everything runs against real MLflow sqlite stores (absolute URIs) with a real, briefly trained
 CNN on the digits; the serving test starts a real `mlflow models serve` process on 127.0.0.1.
@@ -36,17 +36,15 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
-from convpipe.inference import predict_images
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
-from convpipe.registry import (
+from convpipe.tools.predict import predict_images
+from convpipe.tracking.pyfunc import image_signature, model_input, prediction_frame
+from convpipe.tracking.registry import (
     ACCURACY_TAG,
     CHAMPION,
     DATA_TAG,
-    image_signature,
     log_and_register,
-    model_input,
-    prediction_frame,
     should_promote,
     tag_accuracy,
 )
@@ -262,7 +260,7 @@ def test_logged_model_sits_in_the_run_and_unpickles_nothing(trained: Trained, ch
     assert {"MLmodel", "artifacts/model.ckpt", "artifacts/manifest.json"} <= files
     assert "convpipe_classifier.py" in files  # models from code ...
     assert {
-        "code/convpipe/registry.py",
+        "code/convpipe/tracking/pyfunc.py",
         "code/convpipe/models/module.py",
     } <= files  # ... with its code
     assert not any(f.endswith((".pkl", ".pickle")) for f in files)  # ... nothing pickled
@@ -350,7 +348,7 @@ REGISTER = """
 import sys
 import numpy as np
 from convpipe.data.manifest import load_manifest, load_split
-from convpipe.registry import log_and_register
+from convpipe.tracking.registry import log_and_register
 uri, run_id, name, ckpt, prepared = sys.argv[1:6]
 manifest = load_manifest(prepared)
 x, _ = load_split(prepared, manifest, "test")

@@ -32,7 +32,7 @@ from convpipe.data.manifest import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
-from convpipe.evaluation import evaluate
+from convpipe.evaluation.evaluate import evaluate
 from convpipe.models.checkpoint import AtomicCheckpointIO
 from convpipe.tracking.params import masked_params, params_for_mlflow
 from convpipe.tracking.provenance import RunInfo

@@ -91,7 +91,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     import json
 
     from convpipe.data.manifest import load_manifest
-    from convpipe.inference import format_summary, summary_dict
+    from convpipe.tools.summary import format_summary, summary_dict
 
     params = load_params(args.params)
     summary = summary_dict(params.model, load_manifest(params.paths.prepared))
@@ -106,14 +106,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files with the trained model; one row per file, errors included."""
     from convpipe.data.manifest import load_manifest
     from convpipe.errors import ConvpipeError
-    from convpipe.inference import (
+    from convpipe.io import atomic_path
+    from convpipe.models.checkpoint import load_model
+    from convpipe.tools.predict import (
         check_data_matches,
         find_images,
         format_predictions,
         predict_files,
     )
-    from convpipe.io import atomic_path
-    from convpipe.models.checkpoint import load_model
 
     if args.top_k < 1:
         raise ConvpipeError(f"--top-k must be 1 or more, got {args.top_k}", "on the command line")
@@ -147,7 +147,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the trained model as TorchScript or ONNX, checked against it on the test split."""
-    from convpipe.export import TOLERANCE, export_checkpoint
+    from convpipe.tools.export import TOLERANCE, export_checkpoint
 
     params = load_params(args.params)
     result = export_checkpoint(params, args.format, args.output)
@@ -165,10 +165,10 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from convpipe.data.manifest import load_manifest
-    from convpipe.evaluation import save_figure
-    from convpipe.feature_maps import picture
-    from convpipe.inference import check_data_matches, load_image
+    from convpipe.evaluation.plots import save_figure
     from convpipe.models.checkpoint import load_model
+    from convpipe.tools.feature_maps import picture
+    from convpipe.tools.predict import check_data_matches, load_image
 
     params = load_params(args.params)
     manifest = load_manifest(params.paths.prepared)

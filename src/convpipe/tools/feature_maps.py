@@ -23,8 +23,9 @@ from matplotlib.figure import Figure, SubFigure
 from torch import Tensor, nn
 
 from convpipe.data.transforms.normalize import normalize_batch
-from convpipe.inference import predict_images, receptive_fields
 from convpipe.models.module import CNNClassifier
+from convpipe.tools.predict import predict_images
+from convpipe.tools.summary import receptive_fields
 
 __all__ = [
     "MAX_COLUMNS",

@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -34,41 +34,27 @@ from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.entities import Run
-from mlflow.models import ModelSignature
-from mlflow.pyfunc import PythonModel, PythonModelContext
-from mlflow.types import ColSpec, DataType, Schema, TensorSpec
-from mlflow.types.schema import Map
 
-from convpipe.data.manifest import MANIFEST, Manifest, load_manifest
-from convpipe.inference import check_data_matches, predict_images
-from convpipe.models.checkpoint import load_model
+from convpipe.data.manifest import MANIFEST, Manifest
+from convpipe.tracking.pyfunc import image_signature, model_input
 from convpipe.tracking.store import mask_uri, mlflow_error, store_lock
-
-__all__ = [
-    "ACCURACY_TAG",
-    "CHAMPION",
-    "ImageClassifier",
-    "Registration",
-    "image_signature",
-    "log_and_register",
-    "model_input",
-    "prediction_frame",
-    "should_promote",
-    "tag_accuracy",
-]
 
 log = logging.getLogger("convpipe")
 
+
 CHAMPION = "champion"
+
 #: Model-version (and LoggedModel) tag holding the test accuracy the champion rule compares.
 ACCURACY_TAG = "test_accuracy"
+
 #: Tag naming the prepared data the accuracy was measured on (its manifest content hash).
 DATA_TAG = "data_content_hash"
+
 #: Name of the logged model: MLflow 3 lists its files in the run under ``classifier/`` (and
 #: ``runs:/<run_id>/classifier`` loads it). Not ``model``: the train stage's checkpoint is there.
 MODEL_NAME = "classifier"
+
 #: Distributions the pyfunc imports at serving time (convpipe itself travels as code), pinned
 #: to the installed versions. Listing them skips MLflow's requirement inference, which loads the
 #: model in a subprocess and takes seconds.
@@ -85,111 +71,25 @@ SERVE_REQUIREMENTS = (
     "opencv-python-headless",
     "matplotlib",
 )
+
 #: convpipe's own source, saved with the model: a registered version keeps loading and
 #: predicting with the code it was evaluated with after the project's code moves on (MLflow puts
 #: the model's ``code/`` folder first on ``sys.path`` before it runs the model's code file).
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # src/convpipe, whole
+
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
 _CODE_FILE = "convpipe_classifier.py"
+
 _CODE = '''\
 """convpipe's image classifier as an MLflow pyfunc (models from code: nothing is unpickled)."""
 
 import mlflow
 
-from convpipe.registry import ImageClassifier
+from convpipe.tracking.pyfunc import ImageClassifier
 
 mlflow.models.set_model(ImageClassifier())
 '''
-
-
-# --------------------------------------------------------------------------- the pyfunc
-
-
-def model_input(images: np.ndarray) -> np.ndarray:
-    """Convpipe's uint8 ``(N, H, W, C)`` images as the pyfunc takes them.
-
-    Returns:
-        ``(N, H, W)`` for grayscale (``C == 1``), else the images unchanged.
-    """
-    return images[..., 0] if images.shape[-1] == 1 else images
-
-
-def image_signature(channels: int, image_hw: tuple[int, int]) -> ModelSignature:
-    """The pyfunc's signature for images of ``channels`` x ``image_hw``.
-
-    Input: one uint8 tensor, ``(-1, H, W)`` for grayscale or ``(-1, H, W, C)``.
-    Output: one row per image with ``class`` (the predicted class name), ``probability`` (its
-    probability) and ``probabilities`` (class name -> probability, every class).
-    """
-    h, w = image_hw
-    shape = (-1, h, w) if channels == 1 else (-1, h, w, channels)
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
-        outputs=Schema(
-            [
-                ColSpec(DataType.string, "class"),
-                ColSpec(DataType.double, "probability"),
-                ColSpec(Map(DataType.double), "probabilities"),
-            ]
-        ),
-    )
-
-
-def prediction_frame(
-    ranked: Sequence[Sequence[tuple[str, float]]], class_names: Sequence[str]
-) -> pd.DataFrame:
-    """The pyfunc's output from :func:`convpipe.inference.predict_images` with all K classes.
-
-    Args:
-        ranked: Per image, every ``(class name, probability)`` pair, most probable first.
-        class_names: The K class names in label order (the order of ``probabilities``).
-
-    Returns:
-        One row per image: ``class``, ``probability``, ``probabilities`` (a dict in class order).
-    """
-    rows = []
-    for pairs in ranked:
-        by_name = dict(pairs)
-        rows.append(
-            {
-                "class": pairs[0][0],
-                "probability": pairs[0][1],
-                "probabilities": {name: by_name[name] for name in class_names},
-            }
-        )
-    return pd.DataFrame(rows, columns=["class", "probability", "probabilities"])
-
-
-class ImageClassifier(PythonModel):
-    """Raw uint8 images in, class names and probabilities out (see :func:`image_signature`).
-
-    The model directory's artifacts are ``checkpoint`` (the Lightning checkpoint) and
-    ``manifest`` (the prepared data's ``manifest.json``: class names, image size, mean, std).
-    """
-
-    def load_context(self, context: PythonModelContext) -> None:
-        """Load the checkpoint weights-only and the manifest, and check that they match."""
-        checkpoint = context.artifacts["checkpoint"]
-        self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
-        self.model = load_model(checkpoint)
-        check_data_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
-
-    def predict(
-        self,
-        context: PythonModelContext,
-        model_input: np.ndarray,
-        params: dict[str, Any] | None = None,
-    ) -> pd.DataFrame:
-        """Classify uint8 images ``(N, H, W)`` (grayscale) or ``(N, H, W, C)``."""
-        images = np.asarray(model_input)
-        if images.ndim == 3:
-            images = images[..., None]
-        m = self.manifest
-        ranked = predict_images(self.model, images, m.mean, m.std, top_k=m.num_classes)
-        return prediction_frame(ranked, m.class_names)
-
-
-# --------------------------------------------------------------------------- the champion
 
 
 def should_promote(accuracy: float, champion_accuracy: float | None) -> bool:

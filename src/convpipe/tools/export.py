@@ -39,11 +39,11 @@ from convpipe.config import Params
 from convpipe.data.datamodule import ArrayDataset, ConvDataModule
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
-from convpipe.evaluation import EVAL_BATCH, predict_logits
-from convpipe.inference import check_data_matches
+from convpipe.evaluation.metrics import EVAL_BATCH, predict_logits
 from convpipe.io import atomic_path
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
+from convpipe.tools.predict import check_data_matches
 
 __all__ = [
     "FORMATS",
@@ -398,7 +398,8 @@ def parity(reference: Tensor, exported: Tensor) -> Parity:
 def run_batches(run: Runner, dataset: ArrayDataset, batch: int = EVAL_BATCH) -> Tensor:
     """Logits of ``run`` for every image of ``dataset``, in order, ``batch`` images at a time.
 
-    The batching of :func:`convpipe.evaluation.predict_logits`, so both see the same batches.
+    The batching of :func:`convpipe.evaluation.metrics.predict_logits`: both see the same
+    batches.
     """
     outputs = []
     for start in range(0, len(dataset), batch):

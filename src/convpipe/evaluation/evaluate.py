@@ -1,0 +1,169 @@
+"""The evaluate stage: the best checkpoint on the test split, its files, its MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torchmetrics.functional import classification as tmf
+
+from convpipe.config import Params
+from convpipe.data.datamodule import ConvDataModule
+from convpipe.data.manifest import Manifest
+from convpipe.errors import ConvpipeError
+from convpipe.io import write_json, write_text
+from convpipe.models.checkpoint import load_model
+from convpipe.models.network import probabilities
+from convpipe.tracking.provenance import RunInfo
+from convpipe.tracking.store import check_reachable, mask_uri, mlflow_error
+from convpipe.tracking.store import tracking_uri as resolve_uri
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+from convpipe.evaluation.metrics import (
+    EVAL_BATCH,
+    compute_metrics,
+    confusion_csv,
+    headline,
+    mlflow_metrics,
+    per_class_csv,
+    predict_logits,
+    test_loss,
+    worst_mistakes,
+)
+from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
+
+EXAMPLE_IMAGES = 2  # test images saved with the registered model as its input example
+
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
+
+
+def read_history(path: str | Path) -> list[dict[str, str]]:
+    """The train stage's per-epoch history rows.
+
+    Raises:
+        ConvpipeError: If the file is missing.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise ConvpipeError(
+            "training history not found", f"at {path}", "run `dvc repro train`"
+        ) from None
+
+
+def open_run(params: Params) -> tuple[MlflowClient, RunInfo]:
+    """The client and run of the training, checked to exist before anything is computed.
+
+    Raises:
+        ConvpipeError: If the run record is missing, the server unreachable or the run unknown.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run = RunInfo.load(params.paths.run_info)
+    uri = resolve_uri(params.mlflow)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run.run_id)
+    except (MlflowException, OSError) as exc:
+        raise ConvpipeError(
+            f"MLflow run {run.run_id} of the training not found ({type(exc).__name__})",
+            f"at {mask_uri(uri)} (the training logged to {run.tracking_uri})",
+            "use the tracking URI of the training, or rerun `dvc repro train`",
+        ) from None
+    return client, run
+
+
+def evaluate(params: Params) -> dict[str, Any]:
+    """Evaluate the trained model on the test split and write every evaluate-stage output.
+
+    Raises:
+        ConvpipeError: A missing or unsafe checkpoint, data the model was not trained for, or a
+            tracking store without the training's run.
+    """
+    paths = params.paths
+    client, run = open_run(params)
+    model = load_model(paths.model)
+    datamodule = ConvDataModule(paths.prepared, None, EVAL_BATCH, 0, False, params.base.seed)
+    manifest = datamodule.manifest
+    if model.num_classes != manifest.num_classes:
+        raise ConvpipeError(
+            f"the checkpoint has {model.num_classes} classes, the data has {manifest.num_classes}",
+            f"at {paths.model}",
+            "retrain with `dvc repro train`",
+        )
+    dataset = datamodule.split("test")
+    labels = torch.from_numpy(dataset.y)
+    logits = predict_logits(model, dataset)
+    probs = probabilities(logits, manifest.num_classes)
+    preds = probs.argmax(dim=1)
+    metrics = {
+        **compute_metrics(probs, labels, manifest.class_names, params.evaluate.top_k),
+        "loss": test_loss(logits, labels),
+    }
+    write_json(paths.eval_metrics, headline(metrics))
+    write_text(paths.eval_per_class, per_class_csv(metrics["per_class"]))
+    write_text(paths.eval_confusion, confusion_csv(preds, labels, manifest.class_names))
+    matrix = tmf.multiclass_confusion_matrix(
+        preds, labels, num_classes=manifest.num_classes
+    ).numpy()
+    save_figure(plot_confusion(matrix, manifest.class_names), paths.confusion_png)
+    worst = worst_mistakes(probs, labels, params.evaluate.misclassified)
+    save_figure(
+        plot_misclassified(
+            np.asarray(dataset.x[worst.numpy()]),  # a handful of rows: read order is moot
+            labels[worst].tolist(),
+            preds[worst].tolist(),
+            probs[worst, preds[worst]].tolist(),
+            manifest.class_names,
+        ),
+        paths.misclassified_png,
+    )
+    save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
+    _log_to_run(client, run.run_id, params, metrics)
+    _register(params, run.run_id, manifest, np.asarray(dataset.x[:EXAMPLE_IMAGES]), metrics)
+    return metrics
+
+
+def _register(
+    params: Params, run_id: str, manifest: Manifest, examples: np.ndarray, metrics: dict[str, Any]
+) -> None:
+    """Log the model as a pyfunc into the run, register it, move ``champion`` if it is better."""
+    from convpipe.tracking.registry import log_and_register
+
+    log_and_register(
+        resolve_uri(params.mlflow),
+        run_id,
+        params.mlflow.registered_model,
+        params.paths.model,
+        manifest,
+        examples,
+        metrics["accuracy"],
+    )
+
+
+def _log_to_run(client: MlflowClient, run_id: str, params: Params, metrics: dict[str, Any]) -> None:
+    """Add the test metrics (batched) and pictures to the MLflow run of the training."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    paths = params.paths
+    stamp = int(time.time() * 1000)
+    values = [Metric(k, v, stamp, 0) for k, v in mlflow_metrics(metrics).items()]
+    try:
+        for start in range(0, len(values), METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=values[start : start + METRICS_PER_BATCH])
+        for path in (paths.confusion_png, paths.misclassified_png, paths.curves_png):
+            client.log_artifact(run_id, path, "evaluation")
+        client.log_artifact(run_id, paths.eval_metrics, "evaluation")
+        client.log_artifact(run_id, paths.eval_per_class, "evaluation")
+    except (MlflowException, OSError) as exc:
+        raise mlflow_error(exc, resolve_uri(params.mlflow), f"logging to run {run_id}") from None

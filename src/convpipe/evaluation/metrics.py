@@ -1,0 +1,163 @@
+"""Test-split metrics from logits and labels: accuracy, per-class scores, AUROC, top-k."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional import classification as tmf
+
+from convpipe.data.datamodule import ArrayDataset
+from convpipe.models.module import CNNClassifier
+
+if TYPE_CHECKING:
+    pass
+
+
+EVAL_BATCH = 512
+
+#: Top-k accuracy is reported from this many classes on: with fewer, the true class is among
+#: any model's top k most of the time and the figure says little.
+TOP_K_MIN_CLASSES = 6
+
+
+@torch.no_grad()
+def predict_logits(
+    model: CNNClassifier, dataset: ArrayDataset, batch: int = EVAL_BATCH
+) -> torch.Tensor:
+    """Logits for every image of ``dataset``, in order: ``(N,)`` (2 classes) or ``(N, K)``."""
+    outputs = []
+    for start in range(0, len(dataset), batch):
+        x, _ = dataset.__getitems__(list(range(start, min(start + batch, len(dataset)))))
+        outputs.append(model(x))
+    return torch.cat(outputs)
+
+
+def test_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean data loss: BCE with logits for 2 classes (``(N,)`` logits), else cross-entropy."""
+    if logits.ndim == 1:
+        return float(F.binary_cross_entropy_with_logits(logits, labels.float()))
+    return float(F.cross_entropy(logits, labels))
+
+
+def compute_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], top_k: int
+) -> dict[str, Any]:
+    """Test metrics from class probabilities.
+
+    Args:
+        probs: ``(N, K)`` probabilities.
+        labels: ``(N,)`` int64 true classes.
+        class_names: the K class names, in label order.
+        top_k: k of the top-k accuracy, reported only for K >= :data:`TOP_K_MIN_CLASSES`.
+
+    Returns:
+        accuracy, macro precision/recall/F1, macro one-vs-rest AUROC, optional top-k accuracy,
+        per-class precision/recall/F1/support, and the number of test images.
+    """
+    k = len(class_names)
+    preds = probs.argmax(dim=1)
+    common: dict[str, Any] = {"num_classes": k}
+    out: dict[str, Any] = {  # headline first: ``dvc exp show`` keeps this column order
+        "accuracy": float((preds == labels).float().mean()),
+        "precision_macro": float(
+            tmf.multiclass_precision(preds, labels, average="macro", **common)
+        ),
+        "recall_macro": float(tmf.multiclass_recall(preds, labels, average="macro", **common)),
+        "f1_macro": float(tmf.multiclass_f1_score(preds, labels, average="macro", **common)),
+        "auroc_macro": _auroc(probs, labels, k),
+    }
+    if k >= TOP_K_MIN_CLASSES:
+        hits = tmf.multiclass_accuracy(
+            probs, labels, top_k=min(top_k, k), average="micro", **common
+        )
+        out[f"top{min(top_k, k)}_accuracy"] = float(hits)
+    out["count"] = int(labels.numel())
+    precision = tmf.multiclass_precision(preds, labels, average=None, **common)
+    recall = tmf.multiclass_recall(preds, labels, average=None, **common)
+    f1 = tmf.multiclass_f1_score(preds, labels, average=None, **common)
+    support = torch.bincount(labels, minlength=k)
+    out["per_class"] = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    return out
+
+
+def _auroc(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    if k == 2:
+        return float(tmf.binary_auroc(probs[:, 1], labels))
+    return float(tmf.multiclass_auroc(probs, labels, num_classes=k, average="macro"))
+
+
+def confusion_csv(preds: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> str:
+    """One ``actual,predicted`` row per image, by class name: DVC's ``confusion`` template input."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(
+        (class_names[a], class_names[p])
+        for a, p in zip(labels.tolist(), preds.tolist(), strict=True)
+    )
+    return buf.getvalue()
+
+
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
+
+
+def per_class_csv(per_class: dict[str, dict[str, float]]) -> str:
+    """One row per class (``class,precision,recall,f1,support``): a ``dvc plots`` bar chart.
+
+    Per-class values live here rather than in ``metrics/eval.json``: as metrics they would add
+    four ``dvc exp show`` columns per class and bury the headline figures.
+
+    Args:
+        per_class: ``{class name: {"precision", "recall", "f1", "support"}}`` from
+            :func:`compute_metrics`.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PER_CLASS_COLUMNS)
+    for name, row in per_class.items():
+        writer.writerow([name, *(row[key] for key in PER_CLASS_COLUMNS[1:])])
+    return buf.getvalue()
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The test metrics that ``metrics/eval.json`` holds: every one but the per-class detail."""
+    return {key: value for key, value in metrics.items() if key != "per_class"}
+
+
+def worst_mistakes(probs: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` most confident wrong predictions, worst first.
+
+    Ties keep dataset order (a stable sort), so the picture is the same on every run.
+    """
+    preds = probs.argmax(dim=1)
+    wrong = torch.nonzero(preds != labels).flatten()
+    confidence = probs[wrong, preds[wrong]]
+    return wrong[torch.sort(confidence, descending=True, stable=True).indices[:count]]
+
+
+def _metric_key(name: str) -> str:
+    """A class name made safe for an MLflow metric key."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", name)
+
+
+def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flatten evaluation metrics to ``test/...`` MLflow keys (per class: ``test/f1/<class>``)."""
+    flat = {f"test/{k}": float(v) for k, v in metrics.items() if k != "per_class"}
+    for name, values in metrics["per_class"].items():
+        for metric, value in values.items():
+            flat[f"test/{metric}/{_metric_key(name)}"] = float(value)
+    return flat

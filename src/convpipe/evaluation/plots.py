@@ -1,0 +1,93 @@
+"""The evaluate stage's pictures: confusion matrix, worst mistakes, training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from convpipe.io import atomic_path
+
+if TYPE_CHECKING:
+    pass
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
+    """Confusion matrix ``(K, K)`` (rows true, columns predicted) with counts in the cells."""
+    k = len(class_names)
+    size = max(4.0, 0.5 * k + 2)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix",
+    )
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    if k <= 30:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (i, j), value in np.ndenumerate(matrix):
+            colour = "white" if value > threshold else "black"
+            ax.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_misclassified(
+    images: np.ndarray,
+    labels: Sequence[int],
+    preds: Sequence[int],
+    confidence: Sequence[float],
+    class_names: Sequence[str],
+) -> Figure:
+    """A grid of uint8 images ``(N, H, W, C)`` titled ``true → predicted (confidence)``."""
+    n = max(len(images), 1)
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(max(1.8 * cols, 4.5), 2.0 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, y, p, c in zip(axes.flat, images, labels, preds, confidence, strict=False):
+        shown = image[..., 0] if image.shape[-1] == 1 else image
+        ax.imshow(shown, cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
+        ax.set_title(
+            f"{class_names[y]} → {class_names[p]}\n({c:.2f})", fontsize=8, color="firebrick"
+        )
+    if not len(images):
+        axes.flat[0].text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
+    fig.suptitle("Worst mistakes: true → predicted (confidence)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(history: Sequence[dict[str, str]]) -> Figure:
+    """Loss and accuracy per epoch, train beside val, from the train stage's history rows."""
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    epochs = [int(row["epoch"]) for row in history]
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
+        for split in ("train", "val"):
+            values = [
+                float(row[f"{split}/{metric}"]) if row.get(f"{split}/{metric}") else np.nan
+                for row in history
+            ]
+            ax.plot(epochs, values, marker="o", markersize=3, label=split)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Save ``fig`` as PNG atomically (Figure without pyplot: no display, nothing to close)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

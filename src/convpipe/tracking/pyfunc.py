@@ -1,0 +1,106 @@
+"""The registered model's code: an MLflow pyfunc that classifies raw uint8 images.
+
+``mlflow.pyfunc.load_model`` (and ``mlflow models serve``) builds :class:`ImageClassifier`
+from the model directory that :mod:`convpipe.tracking.registry` logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types.schema import Map
+
+from convpipe.data.manifest import load_manifest
+from convpipe.models.checkpoint import load_model
+from convpipe.tools.predict import check_data_matches, predict_images
+
+
+def model_input(images: np.ndarray) -> np.ndarray:
+    """Convpipe's uint8 ``(N, H, W, C)`` images as the pyfunc takes them.
+
+    Returns:
+        ``(N, H, W)`` for grayscale (``C == 1``), else the images unchanged.
+    """
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
+def image_signature(channels: int, image_hw: tuple[int, int]) -> ModelSignature:
+    """The pyfunc's signature for images of ``channels`` x ``image_hw``.
+
+    Input: one uint8 tensor, ``(-1, H, W)`` for grayscale or ``(-1, H, W, C)``.
+    Output: one row per image with ``class`` (the predicted class name), ``probability`` (its
+    probability) and ``probabilities`` (class name -> probability, every class).
+    """
+    h, w = image_hw
+    shape = (-1, h, w) if channels == 1 else (-1, h, w, channels)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "class"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+            ]
+        ),
+    )
+
+
+def prediction_frame(
+    ranked: Sequence[Sequence[tuple[str, float]]], class_names: Sequence[str]
+) -> pd.DataFrame:
+    """The pyfunc's output from :func:`convpipe.tools.predict.predict_images` with all K classes.
+
+    Args:
+        ranked: Per image, every ``(class name, probability)`` pair, most probable first.
+        class_names: The K class names in label order (the order of ``probabilities``).
+
+    Returns:
+        One row per image: ``class``, ``probability``, ``probabilities`` (a dict in class order).
+    """
+    rows = []
+    for pairs in ranked:
+        by_name = dict(pairs)
+        rows.append(
+            {
+                "class": pairs[0][0],
+                "probability": pairs[0][1],
+                "probabilities": {name: by_name[name] for name in class_names},
+            }
+        )
+    return pd.DataFrame(rows, columns=["class", "probability", "probabilities"])
+
+
+class ImageClassifier(PythonModel):
+    """Raw uint8 images in, class names and probabilities out (see :func:`image_signature`).
+
+    The model directory's artifacts are ``checkpoint`` (the Lightning checkpoint) and
+    ``manifest`` (the prepared data's ``manifest.json``: class names, image size, mean, std).
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Load the checkpoint weights-only and the manifest, and check that they match."""
+        checkpoint = context.artifacts["checkpoint"]
+        self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
+        self.model = load_model(checkpoint)
+        check_data_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
+
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Classify uint8 images ``(N, H, W)`` (grayscale) or ``(N, H, W, C)``."""
+        images = np.asarray(model_input)
+        if images.ndim == 3:
+            images = images[..., None]
+        m = self.manifest
+        ranked = predict_images(self.model, images, m.mean, m.std, top_k=m.num_classes)
+        return prediction_frame(ranked, m.class_names)
