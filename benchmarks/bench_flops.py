@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loop import mnist_like, quiet
 from common import ROOT, Section, fmt, median_spread, print_sections
 
-from convpipe.config import Params, parse_params, read_yaml
+from convpipe.config.schema import Params, parse_params, read_yaml
 from convpipe.models.module import cpu_threads
 from convpipe.training.run import build_model
 from convpipe.training.trainer import build_trainer

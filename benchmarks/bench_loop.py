@@ -46,14 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MNIST, ROOT, Section, fmt, median_spread, print_sections
 
-from convpipe.config import Params, parse_params, set_dotted
+from convpipe.config.recipes import overlaid
+from convpipe.config.schema import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.models.module import CNNClassifier, cpu_threads
 from convpipe.models.network import regularization_penalty
 from convpipe.models.optim import build_optimizer, build_scheduler
-from convpipe.recipes import overlaid
 from convpipe.training.callbacks import EpochHistory
 from convpipe.training.run import build_model
 from convpipe.training.trainer import build_trainer

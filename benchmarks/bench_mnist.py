@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import MNIST, ROOT, Checkout, Section, fmt, print_sections
 
+from convpipe.config.recipes import load_with_recipe
 from convpipe.data.manifest import load_manifest
 from convpipe.models.module import cpu_threads
-from convpipe.recipes import load_with_recipe
 
 RECIPE = ROOT / "params" / "mnist.yaml"
 GOAL_ACC = 0.993

@@ -1,6 +1,6 @@
 """DVC stage ``augment``: seeded augmented copies of the prepared train split, and a preview."""
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.augment import write_augmented
 from convpipe.stage import log, run_stage
 

@@ -1,6 +1,6 @@
 """DVC stage ``evaluate``: test-split metrics, plots and pictures, logged to the train run."""
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.evaluation.evaluate import evaluate
 from convpipe.stage import log, run_stage
 

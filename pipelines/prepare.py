@@ -1,6 +1,6 @@
 """DVC stage ``prepare``: read ``data.source``, split it and write ``paths.prepared``."""
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.stage import log, run_stage

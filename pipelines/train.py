@@ -1,6 +1,6 @@
 """DVC stage ``train``: fit the CNN, test its best checkpoint, track the run in MLflow."""
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.stage import log, run_stage
 from convpipe.training.run import train
 

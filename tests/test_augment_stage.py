@@ -17,7 +17,7 @@ from convpipe.errors import ConvpipeError
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, raw_params):
-    from convpipe.config import parse_params
+    from convpipe.config.schema import parse_params
 
     root = tmp_path_factory.mktemp("prep")
     raw = {**raw_params, "paths": {**raw_params["paths"], "prepared": str(root / "prepared")}}

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from convpipe.config import load_params, parse_params, read_yaml
+from convpipe.config.recipes import apply_recipe, leaves, load_with_recipe
+from convpipe.config.schema import load_params, parse_params, read_yaml
 from convpipe.errors import ConvpipeError
-from convpipe.recipes import apply_recipe, leaves, load_with_recipe
 from tests.conftest import ROOT
 
 

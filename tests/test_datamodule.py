@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.config import Params, parse_params, set_dotted
+from convpipe.config.schema import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.datamodule import (
     ArrayDataset,

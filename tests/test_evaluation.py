@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config import ModelParams, Params, TrainParams, parse_params
+from convpipe.config.schema import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError

@@ -17,7 +17,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe.cli import build_parser
-from convpipe.config import Params, TrainParams, parse_params
+from convpipe.config.schema import Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
 from convpipe.data.manifest import Manifest, load_manifest, load_split
 from convpipe.data.prepare import write_prepared

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config import parse_params
+from convpipe.config.schema import parse_params
 from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source

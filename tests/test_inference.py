@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config import ModelParams, Params, TrainParams, parse_params
+from convpipe.config.schema import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.datamodule import ArrayDataset
 from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared

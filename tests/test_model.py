@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config import ModelParams, Params, TrainParams, load_params
+from convpipe.config.schema import ModelParams, Params, TrainParams, load_params
 from convpipe.errors import ConvpipeError
 from convpipe.models.module import CNNClassifier, cpu_threads
 from convpipe.models.network import (

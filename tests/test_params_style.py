@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from dvc.utils.hydra import apply_overrides
 
-from convpipe.config import load_params
-from convpipe.recipes import apply_recipe
+from convpipe.config.recipes import apply_recipe
+from convpipe.config.schema import load_params
 from tests.conftest import ROOT
 
 # params.yaml as shipped, and as each recipe leaves it

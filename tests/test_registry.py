@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config import Params, TrainParams, parse_params
+from convpipe.config.schema import Params, TrainParams, parse_params
 from convpipe.data.manifest import Manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source

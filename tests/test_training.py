@@ -26,7 +26,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
-from convpipe.config import Params, parse_params, set_dotted
+from convpipe.config.schema import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.manifest import load_manifest
 from convpipe.data.prepare import write_prepared

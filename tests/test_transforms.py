@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convpipe.config import AugmentParams, load_params
+from convpipe.config.schema import AugmentParams, load_params
 from convpipe.data.transforms.apply import augment_batches
 from convpipe.data.transforms.batched import tensor_augmentation
 from convpipe.data.transforms.factory import (

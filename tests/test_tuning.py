@@ -27,7 +27,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState, create_trial
 from ruamel.yaml import YAML
 
-from convpipe.config import CategoricalDim, FloatDim, IntDim, load_params
+from convpipe.config.schema import CategoricalDim, FloatDim, IntDim, load_params
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
 from convpipe.tuning.apply import apply_best, yaml_scalar

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from convpipe import __version__
-from convpipe.config import DEFAULT_PARAMS, load_params
+from convpipe.config.schema import DEFAULT_PARAMS, load_params
 from convpipe.errors import entrypoint
 from convpipe.stage import setup_logging
 
@@ -31,7 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Write a recipe's values into the params file, keeping everything else in it."""
-    from convpipe.recipes import apply_recipe
+    from convpipe.config.recipes import apply_recipe
 
     changed = apply_recipe(args.recipe, args.params)
     shown = ", ".join(changed) if changed else "nothing: its values were already there"

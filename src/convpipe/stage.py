@@ -1,7 +1,7 @@
 """What every DVC stage entry point shares: arguments, params loading, logging, failure.
 
 ``pipelines/<stage>.py`` files stay a few lines long: they define one function taking the
-validated :class:`~convpipe.config.Params` and hand it to :func:`run_stage`.
+validated :class:`~convpipe.config.schema.Params` and hand it to :func:`run_stage`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 
-from convpipe.config import DEFAULT_PARAMS, Params, load_params
+from convpipe.config.schema import DEFAULT_PARAMS, Params, load_params
 from convpipe.errors import entrypoint
 
 log = logging.getLogger("convpipe")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.manifest import (
     MANIFEST,
     PIPELINE_FILE,

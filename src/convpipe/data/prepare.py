@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convpipe.config import DataParams
+from convpipe.config.schema import DataParams
 from convpipe.data.images import channels_of, normalize
 from convpipe.data.manifest import (
     FORMAT_VERSION,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from convpipe.config import DataParams
+from convpipe.config.schema import DataParams
 from convpipe.data.raw import RawDataset
 from convpipe.data.readers.cifar import open_cifar
 from convpipe.data.readers.csv_table import open_csv

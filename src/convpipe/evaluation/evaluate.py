@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torchmetrics.functional import classification as tmf
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError

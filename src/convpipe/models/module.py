@@ -24,8 +24,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from convpipe.config import ModelParams, RuntimeParams, TrainParams
-from convpipe.config import _describe as _describe_validation_error
+from convpipe.config.schema import ModelParams, RuntimeParams, TrainParams, describe_error
 from convpipe.errors import ConvpipeError
 from convpipe.models.network import build_cnn, probabilities, regularization_penalty
 from convpipe.models.optim import build_optimizer, build_scheduler, check_optimizer
@@ -55,7 +54,7 @@ def _parse_section(schema: type[_Schema], value: Any, section: str) -> _Schema:
     except ValidationError as exc:
         first = exc.errors()[0]
         error = {**first, "loc": (section, *first["loc"])}
-        raise _describe_validation_error(error, "the model hyperparameters") from None
+        raise describe_error(error, "the model hyperparameters") from None
 
 
 # Checkpoints written before the runtime section existed stored its keys under `train`; they

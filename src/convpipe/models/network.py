@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from convpipe.config import ConvBlock, ModelParams
+from convpipe.config.schema import ConvBlock, ModelParams
 from convpipe.errors import ConvpipeError
 from convpipe.models.shapes import (
     block_hw,

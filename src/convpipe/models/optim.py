@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities.types import LRSchedulerConfigType
 from torch import nn
 
-from convpipe.config import TrainParams
+from convpipe.config.schema import TrainParams
 from convpipe.errors import ConvpipeError
 
 __all__ = [

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from convpipe.config import ConvBlock, ModelParams
+from convpipe.config.schema import ConvBlock, ModelParams
 from convpipe.errors import ConvpipeError
 
 __all__ = [

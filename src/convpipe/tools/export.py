@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from convpipe import __version__
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.datamodule import ArrayDataset, ConvDataModule
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError

@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from convpipe.config import ModelParams
+from convpipe.config.schema import ModelParams
 from convpipe.data.manifest import Manifest
 from convpipe.models.shapes import layer_shapes
 

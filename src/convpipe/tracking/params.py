@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from convpipe.config import MlflowParams
+from convpipe.config.schema import MlflowParams
 from convpipe.errors import ConvpipeError
 
 if TYPE_CHECKING:

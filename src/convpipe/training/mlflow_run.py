@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import MANIFEST, PIPELINE_FILE
 from convpipe.tracking.provenance import (

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json
 from convpipe.models.checkpoint import check_hyperparameters, read_checkpoint

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from convpipe.config import Params
+from convpipe.config.schema import Params
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier

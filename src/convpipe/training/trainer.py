@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers.logger import Logger
 
-from convpipe.config import TrainParams
+from convpipe.config.schema import TrainParams
 from convpipe.errors import ConvpipeError
 from convpipe.models.checkpoint import AtomicCheckpointIO
 from convpipe.training.callbacks import EpochHistory, EpochLearningRate

@@ -10,9 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from convpipe.config import (
-    parse_params,
-)
+from convpipe.config.schema import parse_params
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_text
 

@@ -13,9 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from convpipe.config import (
-    Params,
-)
+from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.params import log_params, params_for_mlflow
 from convpipe.tracking.provenance import run_tags

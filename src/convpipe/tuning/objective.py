@@ -19,9 +19,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from convpipe.config import (
-    Params,
-)
+from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.training.callbacks import EpochHistory
 from convpipe.training.mlflow_run import RunLogger

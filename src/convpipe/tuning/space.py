@@ -10,7 +10,7 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import Trial, TrialState
 
-from convpipe.config import (
+from convpipe.config.schema import (
     CategoricalDim,
     FloatDim,
     IntDim,

@@ -10,9 +10,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from convpipe.config import (
-    Params,
-)
+from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import mask_uri, store_lock
 from convpipe.tuning.space import direction, make_pruner, make_sampler

@@ -9,9 +9,7 @@ from typing import Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from convpipe.config import (
-    Params,
-)
+from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import mask_uri
 from convpipe.training.run import build_datamodule

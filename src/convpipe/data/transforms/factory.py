@@ -30,7 +30,7 @@ import numpy as np
 from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import BasicTransform
 
-from convpipe.config import (
+from convpipe.config.schema import (
     AffineParams,
     AugmentParams,
     ColorJitterParams,

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from convpipe.config import Params, parse_params, read_yaml
+from convpipe.config.schema import Params, parse_params, read_yaml
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_text
 

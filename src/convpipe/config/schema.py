@@ -366,7 +366,7 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 MOVED_KEYS = {f"train.{key}": f"runtime.{key}" for key in RuntimeParams.model_fields}
 
 
-def _describe(error: Any, source: str) -> ConvpipeError:
+def describe_error(error: Any, source: str) -> ConvpipeError:
     """Turn the first pydantic error into a user-facing :class:`ConvpipeError`."""
     loc = tuple(error["loc"])
     key = _dotted(loc)
@@ -413,7 +413,7 @@ def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise _describe(exc.errors()[0], source) from None
+        raise describe_error(exc.errors()[0], source) from None
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
