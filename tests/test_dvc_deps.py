@@ -147,3 +147,35 @@ def test_no_import_cycles() -> None:
 
 def test_a_cycle_is_caught() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+#: The README's Code map, "may import": each package's convpipe dependencies besides the
+#: shared ``errors`` and ``io`` (and itself).
+MAY_IMPORT = {
+    "config": set(),
+    "data": {"config"},
+    "models": {"config"},
+    "tools": {"config", "data", "models"},
+    "tracking": {"config", "data", "models", "tools"},
+    "evaluation": {"config", "data", "models", "tracking"},
+    "training": {"config", "data", "models", "tracking"},
+    "tuning": {"config", "training", "tracking"},
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else parts[-1]  # convpipe.errors -> "errors"
+
+
+def test_dependencies_point_the_way_the_code_map_says() -> None:
+    wrong = []
+    for module, imports in sorted(_graph().items()):
+        allowed = MAY_IMPORT.get(_package(module))
+        if allowed is None:  # the CLI, the stage runner and the shared helpers
+            continue
+        for target in sorted(imports):
+            package = _package(target)
+            if package not in allowed | {"errors", "io", _package(module)}:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []

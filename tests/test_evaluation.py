@@ -25,7 +25,6 @@ from convpipe.evaluation.metrics import (
     headline,
     mlflow_metrics,
     per_class_csv,
-    predict_logits,
     worst_mistakes,
 )
 from convpipe.evaluation.metrics import (
@@ -33,7 +32,7 @@ from convpipe.evaluation.metrics import (
 )
 from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier
+from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import ENV_URI
 from tests.conftest import TINY_CONV, quiet_trainer

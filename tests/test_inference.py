@@ -22,9 +22,8 @@ from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
-from convpipe.evaluation.metrics import predict_logits
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier
+from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.models.network import build_cnn, count_parameters
 from convpipe.tools.predict import find_images, format_predictions, predict_images
 from convpipe.tools.summary import dense_equivalent_parameters, receptive_fields
@@ -198,9 +197,8 @@ def test_predict_images_top1_matches_predict_logits(setup) -> None:
     manifest = load_manifest(params.paths.prepared)
     model = load_model(params.paths.model)
     x, y = load_split(params.paths.prepared, manifest, "test")
-    logits = predict_logits(
-        model, ArrayDataset(x, y, BatchTransform(None, manifest.mean, manifest.std))
-    )
+    dataset = ArrayDataset(x, y, BatchTransform(None, manifest.mean, manifest.std))
+    logits = predict_logits(model, dataset, 64)
     top = predict_images(model, np.asarray(x), manifest.mean, manifest.std, top_k=3, batch=50)
     names = manifest.class_names
     assert [row[0][0] for row in top] == [names[i] for i in logits.argmax(dim=1).tolist()]

@@ -12,11 +12,12 @@ import torch
 from torchmetrics.functional import classification as tmf
 
 from convpipe.config.schema import Params
-from convpipe.data.datamodule import ConvDataModule
+from convpipe.data.datamodule import EVAL_BATCH_SIZE, ConvDataModule
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json, write_text
 from convpipe.models.checkpoint import load_model
+from convpipe.models.module import predict_logits
 from convpipe.models.network import probabilities
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import check_reachable, mask_uri, mlflow_error
@@ -26,13 +27,11 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 from convpipe.evaluation.metrics import (
-    EVAL_BATCH,
     compute_metrics,
     confusion_csv,
     headline,
     mlflow_metrics,
     per_class_csv,
-    predict_logits,
     test_loss,
     worst_mistakes,
 )
@@ -92,7 +91,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     paths = params.paths
     client, run = open_run(params)
     model = load_model(paths.model)
-    datamodule = ConvDataModule(paths.prepared, None, EVAL_BATCH, 0, False, params.base.seed)
+    datamodule = ConvDataModule(paths.prepared, None, EVAL_BATCH_SIZE, 0, False, params.base.seed)
     manifest = datamodule.manifest
     if model.num_classes != manifest.num_classes:
         raise ConvpipeError(
@@ -102,7 +101,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         )
     dataset = datamodule.split("test")
     labels = torch.from_numpy(dataset.y)
-    logits = predict_logits(model, dataset)
+    logits = predict_logits(model, dataset, EVAL_BATCH_SIZE)
     probs = probabilities(logits, manifest.num_classes)
     preds = probs.argmax(dim=1)
     metrics = {

@@ -6,36 +6,15 @@ import csv
 import io
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional import classification as tmf
 
-from convpipe.data.datamodule import ArrayDataset
-from convpipe.models.module import CNNClassifier
-
-if TYPE_CHECKING:
-    pass
-
-
-EVAL_BATCH = 512
-
 #: Top-k accuracy is reported from this many classes on: with fewer, the true class is among
 #: any model's top k most of the time and the figure says little.
 TOP_K_MIN_CLASSES = 6
-
-
-@torch.no_grad()
-def predict_logits(
-    model: CNNClassifier, dataset: ArrayDataset, batch: int = EVAL_BATCH
-) -> torch.Tensor:
-    """Logits for every image of ``dataset``, in order: ``(N,)`` (2 classes) or ``(N, K)``."""
-    outputs = []
-    for start in range(0, len(dataset), batch):
-        x, _ = dataset.__getitems__(list(range(start, min(start + batch, len(dataset)))))
-        outputs.append(model(x))
-    return torch.cat(outputs)
 
 
 def test_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import lightning as L
 import torch
@@ -404,3 +404,27 @@ class CNNClassifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class Batches(Protocol):
+    """What :func:`predict_logits` reads: ``(x, y)`` batches by index, ``x`` normalised."""
+
+    def __len__(self) -> int: ...
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]: ...
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Batches, batch: int) -> Tensor:
+    """Logits for every image of ``dataset``, in order: ``(N,)`` (2 classes) or ``(N, K)``.
+
+    Args:
+        model: A :class:`CNNClassifier` (or its exported twin) in eval mode.
+        dataset: Images ``(N, C, H, W)`` as ``__getitems__`` batches (an ``ArrayDataset``).
+        batch: Images per forward pass; the logits do not depend on it.
+    """
+    outputs = []
+    for start in range(0, len(dataset), batch):
+        x, _ = dataset.__getitems__(list(range(start, min(start + batch, len(dataset)))))
+        outputs.append(model(x))
+    return torch.cat(outputs)

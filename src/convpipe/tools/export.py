@@ -36,13 +36,12 @@ from torch import Tensor, nn
 
 from convpipe import __version__
 from convpipe.config.schema import Params
-from convpipe.data.datamodule import ArrayDataset, ConvDataModule
+from convpipe.data.datamodule import EVAL_BATCH_SIZE, ArrayDataset, ConvDataModule
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
-from convpipe.evaluation.metrics import EVAL_BATCH, predict_logits
 from convpipe.io import atomic_path
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier
+from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.tools.predict import check_data_matches
 
 __all__ = [
@@ -395,10 +394,10 @@ def parity(reference: Tensor, exported: Tensor) -> Parity:
     return Parity(int(reference.shape[0]), float(diff.max()), float(ref.abs().max()))
 
 
-def run_batches(run: Runner, dataset: ArrayDataset, batch: int = EVAL_BATCH) -> Tensor:
+def run_batches(run: Runner, dataset: ArrayDataset, batch: int = EVAL_BATCH_SIZE) -> Tensor:
     """Logits of ``run`` for every image of ``dataset``, in order, ``batch`` images at a time.
 
-    The batching of :func:`convpipe.evaluation.metrics.predict_logits`: both see the same
+    The batching of :func:`convpipe.models.module.predict_logits`: both see the same
     batches.
     """
     outputs = []
@@ -480,7 +479,9 @@ def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> Ex
     if fmt == "onnx":
         require_onnx()  # before the slow parts, so a missing extra is the first thing said
     model = load_model(checkpoint)
-    datamodule = ConvDataModule(params.paths.prepared, None, EVAL_BATCH, 0, False, params.base.seed)
+    datamodule = ConvDataModule(
+        params.paths.prepared, None, EVAL_BATCH_SIZE, 0, False, params.base.seed
+    )
     manifest = datamodule.manifest
     where = f"at {checkpoint} and {params.paths.prepared}"
     _check_model_data(model, manifest, where)
@@ -494,7 +495,7 @@ def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> Ex
     data = serialize(model, fmt, export_metadata(model, manifest))
     run, _ = load_exported(data, fmt)
     with torch.no_grad():
-        result = parity(predict_logits(model, dataset), run_batches(run, dataset))
+        result = parity(predict_logits(model, dataset, EVAL_BATCH_SIZE), run_batches(run, dataset))
     if not result.ok:
         raise ConvpipeError(
             f"the {fmt} export differs from the checkpoint by up to {result.max_abs_diff:.3g} "
