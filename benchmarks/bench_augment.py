@@ -267,7 +267,7 @@ def measure(quick: bool) -> Results:
                 params = variant_params(raw, root, variant)
                 rates[variant.name].append(train_rate(params, variant, warmup, steps, root))
                 print(f"  {variant.name}: {rates[variant.name][-1]:,.0f} images/s", flush=True)
-        threads = torch.get_num_threads()  # what the model's setup chose (train.threads)
+        threads = torch.get_num_threads()  # what the model's setup chose (runtime.threads)
         transform = transform_costs(raw, root, 1 if quick else 5)
     batch = int(parse_params(raw).train.batch_size)
     return Results(data, batch, threads, rates, stage, transform)

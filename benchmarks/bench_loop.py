@@ -197,7 +197,7 @@ def _plain_step(
     train = model.train_params
     if model.runtime is not None and model.runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    loss = F.cross_entropy(model.net(x), y)
+    loss = F.cross_entropy(model.net(x), y, label_smoothing=train.label_smoothing)
     m = int(model.hparams["train_size"])
     objective = loss + regularization_penalty(model.net, train.reg_type, train.reg_lambda, m)
     optimizer.zero_grad(set_to_none=True)
@@ -221,7 +221,8 @@ def plain_run(params: Params) -> Run:
     net = model.net
     if runtime.compile:
         net.compile()
-    optimizer = build_optimizer(net.parameters(), train)
+    batch = datamodule.train_size if train.batch_size == "full" else int(train.batch_size)
+    optimizer = build_optimizer(net, train, min(batch, datamodule.train_size))
     config = build_scheduler(optimizer, train, len(loader) * train.max_epochs)
     scheduler = config["scheduler"] if config else None
     per_step = config is not None and config["interval"] == "step"

@@ -2,7 +2,7 @@
 
 The benchmark does what the README tells a user to do, in a throwaway copy of the project:
 put the four MNIST IDX files in ``data/mnist`` (here: a link to ``../shared/datasets/mnist``),
-``cp params/mnist.yaml params.yaml``, then ``dvc repro``. The prepare and augment stages run
+``convpipe recipe params/mnist.yaml``, then ``dvc repro``. The prepare and augment stages run
 first, untimed; the figure is the wall time of ``dvc repro train`` (training, testing the best
 checkpoint on the 10,000 MNIST test images, MLflow logging, writing the outputs), and the test
 accuracy it reports in ``metrics/train.json``.

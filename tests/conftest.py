@@ -35,6 +35,16 @@ TINY_CONV = [
 ]
 
 
+def model_section(conv: list[dict[str, Any]], hidden: list[int], dropout: float) -> dict[str, Any]:
+    """The shipped ``model:`` section with another network: its other keys stay as shipped."""
+    return {
+        **read_yaml(ROOT / "params.yaml")["model"],
+        "conv": conv,
+        "hidden": hidden,
+        "dropout": dropout,
+    }
+
+
 @pytest.fixture(scope="session")
 def raw_params() -> dict[str, Any]:
     """The shipped params.yaml as a plain dict (copy it before changing it)."""

@@ -35,7 +35,7 @@ from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import ENV_URI
-from tests.conftest import TINY_CONV, quiet_trainer
+from tests.conftest import TINY_CONV, model_section, quiet_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -230,11 +230,7 @@ def test_save_figure_writes_a_png_atomically(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-SMALL_MODEL = {
-    "conv": TINY_CONV,
-    "hidden": [8],
-    "dropout": 0.0,
-}
+SMALL_MODEL = model_section(TINY_CONV, [8], 0.0)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.models.network import probabilities
 from convpipe.tools import export as ex
 from tests import datagen
-from tests.conftest import TINY_CONV, quiet_trainer, run_cli
+from tests.conftest import TINY_CONV, model_section, quiet_trainer, run_cli
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -42,7 +42,7 @@ def _params(raw_params: dict[str, Any], root: Path, data: dict[str, Any]) -> tup
     raw["data"].update(data)
     # dropout and batch norm make train-mode outputs differ from eval-mode ones: parity then
     # also proves the export is of the eval-mode network
-    raw["model"] = {"conv": TINY_CONV, "hidden": [8], "dropout": 0.5}
+    raw["model"] = model_section(TINY_CONV, [8], 0.5)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, parse_params(raw)

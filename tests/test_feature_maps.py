@@ -27,7 +27,7 @@ from convpipe.tools.feature_maps import (
     picture,
     plot_feature_maps,
 )
-from tests.conftest import quiet_trainer, run_cli
+from tests.conftest import model_section, quiet_trainer, run_cli
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling
 # (2x2). Receptive fields by hand: 3, 3 + 1*1 = 4, 4 + 2*2 = 8.
@@ -62,7 +62,7 @@ def setup(raw_params: dict[str, Any], tmp_path_factory) -> tuple[Path, Any, CNNC
     raw = copy.deepcopy(raw_params)
     raw["paths"]["prepared"] = str(root / "prepared")
     raw["paths"]["model"] = str(root / "model.ckpt")
-    raw["model"] = {"conv": CONV, "hidden": [], "dropout": 0.0}
+    raw["model"] = model_section(CONV, [], 0.0)
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw))
     params = parse_params(raw)
@@ -163,7 +163,7 @@ def test_wide_rgb_layers_wrap_and_show_colour_filters(raw_params) -> None:
     torch.manual_seed(0)
     block = {**CONV[0], "filters": MAX_COLUMNS + 4}
     model = CNNClassifier(
-        {"conv": [block], "hidden": [], "dropout": 0.0},
+        model_section([block], [], 0.0),
         raw_params["train"],
         3,
         (12, 12),

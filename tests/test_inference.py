@@ -27,7 +27,7 @@ from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.models.network import build_cnn, count_parameters
 from convpipe.tools.predict import find_images, format_predictions, predict_images
 from convpipe.tools.summary import dense_equivalent_parameters, receptive_fields
-from tests.conftest import TINY_CONV, quiet_trainer, run_cli
+from tests.conftest import TINY_CONV, model_section, quiet_trainer, run_cli
 
 
 def _block(padding: str, filters: int) -> dict[str, Any]:
@@ -44,9 +44,7 @@ def _block(padding: str, filters: int) -> dict[str, Any]:
 
 
 # 28x28x1: conv 3x3/1 same 1->4, max pool 2, conv 3x3/1 valid 4->8, max pool 2, output 10
-KNOWN = ModelParams.model_validate(
-    {"conv": [_block("same", 4), _block("valid", 8)], "hidden": [], "dropout": 0.0}
-)
+KNOWN = ModelParams.model_validate(model_section([_block("same", 4), _block("valid", 8)], [], 0.0))
 
 
 def test_receptive_fields_and_jumps_by_hand() -> None:
@@ -85,7 +83,7 @@ def test_dense_equivalent_by_hand() -> None:
 
 def test_strided_conv_multiplies_the_jump() -> None:
     block = {**_block("valid", 2), "kernel": 5, "stride": 2, "pool": "avg", "pool_size": 3}
-    params = ModelParams.model_validate({"conv": [block, block], "hidden": [3], "dropout": 0})
+    params = ModelParams.model_validate(model_section([block, block], [3], 0))
     rows = receptive_fields(params, 3, (64, 64), 2)
     # r: 5, 5+2*2=9, 9+4*6=33, 33+2*12=57; j: 2, 6, 12, 36
     assert [r.receptive_field for r in rows[:4]] == [5, 9, 33, 57]
@@ -100,7 +98,7 @@ def _params_file(raw_params: dict[str, Any], root: Path, **paths: str) -> tuple[
     raw["paths"]["prepared"] = str(root / "prepared")
     raw["paths"]["model"] = str(root / "model.ckpt")
     raw["paths"].update(paths)
-    raw["model"] = {"conv": TINY_CONV, "hidden": [8], "dropout": 0.0}
+    raw["model"] = model_section(TINY_CONV, [8], 0.0)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, parse_params(raw)

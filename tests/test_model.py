@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config.schema import ModelParams, Params, TrainParams, load_params
+from convpipe.config.schema import Params, load_params
 from convpipe.errors import ConvpipeError
 from convpipe.models.module import CNNClassifier, cpu_threads
 from convpipe.models.network import (
@@ -24,14 +22,22 @@ from convpipe.models.network import (
 from convpipe.models.optim import build_optimizer, build_scheduler
 from convpipe.models.shapes import conv_output_size, layer_shapes, output_units, same_padding
 from tests.conftest import ROOT
+from tests.tiny import (
+    HW,
+    block,
+    classifier,
+    loader,
+    model_variant,
+    tiny_model,
+    train_variant,
+    trainer,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     # Lightning 2.6 still uses torch.utils._pytree.LeafSpec, deprecated in torch 2.13.
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
 ]
-
-HW = (8, 8)
 
 
 @pytest.fixture(scope="module")
@@ -42,66 +48,6 @@ def params() -> Params:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def block(params: Params, **update: Any) -> dict[str, Any]:
-    return {**params.model.conv[0].model_dump(), **update}
-
-
-def model_variant(params: Params, **update: Any) -> ModelParams:
-    return ModelParams.model_validate({**params.model.model_dump(), **update})
-
-
-def train_variant(params: Params, **update: Any) -> TrainParams:
-    return TrainParams.model_validate({**params.train.model_dump(), **update})
-
-
-def tiny_model(params: Params, **update: Any) -> ModelParams:
-    """One 4-filter conv block and an 8-unit hidden layer: fast enough for Trainer tests."""
-    conv = [block(params, filters=4, kernel=3, stride=1, padding="same", pool="max", pool_size=2)]
-    return model_variant(params, conv=conv, hidden=[8], dropout=0.1, **update)
-
-
-def classifier(
-    params: Params,
-    num_classes: int = 3,
-    channels: int = 1,
-    model: ModelParams | None = None,
-    runtime: dict[str, Any] | None = None,
-    **train_update: Any,
-) -> CNNClassifier:
-    """A tiny classifier; with ``runtime`` (overrides of the shipped section) it runs so."""
-    module = CNNClassifier(
-        model=(model or tiny_model(params)).model_dump(),
-        train=train_variant(params, **train_update).model_dump(),
-        in_channels=channels,
-        image_hw=HW,
-        num_classes=num_classes,
-        train_size=32,
-    )
-    if runtime is not None:
-        module.use_runtime(params.runtime.model_copy(update=runtime))
-    return module
-
-
-def loader(num_classes: int = 3, n: int = 16, channels: int = 1, nan: bool = False) -> DataLoader:
-    x = torch.randn(n, channels, *HW)
-    if nan:
-        x[0, 0, 0, 0] = float("nan")
-    y = torch.randint(0, num_classes, (n,))
-    return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
-def trainer(**kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "max_steps": 3,
-    }
-    return L.Trainer(**{**options, **kwargs})
 
 
 # --------------------------------------------------------------------------- shapes
@@ -445,7 +391,7 @@ def test_schedulers_construct_and_step(params, scheduler, factor):
 
 def test_plateau_monitor_comes_from_params(params):
     train = train_variant(params, scheduler="plateau", monitor="val/acc", monitor_mode="max")
-    optimizer = build_optimizer(nn.Linear(2, 2).parameters(), train)
+    optimizer = build_optimizer(nn.Linear(2, 2), train, 16)
     config = build_scheduler(optimizer, train)
     assert config is not None
     assert config["monitor"] == "val/acc"
@@ -478,7 +424,7 @@ def test_checkpoint_round_trip_weights_only(params, tmp_path):
 
 def test_onecycle_warms_up_then_anneals_per_step(params):
     train = train_variant(params, scheduler="onecycle", optimizer="sgd", lr=0.1)
-    optimizer = build_optimizer(nn.Linear(2, 2).parameters(), train)
+    optimizer = build_optimizer(nn.Linear(2, 2), train, 16)
     config = build_scheduler(optimizer, train, total_steps=10)
     assert config is not None and config["interval"] == "step"
     lrs = [optimizer.param_groups[0]["lr"]]

@@ -49,7 +49,14 @@ from convpipe.tracking.registry import (
     tag_accuracy,
 )
 from convpipe.tracking.store import store_lock
-from tests.conftest import TINY_CONV, free_port, quiet_trainer, stop_server, wait_for_http
+from tests.conftest import (
+    TINY_CONV,
+    free_port,
+    model_section,
+    quiet_trainer,
+    stop_server,
+    wait_for_http,
+)
 from tests.project import make_project
 
 VENV_BIN = Path(sys.executable).parent
@@ -160,7 +167,7 @@ def trained(raw_params, tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("registry")
     raw = copy.deepcopy(raw_params)
     raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
-    raw["model"] = {"conv": TINY_CONV, "hidden": [32], "dropout": 0.0}
+    raw["model"] = model_section(TINY_CONV, [32], 0.0)
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     params = parse_params(raw)
     manifest = write_prepared(
@@ -177,7 +184,7 @@ def trained(raw_params, tmp_path_factory) -> Trained:
     return Trained(params, manifest, uri, run.info.run_id, np.array(x), np.array(y))
 
 
-def _register(trained: Trained, name: str, accuracy: float):
+def _register(trained: Trained, name: str, accuracy: float, tta: str = "none"):
     return log_and_register(
         trained.uri,
         trained.run_id,
@@ -186,6 +193,7 @@ def _register(trained: Trained, name: str, accuracy: float):
         trained.manifest,
         trained.test_x[:2],
         accuracy,
+        tta,
     )
 
 
@@ -250,7 +258,7 @@ def test_logged_model_sits_in_the_run_and_unpickles_nothing(trained: Trained, ch
     run = client.get_run(trained.run_id)
     assert logged.source_run_id == trained.run_id
     assert logged.experiment_id == run.info.experiment_id  # not the Default experiment
-    assert logged.params == {"train.lr": "0.003"}
+    assert logged.params == {"train.lr": "0.003", "tta": "none"}  # the run's, and model_config
     assert logged.tags[ACCURACY_TAG] == "0.9"
     assert model_id in [out.model_id for out in run.outputs.model_outputs]
     local = Path(logged.artifact_location.removeprefix("file://"))
@@ -290,6 +298,24 @@ def test_pyfunc_equals_convpipe_predict(trained: Trained, champion) -> None:
         assert sum(row.values()) == pytest.approx(1.0, abs=1e-5)
     # the model learned something: most classes right
     assert (out["class"].astype(int).to_numpy() == trained.test_y[:40]).mean() > 0.8
+
+
+def test_registered_model_predicts_with_the_evaluated_tta(trained: Trained) -> None:
+    version = _register(trained, "tta-cnn", 0.9, tta="flip").version
+    with tracking(trained.uri):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/tta-cnn/{version}")
+    images = trained.test_x[:40]
+    out = pyfunc.predict(images[..., 0])
+    m = trained.manifest
+    model = load_model(trained.params.paths.model)
+    flipped = predict_images(model, images, m.mean, m.std, top_k=10, tta="flip")
+    plain = predict_images(model, images, m.mean, m.std, top_k=10)
+    for row, top in zip(out["probabilities"], flipped, strict=True):
+        assert row == pytest.approx(dict(top), rel=1e-6)
+    # the flip changed the served probabilities: the config reached the model
+    assert any(
+        dict(a) != pytest.approx(dict(b), rel=1e-6) for a, b in zip(flipped, plain, strict=True)
+    )
 
 
 LOAD_AND_PREDICT = """
@@ -352,7 +378,7 @@ from convpipe.tracking.registry import log_and_register
 uri, run_id, name, ckpt, prepared = sys.argv[1:6]
 manifest = load_manifest(prepared)
 x, _ = load_split(prepared, manifest, "test")
-log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]))
+log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]), "none")
 """
 
 
@@ -391,6 +417,7 @@ def test_registry_failure_is_one_user_error_line(trained: Trained) -> None:
             trained.manifest,
             trained.test_x[:2],
             0.5,
+            "none",
         )
     line = info.value.line()
     assert line.startswith("convpipe: error: MLflow failed while registering the model")

@@ -124,7 +124,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = find_images(args.paths)
     if not files:
         raise ConvpipeError("no image files found", f"in {', '.join(args.paths)}", "")
-    predictions = predict_files(model, files, manifest.mean, manifest.std, args.top_k)
+    tta = params.evaluate.tta  # the served and evaluated model's test-time augmentation
+    predictions = predict_files(model, files, manifest.mean, manifest.std, args.top_k, tta=tta)
     failed = [p for p in predictions if p.error is not None]
     if len(failed) == len(predictions):
         first = failed[0]

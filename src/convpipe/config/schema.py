@@ -177,7 +177,9 @@ class ConvBlock(Section):
     kernel: PositiveInt
     stride: PositiveInt
     padding: Literal["valid", "same"]
-    activation: Literal["relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid"]
+    activation: Literal[
+        "relu", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish", "tanh", "sigmoid"
+    ]
     batch_norm: bool
     pool: Literal["max", "avg", "none"]
     pool_size: PositiveInt
@@ -189,6 +191,8 @@ class ModelParams(Section):
     conv: list[ConvBlock] = Field(min_length=1)
     hidden: list[PositiveInt]
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+    batch_norm_momentum: Annotated[float, Field(gt=0.0, le=1.0)]
+    batch_norm_eps: Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class TrainParams(Section):
@@ -196,7 +200,11 @@ class TrainParams(Section):
 
     optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw"]
     lr: Annotated[float, Field(gt=0.0)]
+    lr_unit: Literal["batch", "sample"]
+    norm_bias_lr_scale: Annotated[float, Field(gt=0.0)]
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)]
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     reg_type: Literal["none", "l1", "l2"]
     reg_lambda: Annotated[float, Field(ge=0.0)]
     batch_size: PositiveInt | Literal["full"]
@@ -204,13 +212,25 @@ class TrainParams(Section):
     patience: NonNegInt
     monitor: str
     monitor_mode: Literal["min", "max"]
-    scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"]
+    scheduler: Literal[
+        "none", "cosine", "step", "plateau", "onecycle", "warmup_linear", "warmup_cosine"
+    ]
+    warmup_epochs: Annotated[float, Field(ge=0.0)]
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
     devices: PositiveInt | Literal["auto"]
     strategy: str
     num_nodes: PositiveInt
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"]
     sync_batchnorm: bool
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainParams:
+        if self.scheduler.startswith("warmup_") and self.warmup_epochs >= self.max_epochs:
+            raise ValueError(
+                f"train.warmup_epochs must be below train.max_epochs for train.scheduler "
+                f"{self.scheduler}, got {self.warmup_epochs} >= {self.max_epochs}"
+            )
+        return self
 
     @field_validator("monitor")
     @classmethod
@@ -247,8 +267,9 @@ class RuntimeParams(Section):
 
 
 class EvaluateParams(Section):
-    """The evaluate stage: extra metrics and pictures."""
+    """The evaluate stage: test-time augmentation, extra metrics and pictures."""
 
+    tta: Literal["none", "flip", "flip_translate"]
     top_k: Annotated[int, Field(ge=2)]
     misclassified: PositiveInt
 

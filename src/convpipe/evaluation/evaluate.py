@@ -101,7 +101,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         )
     dataset = datamodule.split("test")
     labels = torch.from_numpy(dataset.y)
-    logits = predict_logits(model, dataset, EVAL_BATCH_SIZE)
+    logits = predict_logits(model, dataset, EVAL_BATCH_SIZE, params.evaluate.tta)
     probs = probabilities(logits, manifest.num_classes)
     preds = probs.argmax(dim=1)
     metrics = {
@@ -146,6 +146,7 @@ def _register(
         manifest,
         examples,
         metrics["accuracy"],
+        params.evaluate.tta,
     )
 
 

@@ -27,8 +27,14 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from convpipe.config.schema import ModelParams, RuntimeParams, TrainParams, describe_error
 from convpipe.errors import ConvpipeError
 from convpipe.models.network import build_cnn, probabilities, regularization_penalty
-from convpipe.models.optim import build_optimizer, build_scheduler, check_optimizer
+from convpipe.models.optim import (
+    PER_STEP_SCHEDULERS,
+    build_optimizer,
+    build_scheduler,
+    check_optimizer,
+)
 from convpipe.models.shapes import check_inputs, is_int
+from convpipe.models.tta import tta_logits
 
 __all__ = ["CNNClassifier", "cpu_threads"]
 
@@ -222,19 +228,25 @@ class CNNClassifier(L.LightningModule):
         logits = compiled(x) if compiled is not None and self.training else self.net(x)
         return logits[:, 0] if self.binary else logits
 
-    def data_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+    def data_loss(self, logits: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
         """Mean data loss J of a batch.
 
         Args:
             logits: Output of :meth:`forward`, ``(N,)`` or ``(N, K)``.
             y: int64 labels ``(N,)`` in ``[0, K)``.
+            smoothing: Label smoothing ``s`` in ``[0, 1)``: the target is ``(1 - s)`` times
+                the one-hot label plus ``s / K`` for every class (``K = 2`` for the sigmoid
+                unit, whose target becomes ``y (1 - s) + s / 2``). Training passes
+                ``train.label_smoothing``; validation and test keep 0, so their losses
+                compare across runs.
 
         Returns:
             Scalar: binary cross-entropy with logits for 2 classes, else cross-entropy.
         """
         if self.binary:
-            return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
-        return F.cross_entropy(logits, y)
+            target = y.to(logits.dtype) * (1.0 - smoothing) + smoothing / 2.0
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
     def penalty(self) -> Tensor:
         """The lambda/m weight penalty of the current weights (m = ``hparams.train_size``)."""
@@ -332,7 +344,7 @@ class CNNClassifier(L.LightningModule):
         """
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = self.data_loss(logits, y)
+        loss = self.data_loss(logits, y, self.train_params.label_smoothing)
         penalty = self.penalty()
         objective = loss + penalty
         self._check_finite(objective)
@@ -396,11 +408,14 @@ class CNNClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """The optimiser and optional scheduler from the ``train`` section."""
-        optimizer = build_optimizer(self.parameters(), self.train_params)
+        train = self.train_params
+        size = int(self.hparams["train_size"])
+        batch = size if train.batch_size == "full" else min(int(train.batch_size), size)
+        optimizer = build_optimizer(self.net, train, batch)
         total = None
-        if self.train_params.scheduler == "onecycle":
+        if train.scheduler in PER_STEP_SCHEDULERS:
             total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(optimizer, self.train_params, total)
+        scheduler = build_scheduler(optimizer, train, total)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
@@ -415,16 +430,17 @@ class Batches(Protocol):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Batches, batch: int) -> Tensor:
+def predict_logits(model: nn.Module, dataset: Batches, batch: int, tta: str = "none") -> Tensor:
     """Logits for every image of ``dataset``, in order: ``(N,)`` (2 classes) or ``(N, K)``.
 
     Args:
         model: A :class:`CNNClassifier` (or its exported twin) in eval mode.
         dataset: Images ``(N, C, H, W)`` as ``__getitems__`` batches (an ``ArrayDataset``).
         batch: Images per forward pass; the logits do not depend on it.
+        tta: ``evaluate.tta``: the test-time augmentation (:func:`convpipe.models.tta.tta_logits`).
     """
     outputs = []
     for start in range(0, len(dataset), batch):
         x, _ = dataset.__getitems__(list(range(start, min(start + batch, len(dataset)))))
-        outputs.append(model(x))
+        outputs.append(tta_logits(model, x, tta))
     return torch.cat(outputs)

@@ -53,6 +53,9 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "elu": nn.ELU,
     "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "hardswish": nn.Hardswish,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
 }
@@ -60,8 +63,13 @@ _POOLS: dict[str, Callable[[int], nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.
 _PENALISED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _conv_block(block: ConvBlock, in_channels: int, hw: tuple[int, int]) -> nn.Sequential:
-    """One conv block as ``Sequential(pad?, conv, bn?, act, pool?)`` for an input of size ``hw``."""
+def _conv_block(
+    block: ConvBlock, in_channels: int, hw: tuple[int, int], params: ModelParams
+) -> nn.Sequential:
+    """One conv block as ``Sequential(pad?, conv, bn?, act, pool?)`` for an input of size ``hw``.
+
+    Batch norm takes ``model.batch_norm_momentum`` and ``model.batch_norm_eps``.
+    """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     padding: tuple[int, int] = (0, 0)
     if block.padding == "same":
@@ -80,7 +88,9 @@ def _conv_block(block: ConvBlock, in_channels: int, hw: tuple[int, int]) -> nn.S
         bias=not block.batch_norm,
     )
     if block.batch_norm:
-        layers["bn"] = nn.BatchNorm2d(block.filters)
+        layers["bn"] = nn.BatchNorm2d(
+            block.filters, eps=params.batch_norm_eps, momentum=params.batch_norm_momentum
+        )
     layers["act"] = _ACTIVATIONS[block.activation]()
     if block.pool != "none":
         layers["pool"] = _POOLS[block.pool](block.pool_size)
@@ -129,7 +139,7 @@ def build_cnn(
     features = nn.Sequential()
     channels = in_channels
     for i, block in enumerate(params.conv):
-        features.add_module(str(i), _conv_block(block, channels, hw))
+        features.add_module(str(i), _conv_block(block, channels, hw, params))
         hw = block_hw(block, hw, f"model.conv[{i}]", image)[1]
         channels = block.filters
     flat = next(row.shape[0] for row in rows if row.name == "flatten")

@@ -6,7 +6,8 @@ Optimisers get no ``weight_decay``: regularisation is the explicit lambda/m pena
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.types import LRSchedulerConfigType
@@ -16,14 +17,21 @@ from convpipe.config.schema import TrainParams
 from convpipe.errors import ConvpipeError
 
 __all__ = [
+    "PER_STEP_SCHEDULERS",
     "PLATEAU_FACTOR",
     "PLATEAU_PATIENCE_DIVISOR",
     "STEP_GAMMA",
     "STEP_PHASES",
+    "base_lr",
     "build_optimizer",
     "build_scheduler",
     "check_optimizer",
+    "parameter_groups",
+    "warmup_decay",
 ]
+
+# Stepped after every optimiser step, over the whole training's steps.
+PER_STEP_SCHEDULERS = ("onecycle", "warmup_linear", "warmup_cosine")
 
 # The run in three equal phases at lr, lr/10 and lr/100: the classic ImageNet ResNet recipe
 # (torchvision's: 90 epochs, the rate / 10 every 30), scaled to train.max_epochs.
@@ -53,35 +61,90 @@ def check_optimizer(train: TrainParams) -> None:
         )
 
 
-def build_optimizer(
-    parameters: Iterable[nn.Parameter], train: TrainParams
-) -> torch.optim.Optimizer:
-    """The optimiser named by ``train.optimizer``, with no ``weight_decay``.
+def base_lr(train: TrainParams, batch: int) -> float:
+    """The learning rate of the weights: ``train.lr``, per batch or per image.
+
+    Args:
+        train: The ``train`` section (``lr``, ``lr_unit``).
+        batch: The global batch size (images per optimiser step, over every DDP process).
+
+    Returns:
+        ``train.lr`` for ``lr_unit: batch``; ``train.lr * batch`` for ``lr_unit: sample``,
+        where ``lr`` is the step size per image of the batch's summed loss (the loss is the
+        batch mean, so the rate is scaled instead): the linear scaling rule, so a recipe keeps
+        its dynamics when the batch size changes.
+    """
+    return train.lr * batch if train.lr_unit == "sample" else train.lr
+
+
+def parameter_groups(net: nn.Module, train: TrainParams, batch: int) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: weights, then biases and batch-norm parameters.
+
+    Conv and linear weights (the penalised ones, of 2 or more dimensions) get
+    :func:`base_lr`; biases and batch-norm scales and shifts (1 dimension) get that rate times
+    ``train.norm_bias_lr_scale``: they carry no penalty and little curvature, and recipes
+    such as airbench train them much faster. An empty group is left out; with a scale of 1
+    all parameters form one group.
+    """
+    lr = base_lr(train, batch)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    weights = [p for p in trainable if p.ndim > 1]
+    others = [p for p in trainable if p.ndim <= 1]
+    if train.norm_bias_lr_scale == 1.0:  # one group: logged as plain lr-<Optimizer>
+        return [{"params": trainable, "lr": lr}]
+    groups = [
+        {"params": weights, "lr": lr, "name": "weights"},
+        {"params": others, "lr": lr * train.norm_bias_lr_scale, "name": "norm_bias"},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(net: nn.Module, train: TrainParams, batch: int) -> torch.optim.Optimizer:
+    """The optimiser named by ``train.optimizer`` over :func:`parameter_groups`, no weight decay.
 
     Regularisation is the explicit lambda/m penalty, so AdamW gets ``weight_decay=0`` (its
     default 0.01 would add a second, hidden regulariser) and then behaves like Adam.
 
     Args:
-        parameters: The parameters to optimise.
-        train: The ``train`` section (``optimizer``, ``lr``, ``momentum``).
+        net: The network whose trainable parameters are optimised.
+        train: The ``train`` section (``optimizer``, ``lr``, ``lr_unit``,
+            ``norm_bias_lr_scale``, ``momentum``).
+        batch: The global batch size (for ``lr_unit: sample``).
 
     Returns:
-        ``sgd``: SGD(lr); ``momentum``: SGD(lr, momentum); ``nesterov``: SGD(lr, momentum,
-        nesterov=True); ``adam``: Adam(lr); ``adamw``: AdamW(lr, weight_decay=0).
+        ``sgd``: SGD; ``momentum``: SGD with ``momentum``; ``nesterov``: SGD with momentum
+        and ``nesterov=True``; ``adam``: Adam; ``adamw``: AdamW(weight_decay=0).
 
     Raises:
         ConvpipeError: For ``nesterov`` with ``momentum`` 0 (PyTorch rejects it).
     """
     check_optimizer(train)
-    name, lr = train.optimizer, train.lr
+    name = train.optimizer
+    groups = parameter_groups(net, train, batch)
+    lr = groups[0]["lr"]
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr)
+        return torch.optim.SGD(groups, lr=lr)
     if name in ("momentum", "nesterov"):
         nesterov = name == "nesterov"
-        return torch.optim.SGD(parameters, lr=lr, momentum=train.momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=nesterov)
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+
+def warmup_decay(step: int, warmup: int, total: int, shape: str) -> float:
+    """The factor of the peak rate at optimiser step ``step`` for the ``warmup_*`` schedules.
+
+    Rises linearly to 1 over the first ``warmup`` steps (``(step + 1) / warmup``, so the first
+    step already moves), then decays to 0 at step ``total``, linearly (``linear``) or along a
+    half cosine (``cosine``). Steps past ``total`` stay at 0.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    left = max(0.0, (total - step) / max(1, total - warmup))
+    if shape == "linear":
+        return left
+    return 0.5 * (1.0 - math.cos(math.pi * left))
 
 
 def build_scheduler(
@@ -97,34 +160,32 @@ def build_scheduler(
     before early stopping does.
 
     Stepped once per batch: ``onecycle``: OneCycleLR over ``total_steps``, warming up from
-    ``lr / 25`` to ``train.lr`` in the first 30 % of the steps, then annealing (cosine) to
-    ``lr / 2.5e5`` after the last step. Momentum is not cycled, so ``train.momentum`` (and
-    Adam's betas) stay as configured and plain ``sgd`` stays plain.
+    ``lr / 25`` to each group's rate in the first 30 % of the steps, then annealing (cosine)
+    to ``lr / 2.5e5`` after the last step. Momentum is not cycled, so ``train.momentum`` (and
+    Adam's betas) stay as configured and plain ``sgd`` stays plain. ``warmup_linear`` and
+    ``warmup_cosine``: :func:`warmup_decay`, rising over ``train.warmup_epochs`` worth of
+    steps, then decaying to 0 at the last step.
 
     Args:
-        optimizer: The optimiser to schedule.
+        optimizer: The optimiser to schedule (its groups' ``lr`` are the peak rates).
         train: The ``train`` section.
-        total_steps: Optimiser steps of the whole training; ``onecycle`` needs it.
+        total_steps: Optimiser steps of the whole training; the per-step schedules need it.
 
     Returns:
         A Lightning scheduler config dict, or None for ``none``.
 
     Raises:
-        ValueError: For ``onecycle`` without a positive ``total_steps``.
+        ValueError: For a per-step schedule without a positive ``total_steps``.
     """
     scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     if train.scheduler == "none":
         return None
-    if train.scheduler == "onecycle":
+    if train.scheduler in PER_STEP_SCHEDULERS:
         if not total_steps or total_steps < 1:
-            raise ValueError(f"onecycle needs the number of training steps, got {total_steps!r}")
-        # One step more than training takes: Lightning (like most loops) steps the scheduler
-        # after the last optimiser step too, which would take OneCycleLR past its end and
-        # back up to a high learning rate.
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=train.lr, total_steps=int(total_steps) + 1, cycle_momentum=False
-        )
-        return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+            raise ValueError(
+                f"{train.scheduler} needs the number of training steps, got {total_steps!r}"
+            )
+        return {"scheduler": _per_step(optimizer, train, total_steps), "interval": "step"}
     if train.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.max_epochs)
     elif train.scheduler == "step":
@@ -141,3 +202,25 @@ def build_scheduler(
         )
         return {"scheduler": scheduler, "monitor": train.monitor, "interval": "epoch"}
     return {"scheduler": scheduler, "interval": "epoch", "frequency": 1}
+
+
+def _per_step(
+    optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``onecycle`` or a ``warmup_*`` schedule over ``total_steps`` optimiser steps."""
+    if train.scheduler == "onecycle":
+        # One step more than training takes: Lightning (like most loops) steps the scheduler
+        # after the last optimiser step too, which would take OneCycleLR past its end and
+        # back up to a high learning rate.
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=int(total_steps) + 1,
+            cycle_momentum=False,
+        )
+    epochs = max(1, train.max_epochs)
+    warmup = max(1, round(train.warmup_epochs * total_steps / epochs))
+    shape = train.scheduler.removeprefix("warmup_")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_decay(step, warmup, int(total_steps), shape)
+    )

@@ -23,6 +23,7 @@ from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
 from convpipe.models.module import CNNClassifier
 from convpipe.models.network import probabilities
+from convpipe.models.tta import tta_logits
 from convpipe.tools.summary import render_table
 
 PREDICT_BATCH = 256
@@ -102,6 +103,7 @@ def predict_images(
     std: Sequence[float],
     top_k: int,
     batch: int = PREDICT_BATCH,
+    tta: str = "none",
 ) -> list[list[tuple[str, float]]]:
     """Top-k classes of each image.
 
@@ -112,6 +114,8 @@ def predict_images(
         std: Per-channel standard deviation (length C).
         top_k: Classes per image (>= 1; more than K gives all K).
         batch: Images per forward pass.
+        tta: ``evaluate.tta``: average the logits over flipped/shifted views
+            (:func:`convpipe.models.tta.tta_logits`).
 
     Returns:
         ``N`` lists of ``min(top_k, K)`` ``(class name, probability)`` pairs, most probable
@@ -129,7 +133,8 @@ def predict_images(
     results: list[list[tuple[str, float]]] = []
     for start in range(0, len(images), batch):
         chunk = torch.from_numpy(np.array(images[start : start + batch], dtype=np.uint8))
-        probs = probabilities(model(normalize_batch(chunk, mean, std)), model.num_classes)
+        logits = tta_logits(model, normalize_batch(chunk, mean, std), tta)
+        probs = probabilities(logits, model.num_classes)
         values, indices = probs.topk(k, dim=1, sorted=True)
         for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True):
             results.append([(names[i], float(p)) for p, i in zip(row_p, row_i, strict=True)])
@@ -148,6 +153,7 @@ def predict_files(
     std: Sequence[float],
     top_k: int,
     batch: int = PREDICT_BATCH,
+    tta: str = "none",
 ) -> list[Prediction]:
     """Load and classify image files; a file that fails gets an error row, the others go on.
 
@@ -160,6 +166,7 @@ def predict_files(
         std: Per-channel standard deviation.
         top_k: Classes per image (>= 1).
         batch: Files decoded and classified together.
+        tta: ``evaluate.tta`` (see :func:`predict_images`).
 
     Returns:
         One :class:`Prediction` per file, in the order of ``files``.
@@ -179,7 +186,8 @@ def predict_files(
         tops: dict[int, list[tuple[str, float]]] = {}
         if loaded:
             stacked = np.stack(list(loaded.values()))
-            tops = dict(zip(loaded, predict_images(model, stacked, mean, std, top_k), strict=True))
+            ranked = predict_images(model, stacked, mean, std, top_k, batch, tta)
+            tops = dict(zip(loaded, ranked, strict=True))
         results.extend(
             Prediction(path, tops.get(i, []), errors.get(i)) for i, path in enumerate(chunk)
         )

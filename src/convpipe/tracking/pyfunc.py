@@ -90,6 +90,8 @@ class ImageClassifier(PythonModel):
         self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
         self.model = load_model(checkpoint)
         check_data_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
+        # the evaluate stage's evaluate.tta; models logged before TTA existed predicted without
+        self.tta = str((context.model_config or {}).get("tta", "none"))
 
     def predict(
         self,
@@ -102,5 +104,7 @@ class ImageClassifier(PythonModel):
         if images.ndim == 3:
             images = images[..., None]
         m = self.manifest
-        ranked = predict_images(self.model, images, m.mean, m.std, top_k=m.num_classes)
+        ranked = predict_images(
+            self.model, images, m.mean, m.std, top_k=m.num_classes, tta=self.tta
+        )
         return prediction_frame(ranked, m.class_names)

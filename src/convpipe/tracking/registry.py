@@ -184,6 +184,7 @@ def _log_model(
     manifest: Manifest,
     examples: np.ndarray,
     tags: dict[str, str],
+    tta: str,
 ) -> str:
     """Log the pyfunc into ``run`` and register it; the new version number.
 
@@ -216,6 +217,7 @@ def _log_model(
             signature=image_signature(manifest.channels, manifest.image_hw),
             input_example=model_input(examples),
             pip_requirements=requirements(),
+            model_config={"tta": tta},
         )
     return str(info.registered_model_version)
 
@@ -261,6 +263,7 @@ def log_and_register(
     manifest: Manifest,
     examples: np.ndarray,
     accuracy: float,
+    tta: str,
 ) -> Registration:
     """Log the model into the training's run, register a version, maybe move the champion.
 
@@ -272,6 +275,8 @@ def log_and_register(
         manifest: The prepared data's manifest (image geometry, class names, mean, std).
         examples: A few uint8 test images ``(N, H, W, C)``: the model's input example.
         accuracy: The test accuracy, tagged on the version and compared with the champion's.
+        tta: ``evaluate.tta``, the test-time augmentation that accuracy was measured with;
+            the served model predicts with it too (its ``model_config``).
 
     Returns:
         The new version and what happened to the alias.
@@ -288,7 +293,7 @@ def log_and_register(
         client = MlflowClient(tracking_uri=uri)  # registry: as the fluent API resolves it
         run = client.get_run(run_id)
         with _fluent_api(uri):
-            version = _log_model(run, name, checkpoint, manifest, examples, tags)
+            version = _log_model(run, name, checkpoint, manifest, examples, tags, tta)
         with store_lock(uri):
             decision = _promote(client, name, version, accuracy)
     except (MlflowException, OSError) as exc:

@@ -1,4 +1,4 @@
-"""Per-epoch callbacks: the history table for DVC plots and the learning rate for MLflow."""
+"""Training callbacks: the history table for DVC plots, the learning rate for MLflow, EMA."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import (
     Callback,
+    EMAWeightAveraging,
     LearningRateMonitor,
 )
+
+from convpipe.config.schema import TrainParams
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -75,3 +78,32 @@ class EpochLearningRate(LearningRateMonitor):
         if stats:
             for logger in trainer.loggers:
                 logger.log_metrics(stats, step=trainer.current_epoch)
+
+
+class EMAWeights(EMAWeightAveraging):
+    """Lightning's EMA of the weights, whose average is what validation and checkpoints see.
+
+    After each optimiser step the average moves by ``1 - train.ema_decay`` towards the
+    current weights and batch-norm statistics. Validation runs on the average, and every
+    checkpoint stores it as its ``state_dict`` (the raw weights go under
+    ``current_model_state``, for resuming), so early stopping, the best checkpoint, the test
+    split, evaluate, predict and export all use the averaged weights.
+
+    Lightning's callback would put the raw weights back when any later ``trainer.test``
+    restores a checkpoint; here only a resumed ``fit`` does.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(decay=decay, use_buffers=True)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Restore the raw weights and the average to resume a fit; otherwise keep the EMA."""
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+def weight_averaging(train: TrainParams) -> list[Callback]:
+    """``[EMAWeights]`` when ``train.ema_decay`` is above 0, else nothing."""
+    return [EMAWeights(train.ema_decay)] if train.ema_decay > 0 else []

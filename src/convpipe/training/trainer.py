@@ -18,7 +18,7 @@ from lightning.pytorch.loggers.logger import Logger
 from convpipe.config.schema import TrainParams
 from convpipe.errors import ConvpipeError
 from convpipe.models.checkpoint import AtomicCheckpointIO
-from convpipe.training.callbacks import EpochHistory, EpochLearningRate
+from convpipe.training.callbacks import EpochHistory, EpochLearningRate, weight_averaging
 from convpipe.training.preemption import (
     InterruptCheckpoint,
     Preemption,
@@ -168,5 +168,7 @@ def training_callbacks(
     early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
     lr = EpochLearningRate()
     preemption = Preemption()
-    callbacks: list[Callback] = [best, last, early, lr, history, RngState(), preemption]
+    # the average first: validation (and so the checkpoints) must see the averaged weights
+    averaging = weight_averaging(train)
+    callbacks: list[Callback] = [*averaging, best, last, early, lr, history, RngState(), preemption]
     return best, history, preemption, callbacks

@@ -21,7 +21,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
-from convpipe.training.callbacks import EpochHistory
+from convpipe.training.callbacks import EpochHistory, weight_averaging
 from convpipe.training.mlflow_run import RunLogger
 from convpipe.training.run import build_model
 from convpipe.training.trainer import build_trainer
@@ -107,7 +107,8 @@ class TrialRunner:
         history = EpochHistory()
         pruning = FinitePruning(trial, monitor=cfg.monitor)
         early = EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.patience)
-        callbacks: list[Callback] = [pruning, early, history, SameValuesOnEveryRank(trial)]
+        callbacks: list[Callback] = [*weight_averaging(cfg), pruning, early, history]
+        callbacks.append(SameValuesOnEveryRank(trial))
         logger = RunLogger(tracking_uri=self.campaign.uri, run_id=run_id)
         with quiet_lightning(), tempfile.TemporaryDirectory(prefix="convpipe-trial-") as root:
             trainer = build_trainer(cfg, callbacks, logger, root, interactive=False)

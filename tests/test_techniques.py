@@ -1,0 +1,280 @@
+"""Each training technique of params.yaml does what it says (and not nothing).
+
+Label smoothing, batch-norm momentum/eps, activations, the learning rate per sample, the
+bias/batch-norm learning-rate scale, warmup schedules, the EMA of the weights and
+test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from convpipe.config.schema import Params
+from convpipe.errors import ConvpipeError
+from convpipe.models.checkpoint import load_model, read_checkpoint
+from convpipe.models.module import predict_logits
+from convpipe.models.network import build_cnn
+from convpipe.models.optim import build_optimizer, build_scheduler, warmup_decay
+from convpipe.models.tta import tta_logits, tta_views
+from convpipe.training.callbacks import EMAWeights, weight_averaging
+from tests.tiny import (
+    HW,
+    block,
+    classifier,
+    loader,
+    model_variant,
+    tiny_model,
+    train_variant,
+    trainer,
+)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+]
+
+
+@pytest.fixture
+def params(make_params) -> Params:
+    return make_params()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- label smoothing
+
+
+def test_label_smoothing_moves_the_loss_by_the_closed_form_amount(params):
+    module = classifier(params, num_classes=4)
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    s = 0.2
+    plain = F.cross_entropy(logits, y)
+    uniform = -F.log_softmax(logits, dim=1).mean(dim=1).mean()  # CE against s / K each
+    expected = (1 - s) * plain + s * uniform
+    assert module.data_loss(logits, y, s) == pytest.approx(expected.item(), rel=1e-6)
+    assert module.data_loss(logits, y) == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_label_smoothing_of_the_sigmoid_unit_targets_s_over_two(params):
+    module = classifier(params, num_classes=2)
+    logits, y = torch.randn(6), torch.tensor([0, 1, 1, 0, 1, 0])
+    s = 0.3
+    both = (
+        F.binary_cross_entropy_with_logits(logits, torch.zeros(6))
+        + F.binary_cross_entropy_with_logits(logits, torch.ones(6))
+    ) / 2
+    plain = F.binary_cross_entropy_with_logits(logits, y.float())
+    expected = (1 - s) * plain + s * both
+    assert module.data_loss(logits, y, s) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_training_minimises_the_smoothed_loss_and_validation_reports_the_plain_one(params):
+    model = tiny_model(params, dropout=0.0)
+    module = classifier(params, model=model, label_smoothing=0.4, reg_type="none")
+    data = loader(n=8)
+    x, y = next(iter(data))
+    start = copy.deepcopy(module).train()
+    with torch.no_grad():
+        smoothed = start.data_loss(start(x), y, 0.4).item()
+        plain = start.data_loss(start(x), y).item()
+    fitted = trainer(max_steps=1, max_epochs=1, limit_val_batches=0)
+    fitted.fit(module, data)
+    assert fitted.callback_metrics["train/loss"].item() == pytest.approx(smoothed, rel=1e-5)
+    assert smoothed != pytest.approx(plain, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- network options
+
+
+def test_batch_norm_takes_momentum_and_eps_from_params(params):
+    model = tiny_model(params, batch_norm_momentum=0.6, batch_norm_eps=1e-3)
+    net = build_cnn(model, 1, HW, 3)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.6 and m.eps == 1e-3 for m in norms)
+    x = torch.randn(4, 1, *HW) * 3 + 2
+    net.train()
+    net(x)
+    with torch.no_grad():
+        batch_mean = net.features[0].conv(x).mean(dim=(0, 2, 3))
+    # running = (1 - momentum) * 0 + momentum * batch mean
+    assert torch.allclose(norms[0].running_mean, 0.6 * batch_mean, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"), [("silu", nn.SiLU), ("mish", nn.Mish), ("hardswish", nn.Hardswish)]
+)
+def test_the_common_activations_are_built(params, name, layer):
+    conv = [block(params, filters=4, activation=name)]
+    net = build_cnn(model_variant(params, conv=conv, hidden=[8]), 1, HW, 3)
+    assert isinstance(net.features[0].act, layer)
+    assert net(torch.randn(2, 1, *HW)).shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def test_learning_rate_per_sample_scales_with_the_global_batch(params):
+    net = build_cnn(tiny_model(params), 1, HW, 3)
+    per_batch = build_optimizer(net, train_variant(params, lr=0.01, lr_unit="batch"), 64)
+    per_sample = build_optimizer(net, train_variant(params, lr=0.01, lr_unit="sample"), 64)
+    assert [g["lr"] for g in per_batch.param_groups] == [0.01]
+    assert [g["lr"] for g in per_sample.param_groups] == [pytest.approx(0.64)]
+
+
+def test_biases_and_batch_norm_get_their_own_learning_rate(params):
+    net = build_cnn(tiny_model(params), 1, HW, 3)
+    train = train_variant(params, optimizer="nesterov", lr=0.1, norm_bias_lr_scale=64.0)
+    optimizer = build_optimizer(net, train, 32)
+    weights, others = optimizer.param_groups
+    assert (weights["name"], others["name"]) == ("weights", "norm_bias")
+    assert weights["lr"] == 0.1 and others["lr"] == pytest.approx(6.4)
+    assert all(p.ndim > 1 for p in weights["params"])
+    bn = net.features[0].bn
+    expected = {id(p) for p in net.parameters() if p.ndim == 1}
+    assert {id(p) for p in others["params"]} == expected and id(bn.weight) in expected
+    assert weights["nesterov"] and weights["momentum"] == train.momentum
+    scheduled = build_scheduler(optimizer, train.model_copy(update={"scheduler": "onecycle"}), 10)
+    assert scheduled is not None  # one-cycle peaks at each group's own rate
+    assert scheduled["scheduler"].optimizer.param_groups[1]["max_lr"] == pytest.approx(6.4)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_warmup_rises_to_the_peak_then_decays_to_zero(params, shape):
+    train = train_variant(
+        params, optimizer="sgd", lr=0.1, scheduler=f"warmup_{shape}", max_epochs=5, warmup_epochs=1
+    )
+    optimizer = build_optimizer(nn.Linear(2, 2), train, 16)
+    config = build_scheduler(optimizer, train, total_steps=20)
+    assert config is not None and config["interval"] == "step"
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(20):
+        optimizer.step()
+        config["scheduler"].step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # 4 warmup steps (1 of 5 epochs)
+    assert lrs[3:] == sorted(lrs[3:], reverse=True)
+    assert lrs[20] == 0.0
+    middle = 0.1 * warmup_decay(12, 4, 20, shape)
+    assert lrs[12] == pytest.approx(middle)
+    left = 8 / 16
+    expected = left if shape == "linear" else 0.5 * (1 - math.cos(math.pi * left))
+    assert middle == pytest.approx(0.1 * expected)
+
+
+def test_warmup_longer_than_the_training_is_refused(params):
+    with pytest.raises(ValueError, match=r"warmup_epochs must be below train\.max_epochs"):
+        train_variant(params, scheduler="warmup_linear", max_epochs=3, warmup_epochs=3)
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+def _fit_with_ema(params: Params, root: Path, decay: float) -> tuple[Path, object]:
+    module = classifier(params, ema_decay=decay, optimizer="sgd", lr=0.5)
+    best = ModelCheckpoint(dirpath=root, filename="best", monitor="val/loss")
+    fitted = trainer(
+        max_steps=-1,
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[*weight_averaging(module.train_params), best],
+        default_root_dir=root,
+    )
+    fitted.fit(module, loader(n=32), loader(n=16))
+    return Path(best.best_model_path), fitted
+
+
+def test_ema_weights_are_what_checkpoints_and_evaluation_use(params, tmp_path):
+    path, fitted = _fit_with_ema(params, tmp_path, 0.9)
+    assert any(isinstance(c, EMAWeights) for c in fitted.callbacks)
+    checkpoint = read_checkpoint(path)
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    weight = "net.features.0.conv.weight"
+    assert not torch.equal(ema[weight], raw[weight])  # the average lags the raw weights
+    loaded = load_model(path)  # what evaluate, predict and export load
+    assert torch.equal(loaded.state_dict()[weight], ema[weight])
+    # testing the best checkpoint keeps the average (Lightning's callback would restore raw)
+    test_data = loader(n=16)
+    result = fitted.test(ckpt_path=str(path), dataloaders=test_data, verbose=False)[0]
+    with torch.no_grad():
+        logits = torch.cat([loaded(x) for x, _ in test_data])
+    labels = torch.cat([y for _, y in test_data])
+    assert result["test/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_without_ema_no_average_is_kept(params, tmp_path):
+    assert weight_averaging(train_variant(params, ema_decay=0.0)) == []
+    path, _ = _fit_with_ema(params, tmp_path, 0.0)
+    assert "current_model_state" not in read_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- TTA
+
+
+class Asymmetric(nn.Module):
+    """Logits that depend on where the pixels are: a mirror or a shift changes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.linspace(-1, 1, 64).reshape(1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = (x * self.weight).sum(dim=(1, 2, 3))
+        return torch.stack([score, -score, score**2], dim=1)
+
+
+def test_tta_flip_averages_exactly_the_image_and_its_mirror():
+    model, x = Asymmetric(), torch.randn(5, 1, 8, 8)
+    expected = (model(x) + model(x.flip(-1))) / 2
+    assert torch.allclose(tta_logits(model, x, "flip"), expected, atol=1e-6)
+    assert not torch.allclose(tta_logits(model, x, "flip"), model(x), atol=1e-3)
+    assert torch.equal(tta_logits(model, x, "none"), model(x))
+
+
+def test_tta_flip_translate_averages_six_views_shifted_by_one_pixel():
+    model, x = Asymmetric(), torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
+    views = tta_views(x, "flip_translate")
+    assert len(views) == 6
+    up_left, down_right = views[2], views[4]
+    assert torch.equal(up_left[..., :-1, :-1], x[..., 1:, 1:])  # content moved up and left
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(up_left[..., -1, :-1], x[..., -2, 1:])  # the border is reflected
+    assert torch.equal(views[3], up_left.flip(-1)) and torch.equal(views[5], down_right.flip(-1))
+    expected = torch.stack([model(v) for v in views]).mean(dim=0)
+    assert torch.allclose(tta_logits(model, x, "flip_translate"), expected, atol=1e-4)
+
+
+def test_predict_logits_applies_tta(params):
+    module = classifier(params).eval()
+
+    class Dataset:
+        def __init__(self) -> None:
+            self.x = torch.randn(7, 1, *HW)
+
+        def __len__(self) -> int:
+            return 7
+
+        def __getitems__(self, indices: list[int]):
+            return self.x[indices], torch.zeros(len(indices), dtype=torch.long)
+
+    data = Dataset()
+    with torch.no_grad():
+        expected = (module(data.x) + module(data.x.flip(-1))) / 2
+    assert torch.allclose(predict_logits(module, data, 3, "flip"), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"evaluate\.tta must be one of"):
+        tta_views(data.x, "rotate")
+
+
+def test_unknown_tta_in_params_names_the_choices(make_params):
+    with pytest.raises(ConvpipeError, match=r"evaluate\.tta"):
+        make_params(**{"evaluate.tta": "mirror"})
