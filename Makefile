@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui bench lint tune
+.PHONY: setup lock run test test-fast ui bench bench-cifar lint tune
 
 LOCK := requirements.lock
 
@@ -47,6 +47,10 @@ tune: setup
 #   $(PY) benchmarks/bench_tuning.py
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# The CIFAR-10 recipes, trained for real (15-40 min on 2 cores): benchmarks/RESULTS_CIFAR.md.
+bench-cifar: setup
+	$(PY) benchmarks/run_all.py --only bench_cifar --output benchmarks/RESULTS_CIFAR.md
 
 lint: setup
 	$(VENV)/bin/ruff check src pipelines tests benchmarks docs

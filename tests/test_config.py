@@ -204,6 +204,20 @@ def test_applying_a_recipe_changes_only_its_keys(tmp_path):
     assert apply_recipe(recipe, target) == []  # applying twice changes nothing
 
 
+def test_a_recipe_can_empty_a_list_and_keep_its_comment(tmp_path):
+    target = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", target)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  hidden: []  # why\n  dropout: 0.0  # why\n")
+    assert apply_recipe(recipe, target) == ["model.hidden", "model.dropout"]
+    lines = target.read_text().splitlines()
+    hidden = next(i for i, line in enumerate(lines) if line.startswith("  hidden:"))
+    assert lines[hidden].split("#")[0].split() == ["hidden:", "[]"]
+    assert "fully connected layer widths" in lines[hidden]  # the shipped comment stays
+    assert lines[hidden + 1] == "  dropout: 0.0"  # the next key keeps its own line
+    assert load_params(target).model.hidden == []
+
+
 @pytest.mark.parametrize(
     ("text", "expect"),
     [

@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.models.checkpoint import load_model, read_checkpoint
-from convpipe.models.module import predict_logits
-from convpipe.models.network import build_cnn
+from convpipe.models.module import CNNClassifier, predict_logits
+from convpipe.models.network import build_cnn, regularization_penalty
 from convpipe.models.optim import build_optimizer, build_scheduler, warmup_decay
 from convpipe.models.tta import tta_logits, tta_views
-from convpipe.training.callbacks import EMAWeights, weight_averaging
+from convpipe.models.whitening import whitening_filters
+from convpipe.training.callbacks import EMAWeights, ema_decay_at, weight_averaging
 from tests.tiny import (
     HW,
     block,
@@ -212,6 +214,22 @@ def test_ema_weights_are_what_checkpoints_and_evaluation_use(params, tmp_path):
     assert result["test/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_ema_warms_up_so_the_initial_weights_do_not_linger():
+    assert [round(ema_decay_at(0.99, n), 4) for n in (0, 1, 2)] == [0.1, 0.1818, 0.25]
+    assert ema_decay_at(0.99, 10_000) == 0.99
+    assert ema_decay_at(0.9, 80) == 0.9  # (1 + 80) / 90 = 0.9: from there on, the decay
+    callback = EMAWeights(0.99)
+    net = nn.Linear(2, 2)
+    callback._average_model = AveragedModel(net, avg_fn=callback._kwargs["avg_fn"])
+    averaged = callback._average_model
+    averaged.update_parameters(net)  # the first update copies
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    averaged.update_parameters(net)  # one average so far: decay 2/11, 82 % of the way there
+    assert torch.allclose(averaged.module.weight, start + 9 / 11, atol=1e-6)
+
+
 def test_without_ema_no_average_is_kept(params, tmp_path):
     assert weight_averaging(train_variant(params, ema_decay=0.0)) == []
     path, _ = _fit_with_ema(params, tmp_path, 0.0)
@@ -278,3 +296,62 @@ def test_predict_logits_applies_tta(params):
 def test_unknown_tta_in_params_names_the_choices(make_params):
     with pytest.raises(ConvpipeError, match=r"evaluate\.tta"):
         make_params(**{"evaluate.tta": "mirror"})
+
+
+# --------------------------------------------------------------------------- whitening
+
+
+def _whiten_model(params: Params, channels: int = 3, kernel: int = 2):
+    conv = [block(params, filters=2 * channels * kernel**2, kernel=kernel, padding="valid")]
+    conv[0].update(batch_norm=False, activation="gelu", pool="none")
+    return model_variant(params, conv=conv, hidden=[], dropout=0.0, whiten=True)
+
+
+def test_whitening_filters_decorrelate_the_training_patches():
+    torch.manual_seed(1)
+    mix = torch.randn(3, 3)  # correlated channels, and neighbouring pixels alike
+    images = torch.einsum("dc,nchw->ndhw", mix, torch.randn(64, 3, 9, 9))
+    images = images + torch.roll(images, 1, dims=3)
+    weight = whitening_filters(images, 2)
+    assert weight.shape == (24, 3, 2, 2)
+    assert torch.equal(weight[12:], -weight[:12])
+    out = F.conv2d(images, weight[:12])  # (N, 12, 8, 8): one value per patch and filter
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(flat.T)
+    # diag(lambda / (lambda + eps)): the identity but for directions of tiny variance
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=0.02)
+
+
+def test_whitening_needs_two_filters_per_patch_dimension(params):
+    conv = [block(params, filters=16, kernel=2)]
+    model = model_variant(params, conv=conv, whiten=True)
+    with pytest.raises(ConvpipeError, match=r"model\.conv\[0\]\.filters = .* = 24"):
+        build_cnn(model, 3, HW, 3)
+
+
+def test_whitening_layer_is_fixed_and_unpenalised_but_kept_in_checkpoints(params, tmp_path):
+    module = CNNClassifier(
+        _whiten_model(params).model_dump(),
+        train_variant(params, reg_type="l2", reg_lambda=10.0, optimizer="sgd", lr=0.5).model_dump(),
+        3,
+        HW,
+        3,
+        32,
+    )
+    images = torch.randn(16, 3, *HW)
+    module.init_whitening(images)
+    conv = module.net.features[0].conv
+    set_to = conv.weight.detach().clone()
+    assert torch.equal(set_to, whitening_filters(images, 2))
+    assert not conv.weight.requires_grad and conv.bias.requires_grad
+    fitted = trainer(max_steps=4, max_epochs=1, limit_val_batches=0)
+    fitted.fit(module, loader(n=32, channels=3))
+    assert torch.equal(conv.weight, set_to)  # not trained
+    assert all(p is not conv.weight for p in fitted.optimizers[0].param_groups[0]["params"])
+    path = tmp_path / "whiten.ckpt"
+    fitted.save_checkpoint(path)
+    assert torch.equal(load_model(path).net.features[0].conv.weight, set_to)
+    # the penalty leaves the fixed filters out
+    without = regularization_penalty(module.net, "l2", 1.0, 1)
+    trained = sum(m.weight.pow(2).sum() for m in module.net.modules() if isinstance(m, nn.Linear))
+    assert without.item() == pytest.approx(float(trained), rel=1e-5)

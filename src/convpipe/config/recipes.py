@@ -69,9 +69,26 @@ def _set(tree: Any, key: str, value: Any, recipe: Path) -> None:
                 hint or "a recipe may only change keys params.yaml has",
             )
         if depth == len(parts) - 1:
-            node[part] = value
+            _replace(node, part, value)
         else:
             node = node[part]
+
+
+def _replace(node: MutableMapping[str, Any], key: str, value: Any) -> None:
+    """``node[key] = value``, keeping the key's comment on its line.
+
+    A comment written after ``key:`` and before a block list belongs, for ruamel, in front of
+    the list's items; an empty list is written ``[]`` on the key's own line, where ruamel
+    would then drop the next line's line break. The comment becomes the line's own instead.
+    """
+    items = getattr(getattr(node, "ca", None), "items", {})
+    comment = items.get(key)
+    token = comment[2] if comment and len(comment) > 2 else None
+    node[key] = value
+    if token is not None and isinstance(value, list | dict) and not value:
+        del items[key]
+        text = token.value.split("\n")[0].strip()
+        node.yaml_add_eol_comment(text, key, column=token.column)  # type: ignore[attr-defined]
 
 
 def apply_recipe(recipe: str | os.PathLike[str], params_file: str | os.PathLike[str]) -> list[str]:
@@ -107,8 +124,17 @@ def apply_recipe(recipe: str | os.PathLike[str], params_file: str | os.PathLike[
 def read_yaml_text(text: str) -> Any:
     """``text`` parsed as plain YAML data (no round-trip types)."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
-    return YAML(typ="safe", pure=True).load(text)
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:  # a ruamel round-trip fault: say so rather than show a traceback
+        first = " ".join(str(exc).split())[:200]
+        raise ConvpipeError(
+            f"applying the recipe gave invalid YAML ({first})",
+            "in the params file",
+            "report this; set the recipe's values by hand meanwhile",
+        ) from None
 
 
 def overlaid(recipe: str | os.PathLike[str], params_file: str | os.PathLike[str]) -> Any:

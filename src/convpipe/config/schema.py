@@ -193,6 +193,7 @@ class ModelParams(Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     batch_norm_momentum: Annotated[float, Field(gt=0.0, le=1.0)]
     batch_norm_eps: Annotated[float, Field(gt=0.0, le=1.0)]
+    whiten: bool
 
 
 class TrainParams(Section):

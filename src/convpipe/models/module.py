@@ -35,6 +35,7 @@ from convpipe.models.optim import (
 )
 from convpipe.models.shapes import check_inputs, is_int
 from convpipe.models.tta import tta_logits
+from convpipe.models.whitening import first_conv, whitening_filters
 
 __all__ = ["CNNClassifier", "cpu_threads"]
 
@@ -370,6 +371,21 @@ class CNNClassifier(L.LightningModule):
         """Class probabilities ``(N, K)`` for a batch ``x`` or ``(x, y)`` (labels ignored)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return probabilities(self(x), self.num_classes)
+
+    @torch.no_grad()
+    def init_whitening(self, images: Tensor) -> None:
+        """Set the first conv's fixed filters to whiten the patches of ``images``.
+
+        Only with ``model.whiten`` (see :mod:`convpipe.models.whitening`); the filters are
+        then part of the state dict, so a checkpoint restores them without the data.
+
+        Args:
+            images: Float ``(N, C, H, W)`` training images, normalised as in training.
+        """
+        if not self.model_params.whiten:
+            return
+        conv = first_conv(self.net)
+        conv.weight.copy_(whitening_filters(images.float(), int(conv.kernel_size[0])))
 
     def use_runtime(self, runtime: RuntimeParams) -> None:
         """Run with ``runtime``'s memory layout, threads and compilation from now on.

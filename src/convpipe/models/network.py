@@ -37,6 +37,7 @@ from convpipe.models.shapes import (
     output_units,
     same_padding,
 )
+from convpipe.models.whitening import check_whitening, freeze_whitening
 
 __all__ = [
     "REG_TYPES",
@@ -131,11 +132,12 @@ def build_cnn(
         with batch_norm), ``act``, ``pool`` (unless ``none``).
 
     Raises:
-        ConvpipeError: If an argument is invalid or a layer would shrink the feature map below
-            1x1 (see :func:`layer_shapes`).
+        ConvpipeError: If an argument is invalid, a layer would shrink the feature map below
+            1x1 (see :func:`layer_shapes`), or ``model.whiten`` has the wrong filter count.
     """
     rows = layer_shapes(params, in_channels, image_hw, num_classes)
     image = hw = check_inputs(in_channels, image_hw, num_classes)
+    check_whitening(params, in_channels)
     features = nn.Sequential()
     channels = in_channels
     for i, block in enumerate(params.conv):
@@ -144,7 +146,9 @@ def build_cnn(
         channels = block.filters
     flat = next(row.shape[0] for row in rows if row.name == "flatten")
     classifier = _classifier(params, flat, num_classes)
-    return nn.Sequential(OrderedDict(features=features, classifier=classifier))
+    net = nn.Sequential(OrderedDict(features=features, classifier=classifier))
+    freeze_whitening(net, params)
+    return net
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -164,9 +168,10 @@ def regularization_penalty(module: nn.Module, reg_type: str, reg_lambda: float, 
     """The course's weight penalty, scaled by ``lambda / m``.
 
     ``l1``: ``(lambda / m) * sum |w|``; ``l2``: ``(lambda / m) * sum w^2``; ``none``: 0. The sum
-    runs over the ``weight`` of every conv and linear layer; biases and BatchNorm parameters
-    are not penalised. Added to each mini-batch's mean data loss, it makes the per-batch
-    objective an unbiased estimate of the full-batch course objective ``J + penalty``.
+    runs over the trained ``weight`` of every conv and linear layer; biases, BatchNorm
+    parameters and fixed (whitening) filters are not penalised. Added to each mini-batch's
+    mean data loss, it makes the per-batch objective an unbiased estimate of the full-batch
+    course objective ``J + penalty``.
 
     Args:
         module: The network.
@@ -181,7 +186,11 @@ def regularization_penalty(module: nn.Module, reg_type: str, reg_lambda: float, 
         ConvpipeError: For an unknown ``reg_type``, a negative ``reg_lambda`` or ``m`` < 1.
     """
     _check_penalty_args(reg_type, reg_lambda, m)
-    weights = [mod.weight for mod in module.modules() if isinstance(mod, _PENALISED)]
+    weights = [
+        mod.weight
+        for mod in module.modules()
+        if isinstance(mod, _PENALISED) and mod.weight.requires_grad  # not fixed whitening
+    ]
     if reg_type == "none" or reg_lambda == 0 or not weights:
         ref = next(module.parameters(), None)
         if ref is None:

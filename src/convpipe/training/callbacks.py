@@ -9,9 +9,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import (
     Callback,
-    EMAWeightAveraging,
     LearningRateMonitor,
+    WeightAveraging,
 )
+from torch import Tensor
 
 from convpipe.config.schema import TrainParams
 
@@ -80,21 +81,37 @@ class EpochLearningRate(LearningRateMonitor):
                 logger.log_metrics(stats, step=trainer.current_epoch)
 
 
-class EMAWeights(EMAWeightAveraging):
-    """Lightning's EMA of the weights, whose average is what validation and checkpoints see.
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The EMA decay for the update after ``updates`` earlier ones: ``min(d, (1+n)/(10+n))``.
 
-    After each optimiser step the average moves by ``1 - train.ema_decay`` towards the
-    current weights and batch-norm statistics. Validation runs on the average, and every
-    checkpoint stores it as its ``state_dict`` (the raw weights go under
-    ``current_model_state``, for resuming), so early stopping, the best checkpoint, the test
-    split, evaluate, predict and export all use the averaged weights.
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` warm-up: the first averages
+    follow the weights closely (0.1, 0.18, 0.25, ...), so the random initial weights do not
+    linger in the average for ~``1/(1-d)`` steps; from ``n = (10d - 1)/(1 - d)`` on it is ``d``.
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+class EMAWeights(WeightAveraging):
+    """An EMA of the weights, whose average is what validation and checkpoints see.
+
+    Lightning's weight-averaging callback with an exponential average: after each optimiser
+    step the average moves by ``1 - d`` towards the current weights and batch-norm
+    statistics, ``d = train.ema_decay`` once warmed up (:func:`ema_decay_at`). Validation runs
+    on the average, and every checkpoint stores it as its ``state_dict`` (the raw weights go
+    under ``current_model_state``, for resuming), so early stopping, the best checkpoint, the
+    test split, evaluate, predict and export all use the averaged weights.
 
     Lightning's callback would put the raw weights back when any later ``trainer.test``
     restores a checkpoint; here only a resumed ``fit`` does.
     """
 
     def __init__(self, decay: float) -> None:
-        super().__init__(decay=decay, use_buffers=True)
+        def average(averaged: Tensor, current: Tensor, updates: Tensor | int) -> Tensor:
+            d = ema_decay_at(decay, int(updates))
+            return averaged * d + current * (1.0 - d)
+
+        super().__init__(use_buffers=True, avg_fn=average)
+        self.decay = decay
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

@@ -11,16 +11,19 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import (
     ModelCheckpoint,
 )
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
 
 from convpipe.config.schema import Params
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
+from convpipe.models.whitening import WHITEN_IMAGES
 from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
 from convpipe.tracking.provenance import (
     FREEZE_ARTIFACT,
@@ -138,8 +141,18 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
         train_size=datamodule.train_size,
         class_names=manifest.class_names,
     )
+    if params.model.whiten:
+        model.init_whitening(whitening_sample(datamodule))
     model.use_runtime(params.runtime)
     return datamodule, model
+
+
+def whitening_sample(datamodule: ConvDataModule) -> Tensor:
+    """Up to :data:`WHITEN_IMAGES` training images, evenly spread, normalised: ``(N, C, H, W)``."""
+    dataset = datamodule.split("train")
+    count = min(WHITEN_IMAGES, len(dataset))
+    indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
+    return dataset.__getitems__(indices)[0]
 
 
 def train(params: Params) -> TrainResult:
