@@ -43,7 +43,7 @@ from common import ROOT, Section, fmt, median_spread, print_sections
 
 from convpipe.config.schema import Params, parse_params, read_yaml
 from convpipe.models.module import cpu_threads
-from convpipe.training.run import build_model
+from convpipe.training.run import build_model, resolved_train
 from convpipe.training.trainer import build_trainer
 
 GOAL = 0.40
@@ -139,7 +139,7 @@ def time_steps(params: Params, warmup: int, steps: int) -> tuple[float, float]:
     timer = StepTimer(warmup)
     with quiet(), tempfile.TemporaryDirectory(prefix="bench-flops-") as root:
         trainer = build_trainer(
-            params.train,
+            resolved_train(params, model, datamodule.train_size),
             [timer],
             False,
             root,

@@ -55,7 +55,7 @@ from convpipe.models.module import CNNClassifier, cpu_threads
 from convpipe.models.network import regularization_penalty
 from convpipe.models.optim import build_optimizer, build_scheduler
 from convpipe.training.callbacks import EpochHistory
-from convpipe.training.run import build_model
+from convpipe.training.run import build_model, resolved_train
 from convpipe.training.trainer import build_trainer
 
 RECIPE = ROOT / "params" / "mnist.yaml"
@@ -172,7 +172,7 @@ def convpipe_run(params: Params, module: type[CNNClassifier] = CNNClassifier) ->
     with quiet(), tempfile.TemporaryDirectory(prefix="bench-loop-") as root:
         start = time.perf_counter()
         trainer = build_trainer(
-            params.train,
+            resolved_train(params, model, datamodule.train_size),
             [history],
             False,
             root,

@@ -64,6 +64,11 @@ def make_params(raw_params: dict[str, Any]):
     return build
 
 
+def fp32(train: Any) -> Any:
+    """A ``train`` section with ``precision: 32-true``: what build_trainer takes resolved."""
+    return train.model_copy(update={"precision": "32-true"})
+
+
 def quiet_trainer(root: str | Path, **options: Any) -> L.Trainer:
     """A Trainer for making test checkpoints: no logger, checkpointing, progress bar or summary."""
     return L.Trainer(

@@ -17,7 +17,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import predict_logits
 from convpipe.training.trainer import build_trainer, check_strategy
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, fp32, free_port
 from tests.project import make_project
 
 # --------------------------------------------------------------------------- fast
@@ -39,7 +39,7 @@ def test_unknown_strategy_lists_choices():
 def test_more_gpus_than_available_is_a_clear_error(make_params):
     params = make_params(**{"train.accelerator": "gpu", "train.devices": 2})
     with pytest.raises(ConvpipeError, match=r"cannot build the Trainer"):
-        build_trainer(params.train, [], False, "unused", interactive=False)
+        build_trainer(fp32(params.train), [], False, "unused", interactive=False)
 
 
 class _World:

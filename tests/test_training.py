@@ -43,7 +43,7 @@ from convpipe.training.preemption import Preempted
 from convpipe.training.resume import fingerprint
 from convpipe.training.run import TrainResult, train
 from convpipe.training.trainer import build_trainer, check_monitor
-from tests.conftest import ROOT, TINY_CONV, free_port, start_mlflow_server, stop_server
+from tests.conftest import ROOT, TINY_CONV, fp32, free_port, start_mlflow_server, stop_server
 from tests.project import make_project
 
 SMALL_MODEL = {
@@ -248,16 +248,18 @@ def test_build_trainer_unsupported_accelerator(make_params) -> None:
         pytest.skip("this machine has a GPU")
     params = make_params(**{"train.accelerator": "cuda"})
     with pytest.raises(ConvpipeError, match="cannot build the Trainer") as info:
-        build_trainer(params.train, [], False, "unused", interactive=False)
+        build_trainer(fp32(params.train), [], False, "unused", interactive=False)
     assert "train.accelerator" in info.value.line()
 
 
 def test_build_trainer_options_override_the_params(make_params, tmp_path: Path) -> None:
     params = make_params(**{"train.max_epochs": 7})
-    built = build_trainer(params.train, [], False, str(tmp_path), interactive=False)
+    built = build_trainer(fp32(params.train), [], False, str(tmp_path), interactive=False)
     assert built.max_epochs == 7 and built.limit_val_batches == 1.0
     options = {"max_epochs": 1, "limit_val_batches": 0}
-    built = build_trainer(params.train, [], False, str(tmp_path), interactive=False, **options)
+    built = build_trainer(
+        fp32(params.train), [], False, str(tmp_path), interactive=False, **options
+    )
     assert built.max_epochs == 1 and built.limit_val_batches == 0
 
 
@@ -302,7 +304,7 @@ def test_a_runtime_knob_never_blocks_a_resume(make_params) -> None:
 
 
 def test_checkpoints_are_written_whole_or_not_at_all(make_params, tmp_path: Path) -> None:
-    trainer = build_trainer(make_params().train, [], False, str(tmp_path), interactive=False)
+    trainer = build_trainer(fp32(make_params().train), [], False, str(tmp_path), interactive=False)
     writer = trainer.strategy.checkpoint_io
     assert isinstance(writer, AtomicCheckpointIO)
     path = tmp_path / "last.ckpt"
@@ -420,6 +422,7 @@ def test_one_finished_run_with_every_param(trained: Trained) -> None:
     assert params["derived.train_size"] == str(train_size(trained.params))
     assert params["derived.num_classes"] == "10"
     assert params["derived.tracking_uri"] == trained.params.mlflow.tracking_uri
+    assert params["derived.precision"] in ("32-true", "bf16-mixed")  # what auto chose here
     # Lightning's own hparams are not logged again under other names (train/lr, model/conv/0/...)
     assert not [key for key in params if "/" in key or key in ("num_classes", "class_names")]
 

@@ -221,7 +221,7 @@ class TrainParams(Section):
     devices: PositiveInt | Literal["auto"]
     strategy: str
     num_nodes: PositiveInt
-    precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"]
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed", "64-true"]
     sync_batchnorm: bool
 
     @model_validator(mode="after")

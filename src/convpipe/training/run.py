@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from convpipe.config.schema import Params
+from convpipe.config.schema import Params, TrainParams
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
@@ -43,6 +43,7 @@ from convpipe.training.mlflow_run import (
     start_run,
     tracking_lost_is_resumable,
 )
+from convpipe.training.precision import resolve_precision
 from convpipe.training.preemption import (
     Preempted,
     preemption_is_resumable,
@@ -147,6 +148,14 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
     return datamodule, model
 
 
+def resolved_train(params: Params, model: CNNClassifier, train_size: int) -> TrainParams:
+    """The ``train`` section with ``precision: auto`` replaced by this machine's choice."""
+    train = params.train
+    batch = train_size if train.batch_size == "full" else int(train.batch_size)
+    precision = resolve_precision(train, params.runtime, model, min(batch, train_size))
+    return train.model_copy(update={"precision": precision})
+
+
 def whitening_sample(datamodule: ConvDataModule) -> Tensor:
     """Up to :data:`WHITEN_IMAGES` training images, evenly spread, normalised: ``(N, C, H, W)``."""
     dataset = datamodule.split("train")
@@ -163,8 +172,9 @@ def train(params: Params) -> TrainResult:
             an interrupted training with other params in ``paths.checkpoints``.
     """
     L.seed_everything(params.base.seed, workers=True, verbose=False)
-    paths, cfg = params.paths, params.train
+    paths = params.paths
     datamodule, model = build_model(params)
+    cfg = resolved_train(params, model, datamodule.train_size)
     current = fingerprint(params, datamodule.manifest.content_hash, datamodule.train_size)
     resume = find_resume_point(paths.checkpoints, current)
     uri = resolve_uri(params.mlflow)
@@ -181,7 +191,13 @@ def train(params: Params) -> TrainResult:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
             start_record(paths.checkpoints, run_id, current)
             log_params(
-                client, run_id, {**params_for_mlflow(params), **derived_params(datamodule, uri)}
+                client,
+                run_id,
+                {
+                    **params_for_mlflow(params),
+                    **derived_params(datamodule, uri),
+                    "derived.precision": cfg.precision,  # what train.precision auto chose
+                },
             )
             client.log_dict(run_id, masked_params(params), "params.yaml")
             client.log_text(run_id, pip_freeze(), FREEZE_ARTIFACT)

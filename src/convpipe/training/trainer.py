@@ -45,7 +45,7 @@ def build_trainer(
     """A Trainer configured from the ``train`` section (deterministic, epoch-level logging).
 
     Args:
-        train: the ``train`` section.
+        train: the ``train`` section, its ``precision`` resolved (no ``auto``).
         callbacks: every callback (checkpointing only happens through these).
         logger: the MLflow logger, or False.
         root: Lightning's working folder.
@@ -56,6 +56,10 @@ def build_trainer(
     Raises:
         ConvpipeError: If the accelerator, devices, strategy or precision are not usable here.
     """
+    if train.precision == "auto":
+        raise ValueError(
+            "resolve train.precision auto first (convpipe.training.run.resolved_train)"
+        )
     settings: dict[str, Any] = {
         "accelerator": train.accelerator,
         "devices": train.devices,

@@ -23,7 +23,7 @@ from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.training.callbacks import EpochHistory, weight_averaging
 from convpipe.training.mlflow_run import RunLogger
-from convpipe.training.run import build_model
+from convpipe.training.run import build_model, resolved_train
 from convpipe.training.trainer import build_trainer
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, heartbeat
@@ -101,9 +101,9 @@ class TrialRunner:
         """Train with the sampled ``values``; prune (or fail on nan) on ``train.monitor``."""
         fixed = {"train.max_epochs": self.params.tune.max_epochs, **trial_strategy(self.params)}
         params = with_values(self.params, {**values, **fixed})
-        cfg = params.train
         L.seed_everything(params.base.seed, workers=True, verbose=False)
         datamodule, model = build_model(params)
+        cfg = resolved_train(params, model, datamodule.train_size)
         history = EpochHistory()
         pruning = FinitePruning(trial, monitor=cfg.monitor)
         early = EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.patience)
