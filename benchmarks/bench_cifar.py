@@ -13,7 +13,7 @@ Reported per recipe: the holdout accuracy with the recipe's test-time augmentati
 trained on: convolutions and matrix products, as in every MFU figure), the wall time of
 ``dvc repro train``, the achieved FLOP/s and its fraction of this machine's peak at the
 precision trained (the best of large ``torch.mm`` products at that dtype, see
-:func:`dense_peak`), and how that compares with airbench94's 0.36 PFLOP for 94 %.
+``common.dense_peak``), and how that compares with airbench94's 0.36 PFLOP for 94 %.
 
 Goals (issue #15): >= 94 % with <= 1.2 x 0.36 PFLOP; the fast variant >= 90 % with
 <= 0.12 PFLOP; training at >= 75 % of the peak. Skipped, with a message, when the CIFAR-10
@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, Checkout, Section, print_sections
+from common import ROOT, Checkout, Section, dense_peak, print_sections
 
 from convpipe.config.schema import Params, load_params
 from convpipe.models.module import cpu_threads
@@ -55,7 +55,6 @@ RECIPES = {
     "cifar10_fast": (["params/cifar10.yaml", "params/cifar10_fast.yaml"], 0.90, 0.12e15),
 }
 GOAL_PEAK = 0.75
-PEAK_SIZES = (2048, 4096)
 
 
 @dataclass
@@ -71,30 +70,6 @@ class Result:
     seconds: float
     peak: float
     precision: str
-
-
-def dense_peak(threads: int, precision: str, repeats: int = 3) -> float:
-    """The best FLOP/s of large matrix products at the precision trained.
-
-    ``bf16-mixed`` runs its convolutions and products in bfloat16, so its peak is the best
-    bf16 product (AMX or AVX-512 BF16 where the CPU has them); otherwise fp32. The best of
-    several sizes and repeats: a kernel that is not at its best is not a peak.
-    """
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    best = 0.0
-    try:
-        for size in PEAK_SIZES:
-            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-            torch.mm(a, b)  # the first call allocates and picks its kernel
-            for _ in range(repeats):
-                start = time.perf_counter()
-                torch.mm(a, b)
-                best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    finally:
-        torch.set_num_threads(before)
-    return best
 
 
 def flops_per_image(params: Params) -> float:

@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,3 +153,34 @@ class Checkout:
         from dvc.utils.hydra import apply_overrides
 
         apply_overrides(self.root / "params.yaml", [f"{k}={v}" for k, v in values.items()])
+
+
+# Matrix sizes a dense peak is measured at: large enough for the kernels' full speed.
+PEAK_SIZES = (2048, 4096)
+
+
+def dense_peak(threads: int, precision: str, repeats: int = 3) -> float:
+    """The best FLOP/s of large matrix products at the precision a training runs in.
+
+    ``bf16-mixed`` runs its convolutions and products in bfloat16 (AMX or AVX-512 BF16 where
+    the CPU has them), so its peak is the best bf16 product; any other precision is compared
+    with fp32. The best of several sizes and repeats, never a median: a run that is not at
+    the kernel's best is not its peak, and a fraction of a too-low peak would pass 100 %.
+    """
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = 0.0
+    try:
+        for size in PEAK_SIZES:
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            torch.mm(a, b)  # the first call allocates and picks its kernel
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(before)
+    return best
