@@ -8,9 +8,9 @@ So ``auto`` measures instead of assuming:
 
 - a CUDA GPU: ``bf16-mixed`` where the GPU supports bfloat16, else ``16-mixed``;
 - a CPU with native bf16 (``avx512_bf16`` or ``amx_bf16``) and one training process: a few
-  training steps of the real model in each precision, on a copy and with the random state
-  put back; ``bf16-mixed`` if it is at least :data:`MIN_SPEEDUP` times faster, else
-  ``32-true``;
+  training steps of the real model in each precision, interleaved, on a copy and with the
+  random state put back; ``bf16-mixed`` if its best step is at least :data:`MIN_SPEEDUP`
+  times faster than fp32's, else ``32-true``;
 - anything else (no native bf16, several CPU processes that would each measure alone, MPS):
   ``32-true``.
 
@@ -23,7 +23,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,23 +80,43 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def step_seconds(model: CNNClassifier, batch: int, precision: str) -> float:
-    """Median seconds of a forward + backward of ``model`` (a copy) on a random batch."""
-    probe = copy.deepcopy(model).train()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *probe.input_shape, generator=generator)
-    y = torch.randint(0, probe.num_classes, (batch,), generator=generator)
-    autocast: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
-    if precision == "bf16-mixed":
-        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    times = []
-    for _ in range(PROBE_STEPS + 1):
+class _Probe:
+    """Training steps of a copy of ``model`` on one random batch, in either precision."""
+
+    def __init__(self, model: CNNClassifier, batch: int) -> None:
+        self.model = copy.deepcopy(model).train()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, *self.model.input_shape, generator=generator)
+        self.y = torch.randint(0, self.model.num_classes, (batch,), generator=generator)
+
+    def seconds(self, precision: str) -> float:
+        """Wall seconds of one forward + backward in ``precision``."""
+        autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if precision == "bf16-mixed":
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         start = time.perf_counter()
-        with autocast():
-            loss = probe.data_loss(probe(x), y)
+        with autocast:
+            loss = self.model.data_loss(self.model(self.x), self.y)
         loss.backward()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        return time.perf_counter() - start
+
+
+def step_seconds(model: CNNClassifier, batch: int) -> dict[str, float]:
+    """The fastest of :data:`PROBE_STEPS` training steps in fp32 and in bf16, interleaved.
+
+    One untimed step of each first (allocation, kernel choice); then the two precisions take
+    turns and each keeps its best time, so a burst of other work on the machine slows one
+    step, not the verdict.
+    """
+    probe = _Probe(model, batch)
+    precisions = ("32-true", "bf16-mixed")
+    for precision in precisions:
+        probe.seconds(precision)
+    best = dict.fromkeys(precisions, float("inf"))
+    for _ in range(PROBE_STEPS):
+        for precision in precisions:
+            best[precision] = min(best[precision], probe.seconds(precision))
+    return best
 
 
 def resolve_precision(
@@ -122,8 +142,8 @@ def resolve_precision(
         return "32-true"
     size = max(1, min(batch, PROBE_BATCH))
     with torch.random.fork_rng(devices=[]), _threads(cpu_threads(runtime.threads, 1)):
-        fp32 = step_seconds(model, size, "32-true")
-        bf16 = step_seconds(model, size, "bf16-mixed")
+        best = step_seconds(model, size)
+    fp32, bf16 = best["32-true"], best["bf16-mixed"]
     chosen = choose_precision(fp32, bf16)
     log.info(
         "train.precision auto: %s (a bf16 training step takes %.2fx the time of an fp32 one)",
