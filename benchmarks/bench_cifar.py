@@ -121,6 +121,7 @@ def train_recipe(name: str, images: Path, root: Path, quick: bool) -> Result:
         os.chdir(cwd)
     epochs = int(train["epochs"])
     threads = cpu_threads(params.runtime.threads, 1)
+    precision = trained_precision(project.root, str(train["mlflow_run_id"]))
     return Result(
         name,
         float(evaluated["accuracy"]),
@@ -129,9 +130,17 @@ def train_recipe(name: str, images: Path, root: Path, quick: bool) -> Result:
         epochs,
         per_image * train_size * epochs,
         seconds,
-        dense_peak(threads, params.train.precision),
-        params.train.precision,
+        dense_peak(threads, precision),
+        precision,
     )
+
+
+def trained_precision(root: Path, run_id: str) -> str:
+    """The precision the training ran in: ``derived.precision`` of its MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return str(client.get_run(run_id).data.params["derived.precision"])
 
 
 def _row(result: Result) -> str:
