@@ -53,7 +53,7 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.models.module import CNNClassifier, cpu_threads
 from convpipe.models.network import regularization_penalty
-from convpipe.models.optim import build_optimizer, build_scheduler
+from convpipe.models.optim import build_optimizer, build_scheduler, global_batch
 from convpipe.training.callbacks import EpochHistory
 from convpipe.training.run import build_model, resolved_train
 from convpipe.training.trainer import build_trainer
@@ -221,8 +221,7 @@ def plain_run(params: Params) -> Run:
     net = model.net
     if runtime.compile:
         net.compile()
-    batch = datamodule.train_size if train.batch_size == "full" else int(train.batch_size)
-    optimizer = build_optimizer(net, train, min(batch, datamodule.train_size))
+    optimizer = build_optimizer(net, train, global_batch(train, datamodule.train_size))
     config = build_scheduler(optimizer, train, len(loader) * train.max_epochs)
     scheduler = config["scheduler"] if config else None
     per_step = config is not None and config["interval"] == "step"

@@ -24,6 +24,7 @@ from convpipe.models.shapes import conv_output_size, layer_shapes, output_units,
 from tests.conftest import ROOT
 from tests.tiny import (
     HW,
+    QUIET_LIGHTNING,
     block,
     classifier,
     loader,
@@ -33,11 +34,7 @@ from tests.tiny import (
     trainer,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    # Lightning 2.6 still uses torch.utils._pytree.LeafSpec, deprecated in torch 2.13.
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = QUIET_LIGHTNING
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from convpipe.models.whitening import whitening_filters
 from convpipe.training.callbacks import EMAWeights, ema_decay_at, weight_averaging
 from tests.tiny import (
     HW,
+    QUIET_LIGHTNING,
     block,
     classifier,
     loader,
@@ -38,10 +39,7 @@ from tests.tiny import (
     trainer,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = QUIET_LIGHTNING
 
 
 @pytest.fixture

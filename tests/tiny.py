@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -12,6 +13,13 @@ from convpipe.config.schema import ModelParams, Params, TrainParams
 from convpipe.models.module import CNNClassifier
 
 HW = (8, 8)
+
+#: Warnings tiny Trainer runs raise that say nothing about convpipe: few batches, and
+#: Lightning 2.6 still using torch.utils._pytree.LeafSpec, deprecated in torch 2.13.
+QUIET_LIGHTNING = [
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+]
 
 
 def block(params: Params, **update: Any) -> dict[str, Any]:

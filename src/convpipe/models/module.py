@@ -32,6 +32,7 @@ from convpipe.models.optim import (
     build_optimizer,
     build_scheduler,
     check_optimizer,
+    global_batch,
 )
 from convpipe.models.shapes import check_inputs, is_int
 from convpipe.models.tta import tta_logits
@@ -425,8 +426,7 @@ class CNNClassifier(L.LightningModule):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """The optimiser and optional scheduler from the ``train`` section."""
         train = self.train_params
-        size = int(self.hparams["train_size"])
-        batch = size if train.batch_size == "full" else min(int(train.batch_size), size)
+        batch = global_batch(train, int(self.hparams["train_size"]))
         optimizer = build_optimizer(self.net, train, batch)
         total = None
         if train.scheduler in PER_STEP_SCHEDULERS:

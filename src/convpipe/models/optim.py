@@ -26,6 +26,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_optimizer",
+    "global_batch",
     "parameter_groups",
     "warmup_decay",
 ]
@@ -59,6 +60,13 @@ def check_optimizer(train: TrainParams) -> None:
             "in params train",
             "set train.momentum (e.g. 0.9) or use train.optimizer sgd",
         )
+
+
+def global_batch(train: TrainParams, train_size: int) -> int:
+    """Images per optimiser step over all processes: ``train.batch_size`` (``full``: all)."""
+    if train.batch_size == "full":
+        return train_size
+    return min(int(train.batch_size), train_size)
 
 
 def base_lr(train: TrainParams, batch: int) -> float:

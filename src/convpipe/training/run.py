@@ -23,6 +23,7 @@ from convpipe.config.schema import Params, TrainParams
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
+from convpipe.models.optim import global_batch
 from convpipe.models.whitening import WHITEN_IMAGES
 from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
 from convpipe.tracking.provenance import (
@@ -151,8 +152,7 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
 def resolved_train(params: Params, model: CNNClassifier, train_size: int) -> TrainParams:
     """The ``train`` section with ``precision: auto`` replaced by this machine's choice."""
     train = params.train
-    batch = train_size if train.batch_size == "full" else int(train.batch_size)
-    precision = resolve_precision(train, params.runtime, model, min(batch, train_size))
+    precision = resolve_precision(train, params.runtime, model, global_batch(train, train_size))
     return train.model_copy(update={"precision": precision})
 
 
