@@ -190,7 +190,21 @@ def run(quick: bool = False, only: list[str] | None = None) -> list[Section]:
         "precision trained, on the training's threads."
     )
     met = None if quick else all(_verdict(r) for r in results)
+    if met is False:
+        body += "\n\n" + "\n".join(_shortfall(r) for r in results)
     return [Section(title, goal, met, summary, body)]
+
+
+def _shortfall(result: Result) -> str:
+    """By how much each goal of ``result``'s recipe is missed (or met)."""
+    _, accuracy, flops = RECIPES[result.name]
+    fraction = result.flops / result.seconds / result.peak
+    return (
+        f"- `{result.name}`: accuracy {100 * (result.accuracy_tta - accuracy):+.2f} points "
+        f"against {100 * accuracy:.0f} %; FLOPs {result.flops / flops:.2f}x the allowed "
+        f"{flops / 1e15:.2f} PFLOP; {100 * fraction:.0f} % of the dense peak against "
+        f"{100 * GOAL_PEAK:.0f} %."
+    )
 
 
 def main() -> None:
