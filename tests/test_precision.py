@@ -16,7 +16,7 @@ from convpipe.training.precision import (
     cpu_flags,
     resolve_precision,
 )
-from tests.tiny import classifier, train_variant
+from tests.tiny import classifier, loader, train_variant, trainer
 
 
 @pytest.fixture
@@ -73,3 +73,23 @@ def test_measuring_touches_neither_the_model_nor_the_random_state(params, tmp_pa
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert all(p.grad is None for p in module.parameters())
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+def test_a_bf16_training_tests_in_fp32_as_evaluate_does(params):
+    """train.json's test metrics equal evaluate's, which runs the fp32 weights in fp32."""
+    torch.manual_seed(0)
+    model = classifier(params, num_classes=3)
+    data = loader(n=64)
+    mixed = trainer(precision="bf16-mixed").test(model, data, verbose=False)[0]
+    full = trainer(precision="32-true").test(model, data, verbose=False)[0]
+    assert mixed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
+    # bf16 would have changed it: the check can fail
+    model.eval()
+    x, y = next(iter(data))
+    with torch.no_grad():
+        fp32 = model.data_loss(model(x), y).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.data_loss(model(x), y).item()
+    assert bf16 != pytest.approx(fp32, rel=1e-6)

@@ -258,14 +258,21 @@ def test_logged_model_sits_in_the_run_and_unpickles_nothing(trained: Trained, ch
     run = client.get_run(trained.run_id)
     assert logged.source_run_id == trained.run_id
     assert logged.experiment_id == run.info.experiment_id  # not the Default experiment
-    assert logged.params == {"train.lr": "0.003", "tta": "none"}  # the run's, and model_config
+    # the run's params, with the TTA it serves with; the run itself gets no new param
+    assert logged.params == {"train.lr": "0.003", "evaluate.tta": "none"}
+    assert client.get_run(trained.run_id).data.params == {"train.lr": "0.003"}
     assert logged.tags[ACCURACY_TAG] == "0.9"
     assert model_id in [out.model_id for out in run.outputs.model_outputs]
     local = Path(logged.artifact_location.removeprefix("file://"))
     store_root = Path(trained.uri.removeprefix("sqlite:///")).parent
     assert local.is_relative_to(store_root / "mlruns")  # the experiment's, not ./mlruns
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
-    assert {"MLmodel", "artifacts/model.ckpt", "artifacts/manifest.json"} <= files
+    assert {
+        "MLmodel",
+        "artifacts/model.ckpt",
+        "artifacts/manifest.json",
+        "artifacts/serving.json",
+    } <= files
     assert "convpipe_classifier.py" in files  # models from code ...
     assert {
         "code/convpipe/tracking/pyfunc.py",

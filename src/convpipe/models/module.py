@@ -365,8 +365,14 @@ class CNNClassifier(L.LightningModule):
         return self._shared_step(batch, "val")
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Log ``test/loss`` and ``test/acc`` for one batch."""
-        return self._shared_step(batch, "test")
+        """Log ``test/loss`` and ``test/acc`` for one batch, in the weights' own precision.
+
+        Under a mixed precision (``bf16-mixed``, ``16-mixed``) autocast is off here: evaluate,
+        ``convpipe predict`` and the exported models run the fp32 weights in fp32, so the test
+        metrics are theirs.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            return self._shared_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, K)`` for a batch ``x`` or ``(x, y)`` (labels ignored)."""

@@ -6,6 +6,7 @@ from the model directory that :mod:`convpipe.tracking.registry` logs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from mlflow.types.schema import Map
 
 from convpipe.data.manifest import load_manifest
 from convpipe.models.checkpoint import load_model
+from convpipe.models.tta import TTA_MODES
 from convpipe.tools.predict import check_data_matches, predict_images
 
 
@@ -77,11 +79,36 @@ def prediction_frame(
     return pd.DataFrame(rows, columns=["class", "probability", "probabilities"])
 
 
+# the model directory's settings of how it predicts (today its test-time augmentation)
+SERVING = "serving.json"
+
+
+def write_serving(path: Path, *, tta: str) -> None:
+    """Write the ``serving`` artifact: how the logged model predicts."""
+    path.write_text(json.dumps({"tta": tta}), encoding="utf-8")
+
+
+def serving_tta(artifacts: dict[str, str]) -> str:
+    """The TTA a loaded model predicts with: its ``serving`` artifact's ``evaluate.tta``.
+
+    Not MLflow's ``model_config``: logging one also logs its keys as params of the training's
+    run, and a changed ``evaluate.tta`` would then clash with the run's earlier value.
+
+    Raises:
+        ValueError: For a TTA that is not one of :data:`TTA_MODES`.
+    """
+    tta = json.loads(Path(artifacts["serving"]).read_text(encoding="utf-8"))["tta"]
+    if tta not in TTA_MODES:
+        raise ValueError(f"serving tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return str(tta)
+
+
 class ImageClassifier(PythonModel):
     """Raw uint8 images in, class names and probabilities out (see :func:`image_signature`).
 
     The model directory's artifacts are ``checkpoint`` (the Lightning checkpoint) and
-    ``manifest`` (the prepared data's ``manifest.json``: class names, image size, mean, std).
+    ``manifest`` (the prepared data's ``manifest.json``: class names, image size, mean, std)
+    and ``serving`` (:data:`SERVING`: the test-time augmentation it predicts with).
     """
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -90,8 +117,7 @@ class ImageClassifier(PythonModel):
         self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
         self.model = load_model(checkpoint)
         check_data_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
-        # the evaluate stage's evaluate.tta; models logged before TTA existed predicted without
-        self.tta = str((context.model_config or {}).get("tta", "none"))
+        self.tta = serving_tta(context.artifacts)
 
     def predict(
         self,

@@ -37,7 +37,7 @@ import numpy as np
 from mlflow.entities import Run
 
 from convpipe.data.manifest import MANIFEST, Manifest
-from convpipe.tracking.pyfunc import image_signature, model_input
+from convpipe.tracking.pyfunc import SERVING, image_signature, model_input, write_serving
 from convpipe.tracking.store import mask_uri, mlflow_error, store_lock
 
 log = logging.getLogger("convpipe")
@@ -196,13 +196,16 @@ def _log_model(
         name=MODEL_NAME,
         source_run_id=run.info.run_id,
         tags=tags,
-        params=dict(run.data.params),
+        # the run's params as trained, with the TTA this model serves with (evaluate's, now)
+        params={**run.data.params, "evaluate.tta": tta},
         experiment_id=run.info.experiment_id,
     )
     with tempfile.TemporaryDirectory(prefix="convpipe-model-") as tmp:
         code = Path(tmp) / _CODE_FILE
         code.write_text(_CODE, encoding="utf-8")
         (Path(tmp) / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+        # an artifact, not ``model_config``: MLflow would also log that as a run param ``tta``
+        write_serving(Path(tmp) / SERVING, tta=tta)
         info = mlflow.models.Model.log(
             artifact_path=None,
             flavor=mlflow.pyfunc,
@@ -212,12 +215,15 @@ def _log_model(
             registered_model_name=name,
             tags=tags,
             python_model=str(code),
-            artifacts={"checkpoint": str(checkpoint), "manifest": str(Path(tmp) / MANIFEST)},
+            artifacts={
+                "checkpoint": str(checkpoint),
+                "manifest": str(Path(tmp) / MANIFEST),
+                "serving": str(Path(tmp) / SERVING),
+            },
             code_paths=[str(PACKAGE)],
             signature=image_signature(manifest.channels, manifest.image_hw),
             input_example=model_input(examples),
             pip_requirements=requirements(),
-            model_config={"tta": tta},
         )
     return str(info.registered_model_version)
 
@@ -276,7 +282,7 @@ def log_and_register(
         examples: A few uint8 test images ``(N, H, W, C)``: the model's input example.
         accuracy: The test accuracy, tagged on the version and compared with the champion's.
         tta: ``evaluate.tta``, the test-time augmentation that accuracy was measured with;
-            the served model predicts with it too (its ``model_config``).
+            the served model predicts with it too (its ``serving.json`` artifact).
 
     Returns:
         The new version and what happened to the alias.

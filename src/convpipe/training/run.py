@@ -174,11 +174,12 @@ def train(params: Params) -> TrainResult:
     L.seed_everything(params.base.seed, workers=True, verbose=False)
     paths = params.paths
     datamodule, model = build_model(params)
-    cfg = resolved_train(params, model, datamodule.train_size)
     current = fingerprint(params, datamodule.manifest.content_hash, datamodule.train_size)
     resume = find_resume_point(paths.checkpoints, current)
     uri = resolve_uri(params.mlflow)
     logger = start_run(params, uri, resume.run_id if resume else None)
+    # after the tracking server answered: a dead one fails at once, not after the probe
+    cfg = resolved_train(params, model, datamodule.train_size)
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     with (
         tracking_lost_is_resumable(uri, paths.checkpoints),
