@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_loop import CONVPIPE, PLAIN, overhead, prepare, recipe
 from common import ROOT, Checkout, Section, dense_peak, print_sections
 
 from convpipe.config.schema import Params, load_params
@@ -55,6 +56,8 @@ RECIPES = {
     "cifar10_fast": (["params/cifar10.yaml", "params/cifar10_fast.yaml"], 0.90, 0.12e15),
 }
 GOAL_PEAK = 0.75
+GOAL_LOOP = 0.98
+LOOP_IMAGES = 10_000  # the loop-overhead subset of the train split
 
 
 @dataclass
@@ -84,6 +87,16 @@ def flops_per_image(params: Params) -> float:
     return float(counter.get_total_flops()) / 8
 
 
+def project_flops(root: Path, params: Params) -> tuple[float, int]:
+    """Training FLOPs per image and the training images, of a project copy's trained params."""
+    cwd = Path.cwd()
+    os.chdir(root)  # build_model reads the copy's prepared data
+    try:
+        return flops_per_image(params), build_model(params)[0].train_size
+    finally:
+        os.chdir(cwd)
+
+
 def unpack(dest: Path) -> Path:
     """The CIFAR-10 train split unpacked under ``dest``: ``dest/train/<class>/*.jpg``."""
     with tarfile.open(CIFAR_TAR) as tar:
@@ -95,8 +108,8 @@ def train_recipe(name: str, images: Path, root: Path, quick: bool) -> Result:
     """Apply the recipe in a fresh project copy, run the pipeline, read its figures."""
     recipes, _, _ = RECIPES[name]
     project = Checkout.of_this_one(root)
-    for recipe in recipes:
-        project.run("convpipe", "recipe", recipe)  # as the README says
+    for overlay in recipes:
+        project.run("convpipe", "recipe", overlay)  # as the README says
     data = project.root / "data" / "cifar10"
     data.mkdir(parents=True)
     os.symlink(images, data / "train", target_is_directory=True)
@@ -112,13 +125,7 @@ def train_recipe(name: str, images: Path, root: Path, quick: bool) -> Result:
     train = json.loads((project.root / "metrics" / "train.json").read_text())
     evaluated = json.loads((project.root / "metrics" / "eval.json").read_text())
     params = load_params(project.root / "params.yaml")
-    cwd = Path.cwd()
-    os.chdir(project.root)  # build_model reads the copy's prepared data
-    try:
-        per_image = flops_per_image(params)
-        train_size = build_model(params)[0].train_size
-    finally:
-        os.chdir(cwd)
+    per_image, train_size = project_flops(project.root, params)
     epochs = int(train["epochs"])
     threads = cpu_threads(params.runtime.threads, 1)
     precision = trained_precision(project.root, str(train["mlflow_run_id"]))
@@ -172,6 +179,7 @@ def run(quick: bool = False, only: list[str] | None = None) -> list[Section]:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-cifar-") as tmp:
         images = unpack(Path(tmp) / "data")
+        loop = loop_section(images, Path(tmp) / "loop", quick)
         for name in only or list(RECIPES):
             results.append(train_recipe(name, images, Path(tmp) / name, quick))
     rows = "\n".join(_row(r) for r in results)
@@ -191,8 +199,41 @@ def run(quick: bool = False, only: list[str] | None = None) -> list[Section]:
     )
     met = None if quick else all(_verdict(r) for r in results)
     if met is False:
-        body += "\n\n" + "\n".join(_shortfall(r) for r in results)
-    return [Section(title, goal, met, summary, body)]
+        body += "\n\n" + "\n".join(_shortfall(r) for r in results) + "\n\n" + TRIED
+    return [Section(title, goal, met, summary, body), loop]
+
+
+def loop_section(images: Path, root: Path, quick: bool) -> Section:
+    """The ``cifar10`` recipe trained by convpipe and by a plain loop on identical batches."""
+    count, epochs, repeats = (1_000, 1, 1) if quick else (LOOP_IMAGES, 2, 3)
+    overrides = {
+        "data.path": str(images),
+        # the rest goes to validation and a small test split, which the loop never reads
+        "data.val_fraction": round(1 - count / 50_000 - 0.01, 6),
+        "data.test_fraction": 0.01,
+        "train.max_epochs": epochs,
+        "train.warmup_epochs": epochs / 2,  # the recipe's 2 would not fit in the short run
+    }
+    params = prepare(recipe(root, overrides, ROOT / "params" / "cifar10.yaml"))
+    result = overhead(params, repeats, [CONVPIPE, PLAIN])
+    met = None if quick else result.ratio >= GOAL_LOOP and result.equal and result.identical
+    body = f"""
+Setup: params/cifar10.yaml on a {count:,}-image subset of the train split, {epochs} epochs
+per run, precision {result.precision} (``auto`` resolved once, for both arms), EMA weights and
+online crop + flip in both; {repeats} rounds of the arms in turn after one warm-up run of
+each. Both arms get their batches from the same seeded DataModule, so the batches are
+identical. Initial weights identical: {result.identical}.
+
+| arm | images/s | seconds per run | ratio to the plain loop |
+|---|---|---|---|
+{result.arm_rows}
+
+Per-epoch mean data loss J (first round):
+
+{result.loss_table}
+"""
+    goal = f"throughput ratio >= {GOAL_LOOP} and per-epoch losses equal"
+    return Section("Loop overhead (CIFAR-10 recipe)", goal, met, result.summary(), body)
 
 
 def _shortfall(result: Result) -> str:
@@ -205,6 +246,22 @@ def _shortfall(result: Result) -> str:
         f"{flops / 1e15:.2f} PFLOP; {100 * fraction:.0f} % of the dense peak against "
         f"{100 * GOAL_PEAK:.0f} %."
     )
+
+
+# What was tried on the validation split before the recipes' one holdout reading (issue #15):
+# printed under a missed goal, so a rerun of the benchmark keeps the record.
+TRIED = """### What was tried (validation split only; the holdout was read once, above)
+
+The same recipe, 10 epochs, `bf16-mixed`, best `val/acc` on the 1,000-image validation split:
+`train.lr` 0.2 with `train.reg_lambda` 10 (a decay of 0.009 % a step): 0.897, training accuracy
+94.6 % (overfitting); `train.lr` 0.4 with `reg_lambda` 100 (0.18 % a step, airbench's strength):
+0.913, training accuracy 91.4 %. The recipe above takes the stronger decay (λ 150) and 12 epochs.
+Still missing from airbench94 and the likely remaining gap: batch-norm scales frozen at 1, the
+output scaled by 1/9, lookahead-style EMA, identity (dirac) initialisation of the convolutions,
+alternating flips, and the full 50,000 training images (the holdout takes 5,000 here). On the
+peak: 2 cores reach 514 GFLOP/s in bf16 against a best large bf16 product of 1.5–2.9 TFLOP/s
+(AMX; the peak itself varied 2x between the two measurements); batch norm, GELU, pooling and
+the optimiser do no counted FLOPs and take most of the rest."""
 
 
 def main() -> None:

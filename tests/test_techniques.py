@@ -270,6 +270,18 @@ def test_tta_flip_translate_averages_six_views_shifted_by_one_pixel():
     assert torch.allclose(tta_logits(model, x, "flip_translate"), expected, atol=1e-4)
 
 
+def test_tta_translate_averages_three_views_and_never_mirrors():
+    model, x = Asymmetric(), torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
+    views = tta_views(x, "translate")
+    assert len(views) == 3
+    shifted = tta_views(x, "flip_translate")
+    assert torch.equal(views[0], x)
+    assert torch.equal(views[1], shifted[2]) and torch.equal(views[2], shifted[4])
+    expected = torch.stack([model(v) for v in views]).mean(dim=0)
+    assert torch.allclose(tta_logits(model, x, "translate"), expected, atol=1e-4)
+    assert not torch.allclose(tta_logits(model, x, "translate"), model(x), atol=1e-3)
+
+
 def test_predict_logits_applies_tta(params):
     module = classifier(params).eval()
 

@@ -270,7 +270,7 @@ class RuntimeParams(Section):
 class EvaluateParams(Section):
     """The evaluate stage: test-time augmentation, extra metrics and pictures."""
 
-    tta: Literal["none", "flip", "flip_translate"]
+    tta: Literal["none", "flip", "translate", "flip_translate"]
     top_k: Annotated[int, Field(ge=2)]
     misclassified: PositiveInt
 

@@ -5,6 +5,8 @@ model all classify through :func:`tta_logits`, so the served model is the one ev
 
 - ``none``: the image itself (1 forward pass);
 - ``flip``: the image and its horizontal mirror (2 passes);
+- ``translate``: the image and it shifted by one pixel up-left and down-right with reflected
+  borders (3 passes): for data a mirror would change (digits, text);
 - ``flip_translate``: those two, each also shifted by one pixel up-left and down-right with
   reflected borders (6 passes), as in airbench's strongest setting.
 
@@ -22,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["TTA_MODES", "tta_logits", "tta_views"]
 
-TTA_MODES = ("none", "flip", "flip_translate")
+TTA_MODES = ("none", "flip", "translate", "flip_translate")
 
 
 def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
@@ -40,8 +42,9 @@ def tta_views(x: Tensor, mode: str) -> list[Tensor]:
         mode: One of :data:`TTA_MODES`.
 
     Returns:
-        1, 2 or 6 tensors of the shape of ``x``: the batch, its mirror, then (for
-        ``flip_translate``) the batch and its mirror shifted by ``(-1, -1)`` and ``(+1, +1)``.
+        1, 2, 3 or 6 tensors of the shape of ``x``: the batch; its mirror (the flips); then
+        the batch (and, for ``flip_translate``, its mirror) shifted by ``(-1, -1)`` and
+        ``(+1, +1)``.
 
     Raises:
         ValueError: For an unknown mode, or (with shifts) an image smaller than 2x2.
@@ -50,13 +53,14 @@ def tta_views(x: Tensor, mode: str) -> list[Tensor]:
         raise ValueError(f"evaluate.tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
     if mode == "none":
         return [x]
-    views = [x, x.flip(-1)]
-    if mode == "flip_translate":
+    flip = mode in ("flip", "flip_translate")
+    views = [x, x.flip(-1)] if flip else [x]
+    if mode in ("translate", "flip_translate"):
         if min(x.shape[-2:]) < 2:
-            raise ValueError(f"flip_translate needs images of at least 2x2, got {x.shape[-2:]}")
+            raise ValueError(f"{mode} needs images of at least 2x2, got {tuple(x.shape[-2:])}")
         for dy, dx in ((-1, -1), (1, 1)):
             shifted = _shifted(x, dy, dx)
-            views += [shifted, shifted.flip(-1)]
+            views += [shifted, shifted.flip(-1)] if flip else [shifted]
     return views
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -207,7 +208,13 @@ def train(params: Params) -> TrainResult:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
         best, history, preemption, callbacks = training_callbacks(cfg, paths.checkpoints)
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
-        with preemption_is_resumable(trainer, preemption, paths.checkpoints):
+        with (
+            preemption_is_resumable(trainer, preemption, paths.checkpoints),
+            warnings.catch_warnings(),
+        ):
+            # the folder holds convpipe's resume record (and, resuming, the checkpoints it
+            # resumes from) by design: Lightning's "exists and is not empty" is no news
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
             ckpt = resume.checkpoint if resume else None
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
         # before test(): restoring the best checkpoint also restores its (shorter) history
