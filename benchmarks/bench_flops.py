@@ -44,6 +44,7 @@ from common import ROOT, Section, dense_peak, fmt, median_spread, print_sections
 
 from convpipe.config.schema import Params, parse_params, read_yaml
 from convpipe.models.module import cpu_threads
+from convpipe.training.precision import BF16_FLAGS, cpu_flags
 from convpipe.training.run import build_model, resolved_train
 from convpipe.training.trainer import build_trainer
 
@@ -57,7 +58,6 @@ KNOBS = {
     "threads": "runtime",
     "num_workers": "runtime",
 }
-BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # without them bf16 runs through fp32 conversions
 
 
 @dataclass
@@ -145,17 +145,6 @@ def with_overrides(params: Params, case: Setting) -> Params:
     if case.model is not None:
         raw["model"] = case.model
     return parse_params(raw)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def settings(params: Params, quick: bool) -> list[Setting]:
@@ -253,8 +242,10 @@ def _section(
     ]
     flags = cpu_flags() & BF16_FLAGS
     peak_rows.append(f"- CPU bf16 flags: {', '.join(sorted(flags)) or 'none'}")
-    train, model = params.train, params.model
-    shipped = ", ".join(f"{key} {getattr(train, key)}" for key in KNOBS)
+    model = params.model
+    shipped = ", ".join(
+        f"{part}.{key} {getattr(getattr(params, part), key)}" for key, part in KNOBS.items()
+    )
     body = f"""
 Data: {data}; online augmentation off. Model: params/mnist.yaml (conv filters
 {[b.filters for b in model.conv]}, hidden {model.hidden}). Shipped settings: {shipped}. Each

@@ -188,7 +188,7 @@ counter). params/mnist.yaml: {len(recipe.model.conv)} conv blocks with filters
 precision {train.precision}. One run each (minutes; the spread is not measured); prepare and
 augment ran before the clock started.
 
-{chr(10).join(r.shortfall() for r in results)}
+{"" if quick else chr(10).join(r.shortfall() for r in results)}
 
 {(chr(10) * 2).join(_history(r) for r in results)}
 """
