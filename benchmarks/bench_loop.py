@@ -148,7 +148,7 @@ class PerStepLogging(CNNClassifier):
         """Log loss, accuracy, penalty and objective on every step (epoch means)."""
         x, y = batch
         logits = self(x)
-        loss = self.data_loss(logits, y)
+        loss = self.data_loss(logits, y, self.train_params.label_smoothing)
         self.train_acc.update(logits, y)
         opts: dict[str, Any] = {"on_step": False, "on_epoch": True, "batch_size": len(y)}
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, **opts)

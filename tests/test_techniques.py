@@ -218,7 +218,7 @@ def test_ema_warms_up_so_the_initial_weights_do_not_linger():
     assert ema_decay_at(0.9, 80) == 0.9  # (1 + 80) / 90 = 0.9: from there on, the decay
     callback = EMAWeights(0.99)
     net = nn.Linear(2, 2)
-    callback._average_model = AveragedModel(net, avg_fn=callback._kwargs["avg_fn"])
+    callback._average_model = AveragedModel(net, multi_avg_fn=callback._kwargs["multi_avg_fn"])
     averaged = callback._average_model
     averaged.update_parameters(net)  # the first update copies
     start = net.weight.detach().clone()
@@ -226,6 +226,19 @@ def test_ema_warms_up_so_the_initial_weights_do_not_linger():
         net.weight.add_(1.0)
     averaged.update_parameters(net)  # one average so far: decay 2/11, 82 % of the way there
     assert torch.allclose(averaged.module.weight, start + 9 / 11, atol=1e-6)
+
+
+def test_ema_averages_batch_norm_statistics_and_copies_its_count():
+    callback = EMAWeights(0.5)
+    norm = nn.BatchNorm1d(2)
+    averaged = AveragedModel(norm, use_buffers=True, multi_avg_fn=callback._kwargs["multi_avg_fn"])
+    averaged.update_parameters(norm)  # copies
+    for _ in range(3):
+        norm(torch.full((4, 2), 10.0) + torch.randn(4, 2))
+        averaged.update_parameters(norm)
+    assert int(averaged.module.num_batches_tracked) == int(norm.num_batches_tracked) == 3
+    mean = averaged.module.running_mean
+    assert torch.all(mean > 0) and not torch.allclose(mean, norm.running_mean)
 
 
 def test_without_ema_no_average_is_kept(params, tmp_path):

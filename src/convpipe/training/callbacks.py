@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import (
     Callback,
     LearningRateMonitor,
@@ -91,6 +93,27 @@ def ema_decay_at(decay: float, updates: int) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
+def _ema_step(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """The EMA update of one group of same-device, same-dtype tensors, as fused ops.
+
+    One ``_foreach_lerp_`` per group (a per-tensor Python function cost convpipe 10 % of a
+    plain loop's throughput), with the warmed-up decay (:func:`ema_decay_at`) computed on the
+    tensors' device from the update count, so a GPU never waits for the host. Integer buffers
+    (batch norm's ``num_batches_tracked``) are copied: a count has no average.
+    """
+
+    def update(averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = updates.to(averaged[0].dtype)
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        # A 0-dim tensor weight is accepted at run time; torch's stubs only list Python scalars.
+        torch._foreach_lerp_(averaged, current, 1.0 - d)  # type: ignore[call-overload]
+
+    return update
+
+
 class EMAWeights(WeightAveraging):
     """An EMA of the weights, whose average is what validation and checkpoints see.
 
@@ -106,11 +129,7 @@ class EMAWeights(WeightAveraging):
     """
 
     def __init__(self, decay: float) -> None:
-        def average(averaged: Tensor, current: Tensor, updates: Tensor | int) -> Tensor:
-            d = ema_decay_at(decay, int(updates))
-            return averaged * d + current * (1.0 - d)
-
-        super().__init__(use_buffers=True, avg_fn=average)
+        super().__init__(use_buffers=True, multi_avg_fn=_ema_step(decay))
         self.decay = decay
 
     def on_load_checkpoint(
