@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui bench bench-cifar lint tune
+.PHONY: setup lock run test test-fast ui bench bench-cifar lint tune gpu-check gpu-bundle
 
 LOCK := requirements.lock
 
@@ -51,6 +51,16 @@ bench: setup
 # The CIFAR-10 recipes, trained for real (15-40 min on 2 cores): benchmarks/RESULTS_CIFAR.md.
 bench-cifar: setup
 	$(PY) benchmarks/run_all.py --only bench_cifar --output benchmarks/RESULTS_CIFAR.md
+
+# One table of what convpipe does on a CUDA GPU (<= 8 min), or one "skipped" line without one.
+# A GPU machine brings its own python and torch (no .venv there): the bundle supplies the rest.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
+
+# The wheels gpu-check installs on a GPU machine that reaches no package registry (~50 MiB).
+gpu-bundle: setup
+	$(PY) benchmarks/gpu_bundle.py
 
 lint: setup
 	$(VENV)/bin/ruff check src pipelines tests benchmarks docs

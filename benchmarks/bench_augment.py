@@ -222,7 +222,14 @@ def transform_costs(raw: dict[str, Any], root: Path, rounds: int) -> dict[str, l
     """Median ms per batch of each batch transform alone, ``rounds`` rounds of 50 calls."""
     params = variant_params(raw, root, VARIANTS[0])
     datamodule = ConvDataModule(
-        params.paths.prepared, params.paths.augmented, params.train.batch_size, 0, True, 0
+        params.paths.prepared,
+        params.paths.augmented,
+        params.train.batch_size,
+        0,
+        True,
+        0,
+        batch_transform="loader",
+        resident=False,
     )
     datamodule.setup()
     train = datamodule.datasets["train"]

@@ -86,3 +86,28 @@ def test_quick_and_partial_runs_never_write_results_md(
 def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_all.main(["--quick", "--only", "bench_nope"]) == 2
     assert "unknown benchmark bench_nope" in capsys.readouterr().err
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU here runs the check")
+def test_gpu_check_skips_cleanly_without_a_gpu() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        ["make", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("gpu-check:")]
+    assert lines == [lines[0]] and lines[0].startswith("gpu-check: skipped: no CUDA GPU here")
+    assert "Traceback" not in done.stderr
+
+
+def test_gpu_bundle_lists_only_locked_distributions() -> None:
+    import gpu_bundle
+
+    pins = gpu_bundle.locked_versions(ROOT / "requirements.lock")
+    wanted = gpu_bundle.requirements(pins)
+    assert (
+        "scipy==" + pins["scipy"] in wanted and "pydantic_core==" + pins["pydantic_core"] in wanted
+    )
+    assert not any(name.startswith("opencv") for name in wanted)  # GPU machines bring OpenCV

@@ -239,3 +239,13 @@ def test_a_bad_recipe_is_refused_and_writes_nothing(tmp_path, text, expect):
         apply_recipe(recipe, target)
     assert expect.format(r=recipe) in info.value.line()
     assert target.read_bytes() == (ROOT / "params.yaml").read_bytes()
+
+
+def test_resident_data_needs_the_transform_on_the_device(make_params):
+    with pytest.raises(ConvpipeError) as info:
+        make_params(**{"runtime.resident": True, "runtime.batch_transform": "loader"})
+    assert "runtime.resident: true" in info.value.line()
+    assert "set runtime.batch_transform to device or auto" in info.value.line()
+    for placement in ("auto", "device"):
+        params = make_params(**{"runtime.resident": True, "runtime.batch_transform": placement})
+        assert params.runtime.resident

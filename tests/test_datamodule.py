@@ -60,6 +60,8 @@ def module(params: Params, batch_size: int | str = 64, augmented: bool = True) -
         0,
         False,
         params.base.seed,
+        batch_transform="loader",
+        resident=False,
     )
     dm.setup("fit")
     return dm
@@ -151,7 +153,7 @@ def test_normalisation_uses_the_manifest_mean_and_std(data: Params, tmp_path: Pa
     raw = json.loads((copied / MANIFEST).read_text())
     raw["mean"], raw["std"] = [0.5], [0.25]
     (copied / MANIFEST).write_text(json.dumps(raw))
-    other = ConvDataModule(copied, None, 64, 0, False, 0)
+    other = ConvDataModule(copied, None, 64, 0, False, 0, batch_transform="loader", resident=False)
     other.setup()
     got2, _ = other.datasets["val"].__getitems__([0, 1])  # type: ignore[attr-defined]
     torch.testing.assert_close(got2, normalised(np.asarray(x[:2]), [0.5], [0.25]))
@@ -167,7 +169,16 @@ def test_val_and_test_are_in_order_and_train_is_seeded(data: Params) -> None:
         assert torch.cat([b[1] for b in loader()]).tolist() == first
 
     def first_epoch(seed: int) -> list[int]:
-        other = ConvDataModule(data.paths.prepared, data.paths.augmented, 32, 0, False, seed)
+        other = ConvDataModule(
+            data.paths.prepared,
+            data.paths.augmented,
+            32,
+            0,
+            False,
+            seed,
+            batch_transform="loader",
+            resident=False,
+        )
         other.setup()
         return torch.cat([b[1] for b in other.train_dataloader()]).tolist()
 
@@ -214,8 +225,26 @@ def test_the_train_loader_saves_trained_batches_not_fetched_ones(data: Params) -
 
 
 def test_online_augmentation_only_on_the_training_side_and_only_when_asked(data: Params) -> None:
-    online = ConvDataModule(data.paths.prepared, data.paths.augmented, 32, 0, True, 0)
-    offline = ConvDataModule(data.paths.prepared, data.paths.augmented, 32, 0, False, 0)
+    online = ConvDataModule(
+        data.paths.prepared,
+        data.paths.augmented,
+        32,
+        0,
+        True,
+        0,
+        batch_transform="loader",
+        resident=False,
+    )
+    offline = ConvDataModule(
+        data.paths.prepared,
+        data.paths.augmented,
+        32,
+        0,
+        False,
+        0,
+        batch_transform="loader",
+        resident=False,
+    )
     assert online.transform(train=True).augmentation is not None
     assert online.transform(train=False).augmentation is None  # evaluation never augments
     assert offline.transform(train=True).augmentation is None  # augment.online: false
@@ -268,6 +297,78 @@ def test_augmented_data_must_match_the_prepared_data(data: Params, tmp_path: Pat
     raw["image_size"] = [16, 16]
     (copied / MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(ConvpipeError, match=r"augmented data has image_size \(16, 16\)"):
-        ConvDataModule(data.paths.prepared, copied, 64, 0, False, 0)
+        ConvDataModule(
+            data.paths.prepared, copied, 64, 0, False, 0, batch_transform="loader", resident=False
+        )
     with pytest.raises(ConvpipeError, match=r"no manifest\.json"):
-        ConvDataModule(data.paths.prepared, tmp_path / "missing", 64, 0, False, 0)
+        ConvDataModule(
+            data.paths.prepared,
+            tmp_path / "missing",
+            64,
+            0,
+            False,
+            0,
+            batch_transform="loader",
+            resident=False,
+        )
+
+
+def placed(params: Params, placement: str, online: bool = True) -> ConvDataModule:
+    """A DataModule that transforms in the loader, on the device, or keeps the data resident."""
+    resident = placement == "resident"
+    return ConvDataModule(
+        params.paths.prepared,
+        params.paths.augmented,
+        32,
+        0,
+        online,
+        params.base.seed,
+        batch_transform="device" if resident else placement,  # type: ignore[arg-type]
+        resident=resident,
+    )
+
+
+def test_device_placement_serves_uint8_or_indices_and_auto_stays_in_the_loader_on_cpu(
+    data: Params,
+) -> None:
+    by_placement = {}
+    for placement in ("auto", "loader", "device", "resident"):
+        dm = placed(data, placement)
+        dm.setup("fit")  # no Trainer: auto cannot see a GPU, so it keeps the CPU's loader path
+        by_placement[placement] = (dm.on_device, dm.datasets["train"].__getitems__([5, 2]))
+    for placement in ("auto", "loader"):
+        on_device, (x, _) = by_placement[placement]
+        assert not on_device and x.dtype == torch.float32 and x.shape == (2, 1, 8, 8)
+    on_device, (x, y) = by_placement["device"]
+    assert on_device and x.dtype == torch.uint8 and x.shape == (2, 8, 8, 1)
+    on_device, (index, y_resident) = by_placement["resident"]
+    assert on_device and index.tolist() == [5, 2] and torch.equal(y, y_resident)
+
+
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+def test_every_placement_trains_and_tests_to_the_same_numbers(data: Params, tmp_path: Path) -> None:
+    """Loader, device and resident paths feed identical batches (online augmentation on)."""
+    from conftest import quiet_trainer
+    from tiny import classifier
+
+    results = {}
+    for placement in ("loader", "device", "resident"):
+        torch.manual_seed(0)
+        model = classifier(data, num_classes=10, channels=1)
+        dm = placed(data, placement)
+        trainer = quiet_trainer(
+            tmp_path, accelerator="cpu", max_epochs=2, limit_train_batches=6, deterministic=True
+        )
+        trainer.fit(model, datamodule=dm)
+        (tested,) = trainer.test(model, datamodule=dm, verbose=False)
+        assert dm.on_device == (placement != "loader")
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        results[placement] = (weights, tested)
+    weights, tested = results["loader"]
+    assert tested["test/loss"] > 0
+    for placement in ("device", "resident"):
+        other_weights, other_tested = results[placement]
+        assert other_tested == tested, placement
+        for key, value in weights.items():
+            assert torch.equal(value, other_weights[key]), (placement, key)

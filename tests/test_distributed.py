@@ -76,7 +76,9 @@ def _runs(root):
 
 def _single_process_val_acc(root) -> float:
     model = load_model(root / "models/model.ckpt")
-    dm = ConvDataModule(root / "data/prepared", None, 64, 0, False, 0)
+    dm = ConvDataModule(
+        root / "data/prepared", None, 64, 0, False, 0, batch_transform="loader", resident=False
+    )
     dataset = dm.split("val")
     preds = predict_logits(model, dataset, 64).argmax(dim=1)
     return float((preds == torch.from_numpy(dataset.y)).float().mean())

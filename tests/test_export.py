@@ -1,4 +1,4 @@
-"""export.py and `convpipe export`: TorchScript and ONNX files that reproduce the checkpoint."""
+"""export.py and `convpipe export`: pt2, ONNX and TorchScript files reproducing the checkpoint."""
 
 from __future__ import annotations
 
@@ -189,6 +189,24 @@ def test_parity_by_hand() -> None:
 
 
 # --------------------------------------------------------------------------- metadata
+
+
+def test_pt2_loads_with_plain_torch_export_and_refuses_a_wrong_shape(digits, exported) -> None:
+    path = exported["digits", "pt2"].path
+    extra = {"convpipe.json": ""}
+    program = torch.export.load(path, extra_files=extra)
+    assert json.loads(extra["convpipe.json"])["input_shape"] == ["N", 1, 8, 8]
+    net = program.module()
+    _, params = digits
+    reference, dataset = _reference(params)
+    images, _ = dataset.__getitems__(list(range(len(dataset))))
+    with torch.no_grad():
+        assert float((net(images) - reference).abs().max()) <= 1e-5
+    assert float(reference.abs().max()) > 0.1
+    # the channel and size dimensions are fixed in the program: other ones are refused
+    guard = r"Guard failed: .*size\(\)\[1\] == 1"
+    with torch.no_grad(), pytest.raises(AssertionError, match=guard):
+        net(torch.zeros(2, 3, 8, 8))
 
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)

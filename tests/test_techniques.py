@@ -299,14 +299,18 @@ def test_predict_logits_applies_tta(params):
     module = classifier(params).eval()
 
     class Dataset:
+        """predict_logits' protocol: batches read by index, then the transform (none here)."""
+
+        transform = None
+
         def __init__(self) -> None:
             self.x = torch.randn(7, 1, *HW)
 
         def __len__(self) -> int:
             return 7
 
-        def __getitems__(self, indices: list[int]):
-            return self.x[indices], torch.zeros(len(indices), dtype=torch.long)
+        def read(self, indices):
+            return self.x[list(indices)], torch.zeros(len(indices), dtype=torch.long)
 
     data = Dataset()
     with torch.no_grad():

@@ -32,7 +32,9 @@ from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
 from convpipe.tuning.apply import apply_best, yaml_scalar
 from convpipe.tuning.campaign import RUN_ATTR, Campaign
+from convpipe.tuning.launch import check_workers, plan_slots, split_trials
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
+from convpipe.tuning.objective import WORKER_ATTR
 from convpipe.tuning.space import (
     best_value,
     check_space,
@@ -688,3 +690,71 @@ def test_diverged_trials_fail_and_the_campaign_goes_on(project: Project) -> None
         run = by_id[trial.user_attrs[RUN_ATTR]]
         assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
         assert re.search("became (nan|inf)", run.data.tags["optuna.fail_reason"])
+
+
+# --------------------------------------------------------------------------- --workers
+
+
+def test_n_trials_are_shared_out_exactly_over_the_workers() -> None:
+    assert split_trials(5, 2) == [3, 2]
+    assert split_trials(1, 3) == [1, 0, 0]
+    assert split_trials(None, 2) == [None, None]
+    # a worker with nothing to run is not started
+    assert [s.n_trials for s in plan_slots(3, [0, 1], [], 1)] == [1]
+
+
+def test_workers_are_pinned_to_a_share_of_the_cores_or_one_gpu_each() -> None:
+    cpu = plan_slots(2, [1, 0], [], None)
+    assert [s.cpus for s in cpu] == [(0,), (1,)] and {s.gpu for s in cpu} == {None}
+    assert cpu[0].env({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    wide = plan_slots(4, list(range(16)), [], None)
+    assert [s.cpus for s in wide] == [tuple(range(4 * i, 4 * i + 4)) for i in range(4)]
+    assert wide[1].describe() == "CPUs 4-7"
+    # eight GPUs, eight workers: one each; more workers than GPUs go round robin
+    gpus = [str(i) for i in range(8)]
+    assert [s.gpu for s in plan_slots(8, list(range(16)), gpus, None)] == gpus
+    shared = plan_slots(3, [0, 1], ["4", "6"], None)
+    assert [s.gpu for s in shared] == ["4", "6", "4"]
+    assert [s.cpus for s in shared] == [(0,), (1,), (0,)]  # more workers than cores: shared
+    env = shared[1].env({})
+    assert env == {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "6"}
+    assert shared[1].describe() == "GPU 6, CPU 1"
+
+
+def test_workers_need_single_device_trials(make_params) -> None:
+    check_workers(make_params(), 2)
+    with pytest.raises(ConvpipeError, match="--workers must be 1 or more, got 0"):
+        check_workers(make_params(), 0)
+    with pytest.raises(ConvpipeError) as info:
+        check_workers(make_params(**{"train.devices": 2}), 2)
+    assert "set train.devices: 1 and train.num_nodes: 1" in info.value.line()
+    check_workers(make_params(**{"train.devices": 2}), 1)  # one worker: DDP trials as before
+
+
+@pytest.mark.slow
+def test_workers_flag_runs_the_exact_budget_in_parallel_pinned_processes(
+    project: Project,
+) -> None:
+    # trials long enough (~10 s) that the second worker starts before the first ends them all
+    params = write_params(project, "t5", **{"tune.n_trials": 4, "tune.max_epochs": 10})
+    env = {k: v for k, v in project.env.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(
+        ["convpipe", "--params", params, "tune", "--workers", "2"],
+        cwd=project.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    study = stored_study(project, "t5")
+    assert len(study.trials) == 4 and {t.state for t in study.trials} == {TrialState.COMPLETE}
+    workers = [t.user_attrs[WORKER_ATTR] for t in study.trials]
+    cores = len(os.sched_getaffinity(0))
+    assert {w["cpus"] for w in workers} == {max(1, cores // 2)}  # each pinned to its share
+    assert len({w["pid"] for w in workers}) == 2  # both workers ran trials
+    assert re.search(r"worker 0 \(pid \d+\): CPU", done.stderr)
+    assert re.search(r"worker 1 \(pid \d+\): CPU", done.stderr)
+    assert done.stdout.splitlines()[-1] == "study t5: 4 complete; reports in reports/t5/"
+    parent, children = mlflow_runs(project, "t5")
+    assert parent.info.status == "FINISHED" and len(children) == 4

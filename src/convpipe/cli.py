@@ -67,14 +67,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from convpipe.errors import ConvpipeError
     from convpipe.tuning.apply import apply_best
-    from convpipe.tuning.worker import tune
+    from convpipe.tuning.launch import check_workers
+    from convpipe.tuning.worker import tune, tune_in_workers
 
     if args.n_trials is not None and args.n_trials < 0:
         raise ConvpipeError(
             f"--n-trials must be 0 or more, got {args.n_trials}", "on the command line", ""
         )
     params = load_params(args.params)
-    study = tune(params, args.n_trials)
+    check_workers(params, args.workers)
+    if args.workers > 1:
+        study = tune_in_workers(params, args.params, args.workers, args.n_trials, args.debug)
+    else:
+        study = tune(params, args.n_trials)
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
     reports = params.paths.tuning_reports
@@ -108,6 +113,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from convpipe.errors import ConvpipeError
     from convpipe.io import atomic_path
     from convpipe.models.checkpoint import load_model
+    from convpipe.models.module import inference_device
     from convpipe.tools.predict import (
         check_data_matches,
         find_images,
@@ -121,6 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     manifest = load_manifest(params.paths.prepared)
     model = load_model(params.paths.model)
     check_data_matches(model, manifest, f"at {params.paths.model} and {params.paths.prepared}")
+    model.to(inference_device(params.train.accelerator))
     files = find_images(args.paths)
     if not files:
         raise ConvpipeError("no image files found", f"in {', '.join(args.paths)}", "")
@@ -218,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tune.n_trials finished trials)",
     )
     tune.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="start N worker processes on this node, each pinned to its own GPU (or share of "
+        "the CPU cores); with --n-trials, the N trials are shared out",
+    )
+    tune.add_argument(
         "--apply", action="store_true", help="write the best values into the params file"
     )
     _add_inference_arguments(sub.choices["summary"], sub.choices["predict"])
@@ -246,13 +260,14 @@ def _add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--format",
         required=True,
-        choices=("torchscript", "onnx"),
-        help="torchscript (torch.jit) or onnx (needs: pip install 'convpipe[onnx]')",
+        choices=("pt2", "onnx", "torchscript"),
+        help="pt2 (torch.export, the successor of TorchScript), onnx (needs: pip install "
+        "'convpipe[onnx]') or torchscript (torch.jit, deprecated upstream)",
     )
     export.add_argument(
         "--output",
         help="file to write (atomically); default beside paths.model: "
-        "<name>.torchscript.pt or <name>.onnx",
+        "<name>.pt2, <name>.onnx or <name>.torchscript.pt",
     )
 
 

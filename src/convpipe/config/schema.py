@@ -246,15 +246,27 @@ class TrainParams(Section):
 class RuntimeParams(Section):
     """How a training runs, never what it learns (beyond float rounding).
 
-    The DataLoader workers, the CPU threads per process, the NHWC memory layout and
-    ``torch.compile``. No stage lists this section as a DVC param, checkpoints do not store
-    it and a resumed training may change it: set it for the machine at hand.
+    The DataLoader workers, the CPU threads per process, the NHWC memory layout,
+    ``torch.compile`` and where batches are transformed (and kept). No stage lists this
+    section as a DVC param, checkpoints do not store it and a resumed training may change it:
+    set it for the machine at hand.
     """
 
     num_workers: NonNegInt
     threads: PositiveInt | Literal["auto"]
     channels_last: bool
     compile: bool
+    batch_transform: Literal["auto", "loader", "device"]
+    resident: bool
+
+    @model_validator(mode="after")
+    def _resident_on_device(self) -> RuntimeParams:
+        if self.resident and self.batch_transform == "loader":
+            raise ValueError(
+                "runtime.resident: true keeps the images on the model's device, so they are "
+                "transformed there: set runtime.batch_transform to device or auto"
+            )
+        return self
 
     @field_validator("threads", mode="before")
     @classmethod

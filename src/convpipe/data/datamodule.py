@@ -4,13 +4,21 @@ Batches are fetched whole (``__getitems__``): one fancy-indexing read of the mem
 instead of one Python call per image, then normalised with the manifest's mean/std (and
 augmented online if ``augment.online``) by the transform from
 :mod:`convpipe.data.transforms.normalize`.
+
+Where that transform runs is ``runtime.batch_transform``: in the DataLoader (``loader``, on the
+host, what a CPU wants: workers overlap it with training) or after the batch's copy to the
+model's device (``device``: batches cross the bus as uint8, a quarter of float32's bytes, and a
+GPU does the per-pixel work); ``auto`` is ``device`` exactly when the model is not on the CPU.
+``runtime.resident`` goes further: the uint8 arrays are copied to the device once and the
+loader hands out only indices, in the sampler's order. Every placement gives the same batches
+with ``runtime.num_workers: 0`` (DataLoader workers each draw their own augmentation stream).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, TypeAlias, cast
 
 import lightning as L
 import numpy as np
@@ -30,6 +38,8 @@ from convpipe.errors import ConvpipeError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 EVAL_BATCH_SIZE = 512
+#: ``runtime.batch_transform``: where batches are normalised and augmented.
+Placement: TypeAlias = Literal["auto", "loader", "device"]
 
 
 class ArrayDataset(Dataset[Batch]):
@@ -38,10 +48,11 @@ class ArrayDataset(Dataset[Batch]):
     Args:
         x: uint8 images, usually a read-only memmap.
         y: int64 labels.
-        transform: maps a uint8 ``(B, H, W, C)`` batch to float ``(B, C, H, W)``.
+        transform: maps a uint8 ``(B, H, W, C)`` batch to float ``(B, C, H, W)``; None serves
+            the uint8 batch as it is (the transform then runs on the model's device).
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, transform: BatchTransform) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: BatchTransform | None) -> None:
         self.x = x
         self.y = np.asarray(y, dtype=np.int64)
         self.transform = transform
@@ -55,16 +66,62 @@ class ArrayDataset(Dataset[Batch]):
 
     def __getitems__(self, indices: list[int]) -> Batch:
         """Fetch and transform a whole batch: float ``(B, C, H, W)``, int64 ``(B,)``."""
+        images, labels = self.read(indices)
+        return (images if self.transform is None else self.transform(images)), labels
+
+    def read(self, indices: Sequence[int]) -> Batch:
+        """Fetch a batch untransformed: uint8 ``(B, H, W, C)``, int64 ``(B,)``."""
         order = np.asarray(indices, dtype=np.int64)
         # memmaps read fastest in ascending order; the original order is restored after
         ascending = np.argsort(order, kind="stable")
         images = np.empty((order.size, *self.x.shape[1:]), dtype=np.uint8)
         images[ascending] = self.x[order[ascending]]
-        return self.transform(images), torch.from_numpy(self.y[order])
+        return torch.from_numpy(images), torch.from_numpy(self.y[order])
+
+
+class IndexDataset(Dataset[Batch]):
+    """The batches of a device-resident dataset: indices into it, and their labels.
+
+    Args:
+        y: int64 labels ``(N,)``.
+    """
+
+    def __init__(self, y: np.ndarray) -> None:
+        self.y = np.asarray(y, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, index: int) -> Batch:
+        indices, labels = self.__getitems__([index])
+        return indices[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """int64 indices ``(B,)`` and labels ``(B,)``, in the sampler's order."""
+        order = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(order), torch.from_numpy(self.y[order])
 
 
 class _ConcatBatches(ConcatDataset[Batch]):
-    """ConcatDataset that keeps whole-batch fetching across its parts."""
+    """ConcatDataset that keeps whole-batch fetching across its parts.
+
+    The parts' uint8 rows are gathered into one batch and transformed once, so a batch gets
+    the same augmentation draws however its images are split over the parts, and wherever
+    the transform runs (in the loader or on the device).
+
+    Args:
+        parts: the datasets, without transforms of their own.
+        transform: maps the gathered uint8 ``(B, H, W, C)`` batch to float ``(B, C, H, W)``;
+            None serves it as uint8.
+    """
+
+    def __init__(self, parts: list[ArrayDataset], transform: BatchTransform | None) -> None:
+        super().__init__(parts)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> Batch:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> Batch:
         bounds = np.asarray(self.cumulative_sizes)
@@ -76,13 +133,13 @@ class _ConcatBatches(ConcatDataset[Batch]):
             rows = torch.from_numpy(np.flatnonzero(part == p))
             offset = int(bounds[p - 1]) if p > 0 else 0
             dataset = cast(ArrayDataset, self.datasets[int(p)])
-            x, y = dataset.__getitems__((idx[rows.numpy()] - offset).tolist())
+            x, y = dataset.read((idx[rows.numpy()] - offset).tolist())
             if images is None:
                 images = torch.empty((idx.size, *x.shape[1:]), dtype=x.dtype)
             images[rows] = x
             labels[rows] = y
         assert images is not None  # indices is never empty: DataLoader batches have >= 1
-        return images, labels
+        return (images if self.transform is None else self.transform(images)), labels
 
 
 def check_compatible(prepared: Manifest, augmented: Manifest, where: str | Path) -> None:
@@ -208,6 +265,13 @@ class ConvDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         online: augment every training batch with the augment stage's saved pipeline.
         seed: seeds the online augmentation stream.
+        batch_transform: ``runtime.batch_transform``: where batches are normalised and
+            augmented (``loader``, ``device`` or ``auto``: see the module docstring).
+        resident: ``runtime.resident``: keep the uint8 splits on the model's device.
+
+    Attributes:
+        on_device: whether batches are transformed on the model's device (resolved by
+            :meth:`setup`, when the Trainer's device is known).
     """
 
     def __init__(
@@ -218,6 +282,9 @@ class ConvDataModule(L.LightningDataModule):
         num_workers: int,
         online: bool,
         seed: int,
+        *,
+        batch_transform: Placement,
+        resident: bool,
     ) -> None:
         super().__init__()
         self.prepared_dir = Path(prepared_dir)
@@ -226,6 +293,12 @@ class ConvDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.online = online
         self.seed = seed
+        self.batch_transform = batch_transform
+        self.resident = resident
+        self.on_device = False
+        self._device_transforms: dict[str, BatchTransform] = {}
+        self._host_arrays: dict[str, list[np.ndarray]] = {}
+        self._resident_arrays: dict[str, torch.Tensor] = {}
         self.manifest: Manifest = load_manifest(self.prepared_dir)
         self.augmented: Manifest | None = None
         if self.augmented_dir is not None:
@@ -257,14 +330,77 @@ class ConvDataModule(L.LightningDataModule):
         """Memory-map the splits (cheap: nothing is read until a batch is fetched)."""
         if self.datasets:
             return
-        train_tf = self.transform(train=True)
-        parts = [ArrayDataset(*load_split(self.prepared_dir, self.manifest, "train"), train_tf)]
+        self.on_device = self._transform_on_device()
+        transforms = {"train": self.transform(train=True), "val": self.transform(train=False)}
+        transforms["test"] = transforms["val"]
+        if self.on_device:
+            self._device_transforms = transforms
+        arrays = [load_split(self.prepared_dir, self.manifest, "train")]
         aug = self.augmented
         if self.augmented_dir is not None and aug is not None and aug.splits["train"].count:
-            parts.append(ArrayDataset(*load_split(self.augmented_dir, aug, "train"), train_tf))
-        self.datasets["train"] = parts[0] if len(parts) == 1 else _ConcatBatches(parts)
-        self.datasets["val"] = self.split("val")
-        self.datasets["test"] = self.split("test")
+            arrays.append(load_split(self.augmented_dir, aug, "train"))
+        splits = {
+            "train": arrays,
+            "val": [load_split(self.prepared_dir, self.manifest, "val")],
+            "test": [load_split(self.prepared_dir, self.manifest, "test")],
+        }
+        for name, parts in splits.items():
+            self.datasets[name] = self._dataset(parts, None if self.on_device else transforms[name])
+            if self.resident:
+                self._host_arrays[name] = [x for x, _ in parts]
+
+    def _dataset(
+        self, parts: list[tuple[np.ndarray, np.ndarray]], transform: BatchTransform | None
+    ) -> Dataset[Batch]:
+        if self.resident:
+            return IndexDataset(np.concatenate([y for _, y in parts]))
+        if len(parts) == 1:
+            return ArrayDataset(*parts[0], transform)
+        return _ConcatBatches([ArrayDataset(x, y, None) for x, y in parts], transform)
+
+    def _transform_on_device(self) -> bool:
+        if self.resident or self.batch_transform == "device":
+            return True
+        if self.batch_transform == "loader" or self.trainer is None:
+            return False
+        return self.trainer.strategy.root_device.type != "cpu"
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """On the model's device: gather resident images, then augment and normalise.
+
+        Args:
+            batch: uint8 images ``(B, H, W, C)`` (or, resident, int64 indices ``(B,)``) and
+                int64 labels ``(B,)``, already on the device.
+            dataloader_idx: unused (one loader per split).
+
+        Returns:
+            float ``(B, C, H, W)`` images and the labels; the batch as given when the
+            DataLoader already transformed it.
+        """
+        if not self.on_device:
+            return batch
+        split = self._current_split()
+        images, labels = batch
+        if self.resident:
+            images = self._resident(split, images.device)[images]
+        return self._device_transforms[split](images), labels
+
+    def _current_split(self) -> str:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            return "train"
+        if trainer is not None and trainer.testing:
+            return "test"
+        return "val"
+
+    def _resident(self, split: str, device: torch.device) -> torch.Tensor:
+        """The split's uint8 images ``(N, H, W, C)`` on ``device``, copied there once."""
+        array = self._resident_arrays.get(split)
+        if array is None or array.device != device:
+            host = np.concatenate([np.asarray(x) for x in self._host_arrays[split]])
+            array = torch.from_numpy(host).to(device)
+            self._resident_arrays[split] = array
+        return array
 
     def world(self) -> tuple[int, int]:
         """``(world size, global rank)`` of the attached Trainer (``(1, 0)`` without one)."""
@@ -295,10 +431,13 @@ class ConvDataModule(L.LightningDataModule):
         return batch // world
 
     def _loader_options(self) -> dict[str, Any]:
+        cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return {
             "num_workers": self.num_workers,
             "collate_fn": collate_batch,
             "persistent_workers": self.num_workers > 0,
+            # page-locked host batches copy to a GPU asynchronously
+            "pin_memory": cuda,
         }
 
     def _completed_batches(self) -> int:

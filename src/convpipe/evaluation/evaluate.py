@@ -17,7 +17,7 @@ from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.io import write_json, write_text
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import predict_logits
+from convpipe.models.module import inference_device, predict_logits
 from convpipe.models.network import probabilities
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import check_reachable, mask_uri, mlflow_error
@@ -90,8 +90,17 @@ def evaluate(params: Params) -> dict[str, Any]:
     """
     paths = params.paths
     client, run = open_run(params)
-    model = load_model(paths.model)
-    datamodule = ConvDataModule(paths.prepared, None, EVAL_BATCH_SIZE, 0, False, params.base.seed)
+    model = load_model(paths.model).to(inference_device(params.train.accelerator))
+    datamodule = ConvDataModule(
+        paths.prepared,
+        None,
+        EVAL_BATCH_SIZE,
+        0,
+        False,
+        params.base.seed,
+        batch_transform="loader",
+        resident=False,
+    )
     manifest = datamodule.manifest
     if model.num_classes != manifest.num_classes:
         raise ConvpipeError(

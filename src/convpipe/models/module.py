@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import lightning as L
@@ -444,25 +444,50 @@ class CNNClassifier(L.LightningModule):
 
 
 class Batches(Protocol):
-    """What :func:`predict_logits` reads: ``(x, y)`` batches by index, ``x`` normalised."""
+    """What :func:`predict_logits` reads: uint8 batches by index and their transform."""
+
+    @property
+    def transform(self) -> Callable[[Tensor], Tensor] | None: ...
 
     def __len__(self) -> int: ...
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]: ...
+    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]: ...
+
+
+def inference_device(accelerator: str) -> torch.device:
+    """Where evaluate and predict run a model.
+
+    A GPU when ``accelerator`` (``train.accelerator``) allows one (``auto``, ``gpu``,
+    ``cuda``) and one is present, else the CPU.
+    """
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: Batches, batch: int, tta: str = "none") -> Tensor:
     """Logits for every image of ``dataset``, in order: ``(N,)`` (2 classes) or ``(N, K)``.
 
+    Batches cross to the model's device as uint8 and are normalised there, as in training
+    with ``runtime.batch_transform: device``.
+
     Args:
         model: A :class:`CNNClassifier` (or its exported twin) in eval mode.
-        dataset: Images ``(N, C, H, W)`` as ``__getitems__`` batches (an ``ArrayDataset``).
+        dataset: uint8 images ``(N, H, W, C)`` read by index, and the transform to
+            ``(N, C, H, W)`` (an ``ArrayDataset``).
         batch: Images per forward pass; the logits do not depend on it.
         tta: ``evaluate.tta``: the test-time augmentation (:func:`convpipe.models.tta.tta_logits`).
+
+    Returns:
+        The logits, on the CPU.
     """
+    device = next(model.parameters(), torch.empty(0)).device
     outputs = []
     for start in range(0, len(dataset), batch):
-        x, _ = dataset.__getitems__(list(range(start, min(start + batch, len(dataset)))))
-        outputs.append(tta_logits(model, x, tta))
+        images, _ = dataset.read(range(start, min(start + batch, len(dataset))))
+        x = images.to(device)
+        if dataset.transform is not None:
+            x = dataset.transform(x)
+        outputs.append(tta_logits(model, x, tta).cpu())
     return torch.cat(outputs)

@@ -1,4 +1,4 @@
-"""``convpipe export``: the trained network as TorchScript or ONNX, checked against the checkpoint.
+"""``convpipe export``: the network as pt2, ONNX or TorchScript, checked against the checkpoint.
 
 The exported model is the checkpoint's network in eval mode and nothing else:
 
@@ -8,8 +8,10 @@ The exported model is the checkpoint's network in eval mode and nothing else:
 
 exactly like :meth:`convpipe.models.module.CNNClassifier.forward`. What a consumer needs to use it
 (class names, mean/std, channels, image size, sigmoid or softmax) travels inside the file, as
-the JSON object of :func:`export_metadata`: in TorchScript the extra file ``convpipe.json``
-(``torch.jit.load(path, _extra_files={"convpipe.json": ""})``), in ONNX the model's
+the JSON object of :func:`export_metadata`: in pt2 (``torch.export``'s ExportedProgram, the
+successor of TorchScript) and in TorchScript (deprecated upstream, kept working) the extra file
+``convpipe.json`` (``torch.export.load(path, extra_files=...)`` /
+``torch.jit.load(path, _extra_files={"convpipe.json": ""})``), in ONNX the model's
 ``metadata_props`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), one entry
 per key, strings as they are and every other value as JSON text.
 
@@ -60,13 +62,13 @@ __all__ = [
     "serialize",
 ]
 
-FORMATS = ("torchscript", "onnx")
-SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+FORMATS = ("pt2", "onnx", "torchscript")
+SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt"}
 #: Largest absolute difference allowed between exported and checkpoint logits.
 TOLERANCE = 1e-5
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-EXTRA_FILE = "convpipe.json"  # TorchScript: the metadata as one JSON extra file
+EXTRA_FILE = "convpipe.json"  # pt2 and TorchScript: the metadata as one JSON extra file
 METADATA_VERSION = 1
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_EXTRA = "pip install 'convpipe[onnx]'"
@@ -221,6 +223,17 @@ def _torchscript_bytes(net: LogitsNet, metadata: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _pt2_bytes(net: LogitsNet, metadata: dict[str, Any]) -> bytes:
+    example = torch.zeros(_EXAMPLE_BATCH, net.channels, net.height, net.width)
+    buf = io.BytesIO()
+    with _quiet_exporters():
+        program = torch.export.export(
+            net, (example,), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim.DYNAMIC}}
+        )
+        torch.export.save(program, buf, extra_files={EXTRA_FILE: json.dumps(metadata)})
+    return buf.getvalue()
+
+
 def _onnx_bytes(net: LogitsNet, metadata: dict[str, Any]) -> bytes:
     example = torch.zeros(_EXAMPLE_BATCH, net.channels, net.height, net.width)
     with _quiet_exporters():
@@ -265,12 +278,13 @@ def serialize(model: CNNClassifier, fmt: str, metadata: dict[str, Any]) -> bytes
 
     Args:
         model: The trained classifier (exported in eval mode; its mode is restored after).
-        fmt: ``torchscript`` or ``onnx``.
+        fmt: ``pt2``, ``onnx`` or ``torchscript``.
         metadata: From :func:`export_metadata`, embedded in the file.
 
     Returns:
-        A TorchScript archive (``torch.jit.save``) or an ONNX ``ModelProto`` with the weights
-        inside, mapping ``images`` float32 ``(N, C, H, W)`` to ``logits`` as ``model(images)``.
+        A ``torch.export`` archive (``torch.export.save``), an ONNX ``ModelProto`` or a
+        TorchScript archive (``torch.jit.save``), weights inside, mapping ``images`` float32
+        ``(N, C, H, W)`` (N free) to ``logits`` as ``model(images)``.
 
     Raises:
         ConvpipeError: For ``onnx`` without the ``onnx`` extra installed.
@@ -285,6 +299,8 @@ def serialize(model: CNNClassifier, fmt: str, metadata: dict[str, Any]) -> bytes
     try:
         net = LogitsNet(model).eval()
         with torch.no_grad():
+            if fmt == "pt2":
+                return _pt2_bytes(net, metadata)
             if fmt == "torchscript":
                 return _torchscript_bytes(net, metadata)
             return _onnx_bytes(net, metadata)
@@ -310,6 +326,21 @@ def _load_torchscript(data: bytes) -> tuple[Runner, dict[str, Any]]:
     return run, json.loads(text) if text else {}
 
 
+def _load_pt2(data: bytes) -> tuple[Runner, dict[str, Any]]:
+    extra = {EXTRA_FILE: ""}
+    with _quiet_exporters():
+        # torch.export.load reads weights without unpickling code (its own serde format)
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    module = program.module()
+
+    @torch.no_grad()
+    def run(images: Tensor) -> Tensor:
+        return module(images)
+
+    text = extra[EXTRA_FILE]
+    return run, json.loads(text) if text else {}
+
+
 def _load_onnx(data: bytes) -> tuple[Runner, dict[str, Any]]:
     require_onnx()
     import onnxruntime as ort
@@ -324,11 +355,11 @@ def _load_onnx(data: bytes) -> tuple[Runner, dict[str, Any]]:
 
 
 def load_exported(source: bytes | str | Path, fmt: str) -> tuple[Runner, dict[str, Any]]:
-    """Load an exported model the way a consumer would (``torch.jit.load`` / onnxruntime).
+    """Load an exported model the way a consumer would (``torch.export.load``, onnxruntime, ...).
 
     Args:
         source: The file's bytes, or its path.
-        fmt: ``torchscript`` or ``onnx``.
+        fmt: ``pt2``, ``onnx`` or ``torchscript``.
 
     Returns:
         ``(run, metadata)``: ``run`` maps float32 ``(N, C, H, W)`` to the logits tensor, and
@@ -339,6 +370,8 @@ def load_exported(source: bytes | str | Path, fmt: str) -> tuple[Runner, dict[st
         ValueError: For an unknown ``fmt``.
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if fmt == "pt2":
+        return _load_pt2(data)
     if fmt == "torchscript":
         return _load_torchscript(data)
     if fmt == "onnx":
@@ -427,7 +460,7 @@ class ExportResult(NamedTuple):
 
 
 def default_output(checkpoint: str | Path, fmt: str) -> Path:
-    """``models/model.ckpt`` -> ``models/model.torchscript.pt`` or ``models/model.onnx``."""
+    """``models/model.ckpt`` -> ``models/model.pt2``, ``.onnx`` or ``.torchscript.pt``."""
     path = Path(checkpoint)
     return path.with_name(path.stem + SUFFIXES[fmt])
 
@@ -480,7 +513,14 @@ def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> Ex
         require_onnx()  # before the slow parts, so a missing extra is the first thing said
     model = load_model(checkpoint)
     datamodule = ConvDataModule(
-        params.paths.prepared, None, EVAL_BATCH_SIZE, 0, False, params.base.seed
+        params.paths.prepared,
+        None,
+        EVAL_BATCH_SIZE,
+        0,
+        False,
+        params.base.seed,
+        batch_transform="loader",
+        resident=False,
     )
     manifest = datamodule.manifest
     where = f"at {checkpoint} and {params.paths.prepared}"

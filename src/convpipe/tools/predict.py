@@ -128,13 +128,15 @@ def predict_images(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     model.eval()
+    device = next(model.parameters()).device
     names = _class_names(model)
     k = min(top_k, model.num_classes)
     results: list[list[tuple[str, float]]] = []
     for start in range(0, len(images), batch):
         chunk = torch.from_numpy(np.array(images[start : start + batch], dtype=np.uint8))
-        logits = tta_logits(model, normalize_batch(chunk, mean, std), tta)
-        probs = probabilities(logits, model.num_classes)
+        # uint8 to the model's device, normalised there (a quarter of float32's bytes)
+        logits = tta_logits(model, normalize_batch(chunk.to(device), mean, std), tta)
+        probs = probabilities(logits.cpu(), model.num_classes)
         values, indices = probs.topk(k, dim=1, sorted=True)
         for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True):
             results.append([(names[i], float(p)) for p, i in zip(row_p, row_i, strict=True)])

@@ -120,6 +120,8 @@ def build_datamodule(params: Params) -> ConvDataModule:
         params.runtime.num_workers,
         params.augment.online,
         params.base.seed,
+        batch_transform=params.runtime.batch_transform,
+        resident=params.runtime.resident,
     )
 
 

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -163,6 +165,21 @@ class SameValuesOnEveryRank(Callback):
             self.trial.set_user_attr("ddp_ranks_agreed", trainer.world_size)
 
 
+#: Trial user attribute: which worker ran it, on what (``convpipe tune --workers`` pins them).
+WORKER_ATTR = "worker"
+
+
+def worker_identity() -> dict[str, Any]:
+    """This worker's host, pid, the CPU cores it may use and the GPUs it sees."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cpus": cpus,
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
 def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
     """Ask for a trial, run it, tell its outcome; returns it as stored.
 
@@ -170,6 +187,7 @@ def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
         KeyboardInterrupt: after recording the trial FAIL (also for Lightning's exit on Ctrl+C).
     """
     trial = study.ask()
+    trial.set_user_attr(WORKER_ATTR, worker_identity())
     study.sampler = make_sampler(runner.params.tune, runner.params.base.seed + trial.number)
     value: float | None = None
     try:

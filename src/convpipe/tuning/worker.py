@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Literal
 
@@ -142,6 +143,36 @@ def preflight(params: Params) -> None:
     check_monitor(params.train)
     check_distributed_storage(params)
     build_datamodule(params)  # reads both manifests: says which `dvc repro` is missing
+
+
+def tune_in_workers(
+    params: Params, params_file: str, workers: int, n_trials: int | None, debug: bool
+) -> optuna.Study:
+    """Run the campaign in ``workers`` pinned worker processes (:mod:`convpipe.tuning.launch`).
+
+    Args:
+        params: validated params, read from ``params_file`` (which the workers read again).
+        params_file: the params file's path.
+        workers: how many worker processes.
+        n_trials: as for :func:`tune`, shared out over the workers.
+        debug: pass ``--debug`` on to the workers.
+
+    Returns:
+        The study, once every worker has exited.
+
+    Raises:
+        ConvpipeError: bad params, storages or data (said once, before any worker starts), or
+            a worker that failed.
+    """
+    from convpipe.tuning.launch import launch_workers, plan_slots, visible_gpus
+
+    preflight(params)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = cpus or list(range(os.cpu_count() or 1))
+    slots = plan_slots(workers, cpus, visible_gpus(params), n_trials)
+    launch_workers(params, params_file, slots, debug)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return load_study(params)
 
 
 def tune(params: Params, n_trials: int | None) -> optuna.Study:

@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from albumentations.core.composition import BaseCompose
 
 from convpipe.errors import ConvpipeError
 
 
-def check_images(images: np.ndarray, name: str = "images") -> None:
+def check_images(images: np.ndarray | torch.Tensor, name: str = "images") -> None:
     """Raise ValueError unless ``images`` is uint8 ``(N, H, W, C)`` with C in (1, 3)."""
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+    uint8 = torch.uint8 if isinstance(images, torch.Tensor) else np.uint8
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != uint8:
         raise ValueError(
             f"{name} must be uint8 (N, H, W, C) with C = 1 or 3, "
             f"got {images.dtype} {tuple(images.shape)}"

@@ -46,9 +46,9 @@ def _warp(images: torch.Tensor, forward: torch.Tensor, padding: str) -> torch.Te
         dtype=torch.float64,
     )
     theta = to_unit @ torch.linalg.inv(forward) @ torch.linalg.inv(to_unit)
-    grid = F.affine_grid(
-        theta[:, :2].to(images.dtype), [count, channels, height, width], align_corners=False
-    )
+    # the maps are drawn and inverted on the CPU in float64; only the grid goes to the device
+    theta = theta[:, :2].to(device=images.device, dtype=images.dtype)
+    grid = F.affine_grid(theta, [count, channels, height, width], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 

@@ -22,7 +22,7 @@ def uniform(
     """float64 ``(count, *shape)`` uniform in ``[low, high)``, like ``random.uniform``.
 
     Args:
-        generator: The random stream to draw from.
+        generator: The random stream to draw from (a CPU generator: draws are on the CPU).
         count: One draw (of ``shape``) per image.
         bounds: ``(low, high)``.
         shape: Extra trailing dimensions, e.g. ``(10,)`` for ten tries per image.
@@ -43,9 +43,13 @@ class BatchedOp:
         self.p = float(p)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Transform the images of float ``(N, C, H, W)`` that fire, in place; return them."""
+        """Transform the images of float ``(N, C, H, W)`` that fire, in place; return them.
+
+        ``images`` may live on any device; ``generator`` is a CPU stream, so an image gets the
+        same parameters wherever the batch is (draws are moved to the images' device).
+        """
         fires = torch.rand(images.shape[0], generator=generator) < self.p
-        chosen = fires.nonzero().flatten()
+        chosen = fires.nonzero().flatten().to(images.device)
         if chosen.numel():
             images[chosen] = self.apply(images[chosen], generator)
         return images

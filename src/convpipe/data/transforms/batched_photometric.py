@@ -22,7 +22,7 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     """``(n, 1, H, W)`` gray version of ``(n, C, H, W)`` images (themselves when C = 1)."""
     if images.shape[1] == 1:
         return images
-    weights = torch.tensor(_LUMA, dtype=images.dtype).view(1, 3, 1, 1)
+    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
 
 
@@ -99,8 +99,9 @@ class _ColorJitter(BatchedOp):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         count = images.shape[0]
-        factors = [uniform(generator, count, bounds).float() for bounds in self.ranges]
-        order = torch.rand((count, 4), generator=generator).argsort(dim=1)
+        device = images.device
+        factors = [uniform(generator, count, b).float().to(device) for b in self.ranges]
+        order = torch.rand((count, 4), generator=generator).argsort(dim=1).to(device)
         for position in range(4):
             for index, op in enumerate(self.ops):
                 chosen = (order[:, position] == index).nonzero().flatten()
@@ -126,7 +127,7 @@ class _GaussNoise(BatchedOp):
         mean = uniform(generator, count, self.mean).float().view(-1, 1, 1, 1) * 255
         shape = (count, channels if self.per_channel else 1, height, width)
         noise = torch.randn(shape, generator=generator) * sigma + mean
-        return (images + noise).clamp(0, 255)
+        return (images + noise.to(images.device)).clamp(0, 255)
 
 
 def _noise_op(transform: Any) -> BatchedOp | None:

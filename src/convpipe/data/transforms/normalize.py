@@ -109,18 +109,22 @@ class BatchTransform:
         return self.augmentation is not None
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Augment (if training) and normalise a uint8 ``(N, H, W, C)`` batch."""
-        if self.batched is not None:
-            array = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
-            check_images(np.asarray(array))
-            self._reseed_in_new_worker()
-            pixels = self.batched(torch.from_numpy(np.ascontiguousarray(array)))
-            return _normalize_pixels(pixels, self.mean, self.std)
-        if self.augmentation is not None:
-            array = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
-            images = torch.from_numpy(self._augment(self.augmentation, np.asarray(array)))
-        elif isinstance(images, np.ndarray):
+        """Augment (if training) and normalise a uint8 ``(N, H, W, C)`` batch.
+
+        The result is on the device of ``images`` (CPU for an array): in a DataLoader worker
+        that is the CPU, after the batch's copy to the model's device (``on_after_batch_transfer``)
+        it is the GPU. Random draws always come from a CPU stream, so both give the same images.
+        """
+        if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
+        if self.batched is not None:
+            check_images(images)
+            self._reseed_in_new_worker()
+            return _normalize_pixels(self.batched(images), self.mean, self.std)
+        if self.augmentation is not None:
+            # albumentations runs on numpy, image by image: to the host and back
+            augmented = self._augment(self.augmentation, images.cpu().numpy())
+            images = torch.from_numpy(augmented).to(images.device)
         return normalize_batch(images, self.mean, self.std)
 
     def _augment(self, augmentation: BaseCompose, batch: np.ndarray) -> np.ndarray:
