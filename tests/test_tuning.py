@@ -736,7 +736,7 @@ def test_workers_flag_runs_the_exact_budget_in_parallel_pinned_processes(
     project: Project,
 ) -> None:
     # trials long enough (~10 s) that the second worker starts before the first ends them all
-    params = write_params(project, "t5", **{"tune.n_trials": 4, "tune.max_epochs": 10})
+    params = write_params(project, "tw", **{"tune.n_trials": 4, "tune.max_epochs": 10})
     env = {k: v for k, v in project.env.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run(
         ["convpipe", "--params", params, "tune", "--workers", "2"],
@@ -747,7 +747,7 @@ def test_workers_flag_runs_the_exact_budget_in_parallel_pinned_processes(
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    study = stored_study(project, "t5")
+    study = stored_study(project, "tw")
     assert len(study.trials) == 4 and {t.state for t in study.trials} == {TrialState.COMPLETE}
     workers = [t.user_attrs[WORKER_ATTR] for t in study.trials]
     cores = len(os.sched_getaffinity(0))
@@ -755,6 +755,6 @@ def test_workers_flag_runs_the_exact_budget_in_parallel_pinned_processes(
     assert len({w["pid"] for w in workers}) == 2  # both workers ran trials
     assert re.search(r"worker 0 \(pid \d+\): CPU", done.stderr)
     assert re.search(r"worker 1 \(pid \d+\): CPU", done.stderr)
-    assert done.stdout.splitlines()[-1] == "study t5: 4 complete; reports in reports/t5/"
-    parent, children = mlflow_runs(project, "t5")
+    assert done.stdout.splitlines()[-1] == "study tw: 4 complete; reports in reports/tw/"
+    parent, children = mlflow_runs(project, "tw")
     assert parent.info.status == "FINISHED" and len(children) == 4
