@@ -111,3 +111,42 @@ def test_gpu_bundle_lists_only_locked_distributions() -> None:
         "scipy==" + pins["scipy"] in wanted and "pydantic_core==" + pins["pydantic_core"] in wanted
     )
     assert not any(name.startswith("opencv") for name in wanted)  # GPU machines bring OpenCV
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_gpu_check_runs_every_check_on_the_cpu() -> None:
+    """The GPU check's smoke run on the CPU: every row runs (none out of time) and none fails.
+
+    The machines with a GPU come rarely, so this is what keeps the script's code paths alive
+    between them: the same checks as on CUDA, tiny sizes, figures meaningless.
+    """
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_check.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--budget",
+            "900",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    results = {row[0].lstrip("| "): row[1] for row in rows[1:]}  # after the header
+    for check in ("environment", "matmul peak", "plain loop", "ddp", "export pt2"):
+        assert results.get(check) == "PASS", (check, done.stdout)
+    trained = [check for check in results if check.startswith("train ")]
+    half = [check for check in trained if "16-mixed" in check.split()]  # fp16 autocast is CUDA-only
+    assert len(trained) == 7 and len(half) == 2, done.stdout
+    assert all(results[c] == ("SKIP" if c in half else "PASS") for c in trained), done.stdout
+    assert done.stdout.count("16-mixed does not run on cpu") == 2
+    assert results["unit tier"] == "SKIP"  # the CUDA tests skip on a CPU, and it says so
+    assert "the time budget is spent" not in done.stdout and "Traceback" not in done.stderr
