@@ -42,6 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+from airbench_ref import Reference, train_reference
 from bench_loop import CONVPIPE, PLAIN, overhead, prepare, recipe
 from common import ROOT, Checkout, Section, dense_peak, print_sections
 
@@ -58,6 +60,7 @@ RECIPES = {
 GOAL_PEAK = 0.75
 GOAL_LOOP = 0.98
 LOOP_IMAGES = 10_000  # the loop-overhead subset of the train split
+QUICK_PER_CLASS = 400
 
 
 @dataclass
@@ -97,10 +100,17 @@ def project_flops(root: Path, params: Params) -> tuple[float, int]:
         os.chdir(cwd)
 
 
-def unpack(dest: Path) -> Path:
-    """The CIFAR-10 train split unpacked under ``dest``: ``dest/train/<class>/*.jpg``."""
+def unpack(dest: Path, quick: bool = False) -> Path:
+    """The CIFAR-10 train split unpacked under ``dest``: ``dest/train/<class>/*.jpg``.
+
+    ``quick`` keeps the first 400 images of each class (4,000 in all).
+    """
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(dest, filter="data")
+    if quick:
+        for folder in (dest / "train").iterdir():
+            for extra in sorted(folder.iterdir())[QUICK_PER_CLASS:]:
+                extra.unlink()
     return dest / "train"
 
 
@@ -113,9 +123,9 @@ def train_recipe(name: str, images: Path, root: Path, quick: bool) -> Result:
     data = project.root / "data" / "cifar10"
     data.mkdir(parents=True)
     os.symlink(images, data / "train", target_is_directory=True)
-    if quick:  # 3 epochs on 2,500 images: still a real run of every stage
+    if quick:  # 3 epochs on 3,200 images: still a real run of every stage
         project.set_params(
-            **{"train.max_epochs": 3, "data.val_fraction": 0.5, "data.test_fraction": 0.45}
+            **{"train.max_epochs": 3, "data.val_fraction": 0.1, "data.test_fraction": 0.1}
         )
     project.run("dvc", "repro", "augment")  # prepare: not part of the figure
     start = time.perf_counter()
@@ -160,6 +170,36 @@ def _row(result: Result) -> str:
     )
 
 
+def reference_run(project: Path, precision: str, quick: bool) -> Reference:
+    """airbench94's recipe (a plain loop) on the images a recipe's project trained and tested on."""
+    prepared = project / "data" / "prepared"
+
+    def split(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.load(prepared / f"{name}_x.npy"), np.load(prepared / f"{name}_y.npy")
+
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
+    return train_reference(split("train"), split("test"), dtype, epochs=1.0 if quick else 9.9)
+
+
+def _reference_row(ref: Reference) -> str:
+    return (
+        f"| airbench94's recipe, plain loop (the yardstick) | {100 * ref.accuracy_tta:.2f} % "
+        f"| {100 * ref.accuracy:.2f} % | {ref.flops / 1e15:.3f} PFLOP "
+        f"({ref.flops / AIRBENCH94_FLOPS:.2f}x airbench94) | {ref.seconds / 60:.1f} min "
+        f"| {ref.flops / ref.seconds / 1e9:.0f} GFLOP/s | the same | |"
+    )
+
+
+REFERENCE_NOTE = (
+    "The yardstick row is airbench94's own recipe (`benchmarks/airbench_ref.py`: the paper's "
+    "network, hyperparameters and 9.9 epochs, as a plain PyTorch loop) trained on the same "
+    "images and scored on the same holdout. The 94 % goal is airbench94's figure on lossless "
+    "CIFAR-10 and its official test set; these JPEGs (quality ~75, colour stored at 16x16 by "
+    "4:2:0 subsampling) carry less: the best known recipe, in its own budget, reaches the "
+    "figure in that row on them."
+)
+
+
 def _verdict(result: Result) -> bool:
     _, accuracy, flops = RECIPES[result.name]
     rate = result.flops / result.seconds
@@ -178,11 +218,12 @@ def run(quick: bool = False, only: list[str] | None = None) -> list[Section]:
         return [Section(title, goal, None, f"Skipped: {CIFAR_TAR} not found.")]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-cifar-") as tmp:
-        images = unpack(Path(tmp) / "data")
+        images = unpack(Path(tmp) / "data", quick)
         loop = loop_section(images, Path(tmp) / "loop", quick)
         for name in only or list(RECIPES):
             results.append(train_recipe(name, images, Path(tmp) / name, quick))
-    rows = "\n".join(_row(r) for r in results)
+        reference = reference_run(Path(tmp) / results[0].name, results[0].precision, quick)
+    rows = "\n".join(_row(r) for r in results) + "\n" + _reference_row(reference)
     summary = "; ".join(
         f"`{r.name}`: {100 * r.accuracy_tta:.2f} % in {r.flops / 1e15:.3f} PFLOP, "
         f"{r.seconds / 60:.1f} min"
@@ -195,7 +236,10 @@ def run(quick: bool = False, only: list[str] | None = None) -> list[Section]:
         f"Trained on {results[0].train_images:,} images for {results[0].epochs} epochs; "
         "FLOPs count the forward and backward convolutions and products of every training "
         "image (not evaluation or TTA). The dense peak is the best large `torch.mm` at the "
-        "precision trained, on the training's threads."
+        "precision trained, on the training's threads.\n\n"
+        f"{REFERENCE_NOTE} Here it reached {100 * reference.accuracy_tta:.2f} %: "
+        f"`{results[0].name}` is {100 * (results[0].accuracy_tta - reference.accuracy_tta):+.2f} "
+        f"points from it."
     )
     met = None if quick else all(_verdict(r) for r in results)
     if met is False:
@@ -206,10 +250,11 @@ def run(quick: bool = False, only: list[str] | None = None) -> list[Section]:
 def loop_section(images: Path, root: Path, quick: bool) -> Section:
     """The ``cifar10`` recipe trained by convpipe and by a plain loop on identical batches."""
     count, epochs, repeats = (1_000, 1, 1) if quick else (LOOP_IMAGES, 2, 3)
+    total = 10 * QUICK_PER_CLASS if quick else 50_000
     overrides = {
         "data.path": str(images),
         # the rest goes to validation and a small test split, which the loop never reads
-        "data.val_fraction": round(1 - count / 50_000 - 0.01, 6),
+        "data.val_fraction": round(1 - count / total - 0.01, 6),
         "data.test_fraction": 0.01,
         "train.max_epochs": epochs,
         "train.warmup_epochs": epochs / 2,  # the recipe's 2 would not fit in the short run
@@ -266,7 +311,7 @@ the optimiser do no counted FLOPs and take most of the rest."""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs on 2,500 images")
+    parser.add_argument("--quick", action="store_true", help="3 epochs on 3,200 images")
     parser.add_argument("--only", nargs="*", choices=list(RECIPES), help="recipes to run")
     args = parser.parse_args()
     print_sections(run(args.quick, args.only))

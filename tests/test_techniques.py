@@ -121,6 +121,69 @@ def test_the_common_activations_are_built(params, name, layer):
     assert net(torch.randn(2, 1, *HW)).shape == (2, 3)
 
 
+def test_a_fixed_batch_norm_scale_stays_one_while_the_shift_trains(params):
+    model = tiny_model(params, batch_norm_scale=False)
+    net = build_cnn(model, 1, HW, 3)
+    bn = net.features[0].bn
+    assert not bn.weight.requires_grad and bn.bias.requires_grad
+    optimizer = build_optimizer(net, train_variant(params, optimizer="sgd", lr=0.5), 8)
+    F.cross_entropy(net(torch.randn(8, 1, *HW)), torch.arange(8) % 3).backward()
+    optimizer.step()
+    assert torch.equal(bn.weight, torch.ones(4)) and not torch.equal(bn.bias, torch.zeros(4))
+    learnt = build_cnn(tiny_model(params), 1, HW, 3).features[0].bn
+    assert learnt.weight.requires_grad  # the shipped default learns it
+
+
+def test_max_pooling_before_the_norm_gives_the_same_block_output_for_relu(params):
+    conv = [block(params, filters=4, activation="relu", pool="max", pool_size=2)]
+    after = build_cnn(model_variant(params, conv=conv, hidden=[8]), 1, HW, 3)
+    before = build_cnn(
+        model_variant(params, conv=conv, hidden=[8], pool_before_norm=True), 1, HW, 3
+    )
+    assert list(before.features[0]._modules) == ["conv", "pool", "bn", "act"]
+    assert list(after.features[0]._modules) == ["conv", "bn", "act", "pool"]
+    with torch.no_grad():  # a positive scale and shift: BN is increasing per channel
+        after.features[0].bn.weight.uniform_(0.5, 2.0)
+        after.features[0].bn.running_var.uniform_(0.5, 2.0)
+        after.features[0].bn.running_mean.normal_()
+    before.load_state_dict(after.state_dict())  # the same parameters under the same names
+    x = torch.randn(4, 1, *HW)
+    after.eval()
+    before.eval()
+    torch.testing.assert_close(before.features(x), after.features(x))
+    # the norm sees a quarter of the pixels: what makes the option faster
+    seen: list[tuple[int, ...]] = []
+    before.features[0].bn.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    before(x)
+    assert seen == [(4, 4, HW[0] // 2, HW[1] // 2)]
+
+
+def test_dirac_init_makes_each_conv_start_as_the_identity_on_its_first_channels(params):
+    conv = [block(params, filters=4, batch_norm=False, pool="none"), block(params, filters=6)]
+    net = build_cnn(model_variant(params, conv=conv, hidden=[8], conv_init="dirac"), 1, HW, 3)
+    first, second = net.features[0].conv, net.features[1].conv
+    x = torch.randn(2, 1, *HW)
+    with torch.no_grad():
+        out = first(x) - first.bias[:, None, None]
+        torch.testing.assert_close(out[:, :1], x)  # filter 0 passes channel 0 through
+        h = torch.randn(2, 4, *HW)
+        torch.testing.assert_close(second(h)[:, :4], h)  # no bias under batch norm
+    assert second.weight[4:].abs().sum() > 0  # the filters past C_in keep torch's init
+    default = build_cnn(model_variant(params, conv=conv, hidden=[8]), 1, HW, 3)
+    assert not torch.allclose(default.features[1].conv(h)[:, :4], h)
+
+
+def test_output_scale_multiplies_the_logits_exactly(params):
+    plain = build_cnn(tiny_model(params), 1, HW, 3)
+    scaled = build_cnn(tiny_model(params, output_scale=1 / 9), 1, HW, 3)
+    scaled.load_state_dict(plain.state_dict())  # no parameter of its own
+    plain.eval()
+    scaled.eval()
+    x = torch.randn(4, 1, *HW)
+    torch.testing.assert_close(scaled(x), plain(x) / 9)
+    assert "scale" not in plain.classifier._modules  # 1.0 adds no layer
+
+
 # --------------------------------------------------------------------------- optimiser
 
 

@@ -193,6 +193,10 @@ class ModelParams(Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     batch_norm_momentum: Annotated[float, Field(gt=0.0, le=1.0)]
     batch_norm_eps: Annotated[float, Field(gt=0.0, le=1.0)]
+    batch_norm_scale: bool
+    pool_before_norm: bool
+    conv_init: Literal["default", "dirac"]
+    output_scale: Annotated[float, Field(gt=0.0)]
     whiten: bool
 
 

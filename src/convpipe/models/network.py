@@ -4,11 +4,12 @@ Architecture (one row per entry of ``model.conv``, then the fully connected head
 
     input (N, C, H, W), C in {1, 3}, already normalised
     model.conv[i]:      [ZeroPad2d] -> Conv2d -> [BatchNorm2d] -> activation -> [Max|AvgPool2d]
+                        (pool_before_norm: [ZeroPad2d] -> Conv2d -> [pool] -> [BN] -> activation)
     flatten:            (N, F)
     model.hidden[j]:    Linear -> ReLU -> Dropout(model.dropout)
     (no hidden layer):  Dropout(model.dropout)
-    output:             Linear -> (N, 1) for 2 classes (sigmoid / BCE),
-                                  (N, K) otherwise (softmax / CE)
+    output:             Linear [x model.output_scale] -> (N, 1) for 2 classes (sigmoid / BCE),
+                                                         (N, K) otherwise (softmax / CE)
 
 Every shape is known before a layer is built (:mod:`convpipe.models.shapes`), so a stack that
 does not fit the image size fails naming the layer.
@@ -69,7 +70,14 @@ def _conv_block(
 ) -> nn.Sequential:
     """One conv block as ``Sequential(pad?, conv, bn?, act, pool?)`` for an input of size ``hw``.
 
-    Batch norm takes ``model.batch_norm_momentum`` and ``model.batch_norm_eps``.
+    Batch norm takes ``model.batch_norm_momentum`` and ``model.batch_norm_eps``, and learns its
+    scale only under ``model.batch_norm_scale``. With ``model.pool_before_norm`` the pool comes
+    right after the conv (``pad?, conv, pool?, bn?, act``): a max pool then picks the same
+    values wherever the rest of the block is increasing (BN with a positive scale, ReLU), and
+    the norm and activation work on 1/pool_size^2 of the pixels (an average pool then
+    averages before the activation instead of after). ``model.conv_init: dirac``
+    sets the first ``min(C_in, C_out)`` filters to the identity (the rest keep torch's
+    default): a deep stack then starts close to passing its input through.
     """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     padding: tuple[int, int] = (0, 0)
@@ -80,7 +88,7 @@ def _conv_block(
             padding = (top, left)
         else:
             layers["pad"] = nn.ZeroPad2d((left, right, top, bottom))
-    layers["conv"] = nn.Conv2d(
+    layers["conv"] = conv = nn.Conv2d(
         in_channels,
         block.filters,
         kernel_size=block.kernel,
@@ -88,14 +96,36 @@ def _conv_block(
         padding=padding,
         bias=not block.batch_norm,
     )
+    if params.conv_init == "dirac":
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[: min(in_channels, block.filters)])
+    pool = _POOLS[block.pool](block.pool_size) if block.pool != "none" else None
+    if pool is not None and params.pool_before_norm:
+        layers["pool"] = pool
     if block.batch_norm:
-        layers["bn"] = nn.BatchNorm2d(
+        layers["bn"] = bn = nn.BatchNorm2d(
             block.filters, eps=params.batch_norm_eps, momentum=params.batch_norm_momentum
         )
+        bn.weight.requires_grad_(params.batch_norm_scale)
     layers["act"] = _ACTIVATIONS[block.activation]()
-    if block.pool != "none":
-        layers["pool"] = _POOLS[block.pool](block.pool_size)
+    if pool is not None and not params.pool_before_norm:
+        layers["pool"] = pool
     return nn.Sequential(layers)
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant (``model.output_scale`` on the logits)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``factor * x``, any shape."""
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
 
 
 def _classifier(params: ModelParams, features: int, num_classes: int) -> nn.Sequential:
@@ -110,6 +140,8 @@ def _classifier(params: ModelParams, features: int, num_classes: int) -> nn.Sequ
         # The output layer always gets dropped-out inputs, so model.dropout never goes unused.
         layers["drop"] = nn.Dropout(params.dropout)
     layers["out"] = nn.Linear(features, output_units(num_classes))
+    if params.output_scale != 1.0:
+        layers["scale"] = Scale(params.output_scale)
     return nn.Sequential(layers)
 
 
