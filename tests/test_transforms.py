@@ -48,7 +48,7 @@ OFF: dict[str, Any] = {
     "copies": 1,
     "online": False,
     "preview_count": 4,
-    "crop": {"p": 0.0, "padding": 2},
+    "crop": {"p": 0.0, "padding": 2, "border": "constant"},
     "resized_crop": {"p": 0.0, "scale": [0.5, 0.9], "ratio": [0.8, 1.25]},
     "affine": {"p": 0.0, "shift": 0.1, "scale": [0.9, 1.1], "rotate": 10.0},
     "rotate": {"p": 0.0, "limit": 15.0},
@@ -482,6 +482,32 @@ def test_batched_crop_is_a_whole_pixel_shift_with_black_borders() -> None:
         assert matches, "an output is not a whole-pixel shift of the input"
         seen.add(matches[0])
     assert seen == set(offsets)  # every position of the 5x5 crop window occurs
+
+
+def test_reflect_border_crops_shift_the_mirrored_image_on_both_paths() -> None:
+    pipeline = build_augmentation(
+        make_params(crop={"p": 1.0, "padding": 2, "border": "reflect"}), HW, 1, seed=0
+    )
+    batched = tensor_augmentation(pipeline, seed=4)
+    assert batched is not None, "reflect crops must run batched, not fall back per image"
+    image = make_images(n=1)
+    many = np.repeat(image, 200, axis=0)
+    mirrored = np.pad(image[0, :, :, 0], 2, mode="symmetric").astype(np.float32)  # dcba|abcd
+    height, width = HW
+    candidates = {
+        (dy, dx): mirrored[dy : dy + height, dx : dx + width] for dy in range(5) for dx in range(5)
+    }
+    outputs = {
+        "batched": batched(torch.from_numpy(many))[:, 0].numpy(),
+        "per image": run(pipeline, many)[:, :, :, 0].astype(np.float32),
+    }
+    for path, out in outputs.items():
+        seen = set()
+        for result in out:
+            matches = [o for o, c in candidates.items() if np.allclose(result, c, atol=1e-3)]
+            assert matches, f"{path}: an output is not a shift of the mirrored image"
+            seen.add(matches[0])
+        assert seen == set(candidates), path  # every window position, none black-bordered
 
 
 def test_batched_path_is_seeded_and_restarts_on_reseed() -> None:

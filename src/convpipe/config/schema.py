@@ -109,6 +109,7 @@ class CropParams(Toggle):
     """Pad by ``padding`` pixels, then crop back to the image size at a random place."""
 
     padding: NonNegInt
+    border: Literal["constant", "reflect"]
 
 
 class ResizedCropParams(Toggle):

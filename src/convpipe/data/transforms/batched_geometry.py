@@ -23,8 +23,9 @@ from convpipe.data.transforms.batched_ops import BatchedOp, OpBuilder, uniform
 from convpipe.data.transforms.factory import ImageHW, Transform
 from convpipe.errors import ConvpipeError
 
-#: ``padding_mode`` of ``grid_sample`` for an albumentations border: black or edge pixels.
-_ZEROS, _BORDER = "zeros", "border"
+#: ``padding_mode`` of ``grid_sample`` for an albumentations border: black, edge pixels, or
+#: mirrored about the edge (``cv2.BORDER_REFLECT`` for whole-pixel shifts).
+_ZEROS, _BORDER, _REFLECT = "zeros", "border", "reflection"
 
 
 def _warp(images: torch.Tensor, forward: torch.Tensor, padding: str) -> torch.Tensor:
@@ -108,12 +109,15 @@ class _Geometric(BatchedOp):
 
 
 class _PadCrop(_Geometric):
-    """``A.Pad`` (black) then ``A.RandomCrop`` back to the size: a random whole-pixel shift."""
+    """``A.Pad`` then ``A.RandomCrop`` back to the size: a random whole-pixel shift."""
 
-    def __init__(self, p: float, pads: tuple[int, int, int, int], size: tuple[int, int]) -> None:
+    def __init__(
+        self, p: float, pads: tuple[int, int, int, int], size: tuple[int, int], padding: str
+    ) -> None:
         super().__init__(p)
         self.left, self.top, self.right, self.bottom = pads
         self.size = size
+        self.padding = padding
 
     def matrices(self, count: int, hw: ImageHW, generator: torch.Generator) -> torch.Tensor:
         _check_size("augment.crop", self.size, hw)
@@ -261,9 +265,13 @@ def _pad_crop(transform: Transform) -> BatchedOp | None:
     if not (isinstance(pad, A.Pad) and isinstance(crop, A.RandomCrop)) or crop.pad_if_needed:
         return None
     pads = _pads(pad.padding)
-    if pads is None or pad.p != 1 or crop.p != 1 or not _is_default_border(pad):
+    if pads is None or pad.p != 1 or crop.p != 1:
         return None
-    return _PadCrop(transform.p, pads, (crop.height, crop.width))
+    if _is_default_border(pad):
+        return _PadCrop(transform.p, pads, (crop.height, crop.width), _ZEROS)
+    if pad.border_mode == cv2.BORDER_REFLECT and max(pads) < min(crop.height, crop.width):
+        return _PadCrop(transform.p, pads, (crop.height, crop.width), _REFLECT)
+    return None
 
 
 def _affine_op(transform: Any) -> BatchedOp | None:

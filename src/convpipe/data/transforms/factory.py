@@ -65,8 +65,13 @@ SECTIONS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- building
 
 
+#: ``augment.crop.border`` as OpenCV's border: black, or mirrored with the edge pixel repeated
+#: (``dcba|abcd``), which is also what ``grid_sample``'s reflection gives the batched path.
+CROP_BORDERS = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT}
+
+
 def _crop(section: CropParams, hw: ImageHW, channels: int) -> Transform:
-    """Pad ``padding`` black pixels on every side, then crop back to ``hw``, as one unit.
+    """Pad ``padding`` pixels (``augment.crop.border``) on every side, then crop back to ``hw``.
 
     ``A.Pad(padding)`` gives exactly the ``(H + 2p, W + 2p)`` canvas that
     ``A.PadIfNeeded(H + 2p, W + 2p)`` would for same-size images (verified byte-identical), but
@@ -75,7 +80,7 @@ def _crop(section: CropParams, hw: ImageHW, channels: int) -> Transform:
     height, width = hw
     return A.Sequential(
         [
-            A.Pad(padding=section.padding, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.Pad(padding=section.padding, border_mode=CROP_BORDERS[section.border], fill=0),
             A.RandomCrop(height=height, width=width),
         ],
         p=section.p,
