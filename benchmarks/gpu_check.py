@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import put_gpu_section  # standard library only
+
 try:
     import torch
 except ImportError:  # a machine without torch has no GPU to check either
@@ -51,6 +54,7 @@ except ImportError:  # a machine without torch has no GPU to check either
     raise SystemExit(0) from None
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BUNDLE = ROOT / "build" / "gpu-bundle"
 SITE = ROOT / "build" / "gpu-site"
 #: Modules the checks import beyond torch, Lightning, numpy and OpenCV (which the GPU machines
@@ -571,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--budget", type=float, default=BUDGET_SECONDS, help="seconds in all")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="file whose GPU section gets the table (default: benchmarks/RESULTS.md after a "
+        "full CUDA run; nothing after a quick or CPU run)",
+    )
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -601,6 +611,16 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.monotonic() - started) / 60
     print(f"\n## GPU check ({args.device}{', quick' if args.quick else ''}, {minutes:.1f} min)\n")
     print(table(rows))
+    results = args.results or (RESULTS if args.device == "cuda" and not args.quick else None)
+    if results is not None:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        put_gpu_section(
+            results,
+            f"## GPU check\n\nRun on {when} with `python benchmarks/gpu_check.py "
+            f"--device {args.device}{' --quick' if args.quick else ''}`, {minutes:.1f} min, on: "
+            f"{rows[0].detail}\n\n{table(rows)}",
+        )
+        print(f"gpu-check: table written to {results}", file=sys.stderr)
     failed = [r.check for r in rows if r.status == "FAIL"]
     if failed:
         print(f"\ngpu-check: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import Section, machine_info  # noqa: E402
+from results_file import gpu_block, with_gpu_block  # noqa: E402
 
 from convpipe.io import write_text  # noqa: E402
 
@@ -195,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(section.markdown(), file=sys.stderr)
         raise
     text = render(timed, command, time.perf_counter() - start, args.quick)
+    if target is not None and target.resolve() == RESULTS.resolve():
+        text = with_gpu_block(text, gpu_block(RESULTS))  # make gpu-check's figures stay
     if target is None:
         print(text)
     else:

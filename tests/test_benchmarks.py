@@ -115,7 +115,7 @@ def test_gpu_bundle_lists_only_locked_distributions() -> None:
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_gpu_check_runs_every_check_on_the_cpu() -> None:
+def test_gpu_check_runs_every_check_on_the_cpu(tmp_path: Path) -> None:
     """The GPU check's smoke run on the CPU: every row runs (none out of time) and none fails.
 
     The machines with a GPU come rarely, so this is what keeps the script's code paths alive
@@ -123,15 +123,12 @@ def test_gpu_check_runs_every_check_on_the_cpu() -> None:
     """
     import subprocess
 
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmark results\n\nthe CPU figures\n")
     done = subprocess.run(
         [
-            sys.executable,
-            "benchmarks/gpu_check.py",
-            "--device",
-            "cpu",
-            "--quick",
-            "--budget",
-            "900",
+            *(sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"),
+            *("--budget", "900", "--results", str(results_md)),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -150,3 +147,23 @@ def test_gpu_check_runs_every_check_on_the_cpu() -> None:
     assert done.stdout.count("16-mixed does not run on cpu") == 2
     assert results["unit tier"] == "SKIP"  # the CUDA tests skip on a CPU, and it says so
     assert "the time budget is spent" not in done.stdout and "Traceback" not in done.stderr
+    written = results_md.read_text()  # the table, with the machine, after what was there
+    assert written.startswith("# Benchmark results\n\nthe CPU figures\n")
+    assert "## GPU check" in written and "| export pt2 | PASS |" in written
+    assert "CPU, " in written.split("| check |")[0]  # the environment line names the machine
+
+
+def test_gpu_section_is_replaced_alone_and_survives_a_new_report(tmp_path: Path) -> None:
+    from results_file import BEGIN, END, gpu_block, put_gpu_section, with_gpu_block
+
+    results = tmp_path / "RESULTS.md"
+    put_gpu_section(results, "## GPU check\n\nfirst")  # no file yet: a header, then the block
+    assert gpu_block(results) == f"{BEGIN}\n## GPU check\n\nfirst\n{END}"
+    results.write_text(results.read_text() + "\n## After\n")
+    put_gpu_section(results, "## GPU check\n\nsecond")
+    text = results.read_text()
+    assert "first" not in text and "second" in text and text.endswith("## After\n")
+    assert text.count(BEGIN) == 1 and not list(tmp_path.glob(".RESULTS.md.*"))
+    report = with_gpu_block("# Benchmark results\n\nnew CPU figures\n", gpu_block(results))
+    assert report.startswith("# Benchmark results\n\nnew CPU figures\n") and "second" in report
+    assert with_gpu_block("# no block\n", gpu_block(tmp_path / "absent.md")) == "# no block\n"
