@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from convpipe.models.whitening import whitening_filters
+
 EPOCHS = 9.9
 BATCH = 1024
 MOMENTUM = 0.85
@@ -88,15 +90,6 @@ class _Net(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(F.gelu(self.whiten(x)))
         return self.out(F.max_pool2d(x, 3).flatten(1)) / 9
-
-
-def _whitening(images: Tensor, eps: float = 5e-4) -> Tensor:
-    """2x2 filters whitening ``images``' patches, and their negations: ``(24, 3, 2, 2)``."""
-    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5)
-    cov = torch.cov(patches.reshape(-1, 12).double().T)
-    values, vectors = torch.linalg.eigh(cov)
-    filters = (vectors.T / torch.sqrt(values + eps)[:, None]).reshape(12, 3, 2, 2).float()
-    return torch.cat([filters, -filters])
 
 
 def _views(x: Tensor, epoch: int, flips: Tensor, generator: torch.Generator) -> Tensor:
@@ -167,7 +160,7 @@ def train_reference(
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
     x = (x - mean) / std
     x_test = (torch.from_numpy(test[0]).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    net = _Net(_whitening(x[:5000]))
+    net = _Net(whitening_filters(x[:5000], 2))  # convpipe's own: eigenvectors / sqrt(l + eps)
     per_image = _flops(net, tuple(x.shape[1:]))
     net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     steps = math.ceil(len(x) / BATCH)
