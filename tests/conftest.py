@@ -35,14 +35,34 @@ TINY_CONV = [
 ]
 
 
-def model_section(conv: list[dict[str, Any]], hidden: list[int], dropout: float) -> dict[str, Any]:
+def model_section(
+    conv: list[dict[str, Any]], hidden: list[int], dropout: float, **more: Any
+) -> dict[str, Any]:
     """The shipped ``model:`` section with another network: its other keys stay as shipped."""
     return {
         **read_yaml(ROOT / "params.yaml")["model"],
         "conv": conv,
         "hidden": hidden,
         "dropout": dropout,
+        **more,
     }
+
+
+def residual_stage(filters: int, blocks: int = 1, stride: int = 2, **more: Any) -> dict[str, Any]:
+    """One ``model.stages`` entry: basic blocks with ReLU unless ``more`` says otherwise."""
+    stage = {"block": "basic", "filters": filters, "blocks": blocks, "stride": stride}
+    return {**stage, "activation": "relu", **more}
+
+
+#: A tiny residual network: TINY_CONV's stem, two basic stages (the second downsamples with a
+#: projection shortcut), global average pooling: fast tests of everything a ResNet goes through.
+TINY_RESIDUAL = model_section(
+    TINY_CONV,
+    [],
+    0.0,
+    stages=[residual_stage(4, stride=1), residual_stage(8, stride=2)],
+    global_pool="avg",
+)
 
 
 @pytest.fixture(scope="session")

@@ -29,12 +29,14 @@ from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.models.network import probabilities
 from convpipe.tools import export as ex
 from tests import datagen
-from tests.conftest import TINY_CONV, model_section, quiet_trainer, run_cli
+from tests.conftest import TINY_CONV, TINY_RESIDUAL, model_section, quiet_trainer, run_cli
 
 # --------------------------------------------------------------------------- fixtures
 
 
-def _params(raw_params: dict[str, Any], root: Path, data: dict[str, Any]) -> tuple[Path, Params]:
+def _params(
+    raw_params: dict[str, Any], root: Path, data: dict[str, Any], model: dict[str, Any] | None
+) -> tuple[Path, Params]:
     """A params file in ``root`` whose model, prepared data and outputs all live in ``root``."""
     raw = copy.deepcopy(raw_params)
     raw["paths"]["prepared"] = str(root / "prepared")
@@ -42,7 +44,7 @@ def _params(raw_params: dict[str, Any], root: Path, data: dict[str, Any]) -> tup
     raw["data"].update(data)
     # dropout and batch norm make train-mode outputs differ from eval-mode ones: parity then
     # also proves the export is of the eval-mode network
-    raw["model"] = model_section(TINY_CONV, [8], 0.5)
+    raw["model"] = model or model_section(TINY_CONV, [8], 0.5)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, parse_params(raw)
@@ -69,8 +71,13 @@ def _train_one_step(params: Params, manifest: Manifest, root: Path, raw_train: d
     trainer.save_checkpoint(params.paths.model)
 
 
-def _setup(raw_params: dict[str, Any], root: Path, data: dict[str, Any]) -> tuple[Path, Params]:
-    params_path, params = _params(raw_params, root, data)
+def _setup(
+    raw_params: dict[str, Any],
+    root: Path,
+    data: dict[str, Any],
+    model: dict[str, Any] | None = None,
+) -> tuple[Path, Params]:
+    params_path, params = _params(raw_params, root, data, model)
     manifest = write_prepared(
         open_source(params.data), params.data, params.base.seed, params.paths.prepared
     )
@@ -103,11 +110,17 @@ def _reference(params: Params) -> tuple[torch.Tensor, ArrayDataset]:
 
 
 @pytest.fixture(scope="module")
-def exported(digits, binary, tmp_path_factory) -> dict[tuple[str, str], ex.ExportResult]:
+def residual(raw_params, tmp_path_factory) -> tuple[Path, Params]:
+    """The digits and a residual network (stages, projection shortcut, global pooling)."""
+    return _setup(raw_params, tmp_path_factory.mktemp("residual"), {}, TINY_RESIDUAL)
+
+
+@pytest.fixture(scope="module")
+def exported(digits, binary, residual, tmp_path_factory) -> dict[tuple[str, str], ex.ExportResult]:
     """Every (data, format) pair exported once with export_checkpoint."""
     out = tmp_path_factory.mktemp("exported")
     results = {}
-    for name, (_, params) in (("digits", digits), ("binary", binary)):
+    for name, (_, params) in (("digits", digits), ("binary", binary), ("residual", residual)):
         for fmt in ex.FORMATS:
             target = out / name / f"model.{fmt}"
             results[name, fmt] = ex.export_checkpoint(params, fmt, target)
@@ -123,7 +136,7 @@ def _one_error_line(code: int, out: str, err: str) -> str:
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("name", ["digits", "binary"])
+@pytest.mark.parametrize("name", ["digits", "binary", "residual"])
 @pytest.mark.parametrize("fmt", ex.FORMATS)
 def test_exported_file_matches_checkpoint_on_test_split(
     request, exported, name: str, fmt: str

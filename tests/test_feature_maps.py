@@ -27,7 +27,7 @@ from convpipe.tools.feature_maps import (
     picture,
     plot_feature_maps,
 )
-from tests.conftest import model_section, quiet_trainer, run_cli
+from tests.conftest import model_section, quiet_trainer, residual_stage, run_cli
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling
 # (2x2). Receptive fields by hand: 3, 3 + 1*1 = 4, 4 + 2*2 = 8.
@@ -221,3 +221,37 @@ def test_cli_bad_image_is_one_line_and_writes_nothing(setup, tmp_path, capsys) -
     assert str(bad) in lines[0] and "Traceback" not in stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_residual_blocks_get_one_map_row_each_and_wide_layers_are_capped(raw_params) -> None:
+    from convpipe.tools.feature_maps import MAX_MAPS, plot_feature_maps
+
+    model_params = model_section(
+        CONV[:1],
+        [],
+        0.0,
+        stages=[residual_stage(4, stride=1), residual_stage(MAX_MAPS + 8, stride=2)],
+        global_pool="avg",
+    )
+    torch.manual_seed(0)
+    model = CNNClassifier(model_params, raw_params["train"], 1, (8, 8), 3, 10).eval()
+    x = torch.randn(1, 1, 8, 8)
+    layers = feature_maps(model, x)
+    names = [layer.name for layer in layers]
+    assert names == [
+        "model.conv[0]",
+        "model.conv[0].pool",
+        "model.stages[0][0]",
+        "model.stages[1][0]",
+    ]
+    assert [layer.receptive_field for layer in layers] == [3, 4, 12, 24]
+    with torch.no_grad():
+        pooled = model.net.features[0](x)
+        expected = model.net.features.stage1(model.net.features.stage0(pooled))
+    torch.testing.assert_close(layers[-1].maps, expected[0])
+    fig = plot_feature_maps(np.zeros((8, 8, 1), np.uint8), layers, first_layer_filters(model), "x")
+    labels = {ax.get_label() for ax in fig.get_axes()}
+    assert f"model.stages[1][0]/{MAX_MAPS - 1}" in labels
+    assert f"model.stages[1][0]/{MAX_MAPS}" not in labels
+    titles = [sub._suptitle.get_text() for sub in fig.subfigs if sub._suptitle is not None]
+    assert any(f"{MAX_MAPS + 8} maps of 2x2 (the first {MAX_MAPS})" in t for t in titles)

@@ -186,7 +186,12 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     name = Path(args.image).name
     output = args.output or f"{Path(args.image).stem}.feature_maps.png"
     save_figure(picture(model, image, manifest.mean, manifest.std, name), output)
-    print(f"{output}: feature maps of {name} through {len(model.model_params.conv)} conv blocks")
+    stages = model.model_params.stages
+    blocks = f" and {sum(s.blocks for s in stages)} residual blocks" if stages else ""
+    print(
+        f"{output}: feature maps of {name} through {len(model.model_params.conv)} conv blocks"
+        f"{blocks}"
+    )
     return 0
 
 

@@ -171,6 +171,11 @@ class AugmentParams(Section):
         return value
 
 
+Activation = Literal[
+    "relu", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish", "tanh", "sigmoid"
+]
+
+
 class ConvBlock(Section):
     """One convolution block: conv -> [batch norm] -> activation -> [pooling]."""
 
@@ -178,18 +183,46 @@ class ConvBlock(Section):
     kernel: PositiveInt
     stride: PositiveInt
     padding: Literal["valid", "same"]
-    activation: Literal[
-        "relu", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish", "tanh", "sigmoid"
-    ]
+    activation: Activation
     batch_norm: bool
     pool: Literal["max", "avg", "none"]
     pool_size: PositiveInt
 
 
+#: A bottleneck block's 1x1 expansion: its 3x3 conv has ``filters / BOTTLENECK_EXPANSION``
+#: channels (He et al. 2016: 64 -> 256).
+BOTTLENECK_EXPANSION = 4
+
+
+class ResidualStage(Section):
+    """``blocks`` residual blocks with ``filters`` output channels, after the conv blocks.
+
+    The first block has stride ``stride`` and a projection shortcut (1x1 conv + BN) when the
+    stride or the width changes; the rest keep the size and add their input unchanged.
+    """
+
+    block: Literal["basic", "bottleneck"]
+    filters: PositiveInt
+    blocks: PositiveInt
+    stride: PositiveInt
+    activation: Activation
+
+    @model_validator(mode="after")
+    def _bottleneck_width(self) -> ResidualStage:
+        if self.block == "bottleneck" and self.filters % BOTTLENECK_EXPANSION:
+            raise ValueError(
+                f"a bottleneck stage needs filters divisible by {BOTTLENECK_EXPANSION} (its 3x3 "
+                f"conv has filters/{BOTTLENECK_EXPANSION} channels), got {self.filters}"
+            )
+        return self
+
+
 class ModelParams(Section):
-    """The CNN: conv blocks, then flatten and fully connected hidden layers with dropout."""
+    """The CNN: conv blocks, residual stages, flatten or global pooling, then dense layers."""
 
     conv: list[ConvBlock] = Field(min_length=1)
+    stages: list[ResidualStage]
+    global_pool: Literal["none", "avg", "max"]
     hidden: list[PositiveInt]
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     batch_norm_momentum: Annotated[float, Field(gt=0.0, le=1.0)]

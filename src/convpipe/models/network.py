@@ -5,6 +5,8 @@ Architecture (one row per entry of ``model.conv``, then the fully connected head
     input (N, C, H, W), C in {1, 3}, already normalised
     model.conv[i]:      [ZeroPad2d] -> Conv2d -> [BatchNorm2d] -> activation -> [Max|AvgPool2d]
                         (pool_before_norm: [ZeroPad2d] -> Conv2d -> [pool] -> [BN] -> activation)
+    model.stages[i]:    residual blocks (:mod:`convpipe.models.residual`)
+    global_pool:        avg | max over H and W, (N, C, 1, 1) (none: the whole map is flattened)
     flatten:            (N, F)
     model.hidden[j]:    Linear -> ReLU -> Dropout(model.dropout)
     (no hidden layer):  Dropout(model.dropout)
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from convpipe.config.schema import ConvBlock, ModelParams
 from convpipe.errors import ConvpipeError
+from convpipe.models.residual import build_stage
 from convpipe.models.shapes import (
     block_hw,
     check_inputs,
@@ -62,6 +65,10 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
 }
 _POOLS: dict[str, Callable[[int], nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+_GLOBAL_POOLS: dict[str, Callable[[], nn.Module]] = {
+    "avg": lambda: nn.AdaptiveAvgPool2d(1),
+    "max": lambda: nn.AdaptiveMaxPool2d(1),
+}
 _PENALISED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -129,8 +136,11 @@ class Scale(nn.Module):
 
 
 def _classifier(params: ModelParams, features: int, num_classes: int) -> nn.Sequential:
-    """Flatten, hidden ``Linear -> ReLU -> Dropout`` layers, then the output ``Linear``."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    """[Global pool], flatten, hidden ``Linear -> ReLU -> Dropout`` layers, then the output."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if params.global_pool != "none":
+        layers["pool"] = _GLOBAL_POOLS[params.global_pool]()
+    layers["flatten"] = nn.Flatten()
     for j, units in enumerate(params.hidden):
         layers[f"fc{j}"] = nn.Linear(features, units)
         layers[f"relu{j}"] = nn.ReLU()
@@ -161,7 +171,9 @@ def build_cnn(
         ``Sequential(features=..., classifier=...)`` mapping a float ``(N, C, H, W)`` batch to
         logits ``(N, 1)`` when K == 2, else ``(N, K)``. ``features[i]`` is ``model.conv[i]``
         with children ``pad`` (only for asymmetric ``same`` padding), ``conv``, ``bn`` (only
-        with batch_norm), ``act``, ``pool`` (unless ``none``).
+        with batch_norm), ``act``, ``pool`` (unless ``none``); ``features.stage<i>`` is
+        ``model.stages[i]``, its residual blocks as children ``0, 1, ...``. ``classifier``
+        starts with ``pool`` (global pooling) unless ``model.global_pool`` is ``none``.
 
     Raises:
         ConvpipeError: If an argument is invalid, a layer would shrink the feature map below
@@ -176,6 +188,11 @@ def build_cnn(
         features.add_module(str(i), _conv_block(block, channels, hw, params))
         hw = block_hw(block, hw, f"model.conv[{i}]", image)[1]
         channels = block.filters
+    for i, stage in enumerate(params.stages):
+        features.add_module(
+            f"stage{i}", build_stage(stage, channels, params, _ACTIVATIONS[stage.activation])
+        )
+        channels = stage.filters
     flat = next(row.shape[0] for row in rows if row.name == "flatten")
     classifier = _classifier(params, flat, num_classes)
     net = nn.Sequential(OrderedDict(features=features, classifier=classifier))

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from convpipe.config.schema import ConvBlock, ModelParams
+from convpipe.config.schema import BOTTLENECK_EXPANSION, ConvBlock, ModelParams, ResidualStage
 from convpipe.errors import ConvpipeError
 
 __all__ = [
@@ -36,16 +36,21 @@ class LayerShape(NamedTuple):
 
     Attributes:
         name: Where the layer comes from, e.g. ``model.conv[1]``, ``model.conv[1].pool``,
-            ``flatten``, ``model.hidden[0]``, ``output``.
+            ``model.stages[0][1]`` (stage 0, block 1), ``global_pool``, ``flatten``,
+            ``model.hidden[0]``, ``output``.
         layer: A short human description, e.g. ``conv 3x3/1 same 1->32 +bn relu``.
         shape: Output shape without the batch dimension: ``(C, H, W)`` or ``(F,)``.
-        parameters: Trainable parameters the layer adds.
+        parameters: Parameters the layer adds (batch-norm scales included, learnt or not).
+        flops: Forward FLOPs per image of its convolutions and matrix products (2 per
+            multiply-add, as ``torch.utils.flop_counter`` counts; batch norm, activations,
+            pooling and additions are not counted).
     """
 
     name: str
     layer: str
     shape: tuple[int, ...]
     parameters: int
+    flops: int
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -208,8 +213,9 @@ def layer_shapes(
         num_classes: Number of classes K (>= 2).
 
     Returns:
-        One :class:`LayerShape` per conv block, per pooling layer, for the flatten, per
-        hidden layer and for the output layer, in forward order.
+        One :class:`LayerShape` per conv block, per pooling layer, per residual block, for the
+        global pooling, the flatten, per hidden layer and for the output layer, in forward
+        order.
 
     Raises:
         ConvpipeError: If an argument is invalid, or a conv or pooling layer would make the
@@ -224,19 +230,79 @@ def layer_shapes(
         conv_hw, pooled_hw = block_hw(block, hw, name, image)
         label = _conv_label(block, channels)
         count = _conv_parameters(block, channels)
-        rows.append(LayerShape(name, label, (block.filters, *conv_hw), count))
+        flops = _conv_flops(channels, block.filters, block.kernel, conv_hw)
+        rows.append(LayerShape(name, label, (block.filters, *conv_hw), count, flops))
         channels, hw = block.filters, pooled_hw
         if block.pool != "none":
             label = f"{block.pool} pool {block.pool_size}x{block.pool_size}"
-            rows.append(LayerShape(f"{name}.pool", label, (channels, *hw), 0))
+            rows.append(LayerShape(f"{name}.pool", label, (channels, *hw), 0, 0))
+    for i, stage in enumerate(params.stages):
+        for j in range(stage.blocks):
+            row = residual_block_shape(stage, channels, hw, stage.stride if j == 0 else 1)
+            rows.append(row._replace(name=f"model.stages[{i}][{j}]"))
+            channels, hw = stage.filters, (row.shape[1], row.shape[2])
+    if params.global_pool != "none":
+        rows.append(
+            LayerShape("global_pool", f"global {params.global_pool} pool", (channels, 1, 1), 0, 0)
+        )
+        hw = (1, 1)
     features = channels * hw[0] * hw[1]
-    rows.append(LayerShape("flatten", "flatten", (features,), 0))
+    rows.append(LayerShape("flatten", "flatten", (features,), 0, 0))
     for j, units in enumerate(params.hidden):
         label = f"linear {features}->{units} relu dropout {params.dropout}"
-        rows.append(LayerShape(f"model.hidden[{j}]", label, (units,), (features + 1) * units))
+        count = (features + 1) * units
+        rows.append(LayerShape(f"model.hidden[{j}]", label, (units,), count, 2 * features * units))
         features = units
     out = output_units(num_classes)
     drop = f"dropout {params.dropout} " if not params.hidden else ""
     label = f"{drop}linear {features}->{out}"
-    rows.append(LayerShape("output", label, (out,), (features + 1) * out))
+    rows.append(LayerShape("output", label, (out,), (features + 1) * out, 2 * features * out))
     return rows
+
+
+def _conv_flops(c_in: int, c_out: int, kernel: int, out_hw: tuple[int, int]) -> int:
+    """Forward FLOPs of one convolution: 2 x C_in x k^2 x C_out x H_out x W_out."""
+    return 2 * c_in * kernel * kernel * c_out * out_hw[0] * out_hw[1]
+
+
+Conv = tuple[int, int, int, int]
+
+
+def residual_convs(
+    stage: ResidualStage, in_channels: int, stride: int
+) -> tuple[list[Conv], Conv | None]:
+    """The convolutions of one residual block, each ``(c_in, c_out, kernel, stride)``.
+
+    Returns:
+        The branch's convs in order, and the projection shortcut's (None for an identity
+        shortcut). Each conv is followed by a batch norm.
+    """
+    out = stage.filters
+    branch: list[Conv]
+    if stage.block == "basic":
+        branch = [(in_channels, out, 3, stride), (out, out, 3, 1)]
+    else:
+        width = out // BOTTLENECK_EXPANSION
+        branch = [(in_channels, width, 1, 1), (width, width, 3, stride), (width, out, 1, 1)]
+    projection = (in_channels, out, 1, stride) if stride != 1 or in_channels != out else None
+    return branch, projection
+
+
+def residual_block_shape(
+    stage: ResidualStage, in_channels: int, hw: tuple[int, int], stride: int
+) -> LayerShape:
+    """Output shape, parameters and FLOPs of one residual block (named ``residual``)."""
+    branch, projection = residual_convs(stage, in_channels, stride)
+    count = flops = 0
+    size = hw
+    for c_in, c_out, kernel, s in branch:
+        size = (-(-size[0] // s), -(-size[1] // s))
+        count += c_in * c_out * kernel * kernel + 2 * c_out  # the conv and its BN
+        flops += _conv_flops(c_in, c_out, kernel, size)
+    if projection is not None:
+        c_in, c_out, kernel, _ = projection
+        count += c_in * c_out + 2 * c_out
+        flops += _conv_flops(c_in, c_out, kernel, size)
+    shortcut = "proj" if projection is not None else "identity"
+    label = f"{stage.block} {in_channels}->{stage.filters}/{stride} {shortcut} {stage.activation}"
+    return LayerShape("residual", label, (stage.filters, *size), count, flops)

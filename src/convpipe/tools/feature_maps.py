@@ -38,6 +38,9 @@ __all__ = [
 
 #: Panels per row of one layer's grid; wider layers wrap onto more rows.
 MAX_COLUMNS = 16
+#: Maps drawn per layer: a ResNet stage has 512, which would make a picture metres tall; the
+#: first 64 show what the layer does, and the heading says how many there are.
+MAX_MAPS = 64
 PANEL_INCHES = 0.75
 TITLE_INCHES = 0.45
 
@@ -46,7 +49,8 @@ class LayerMaps(NamedTuple):
     """The output of one conv or pooling layer for one image.
 
     Attributes:
-        name: The layer's name in params terms: ``model.conv[i]`` or ``model.conv[i].pool``.
+        name: The layer's name in params terms: ``model.conv[i]``, ``model.conv[i].pool`` or
+            ``model.stages[i][j]`` (residual block j of stage i).
         label: What the layer is, e.g. ``conv 3x3/1 same 1->32 +bn relu``.
         maps: Float ``(C, H, W)``: one map per filter (conv) or channel (pooling).
         receptive_field: Side in input pixels of the window one unit of a map sees.
@@ -71,7 +75,8 @@ def feature_maps(model: CNNClassifier, x: Tensor) -> list[LayerMaps]:
 
     Returns:
         In forward order, for block i: ``model.conv[i]`` then ``model.conv[i].pool`` (when the
-        block pools), each with ``maps`` of shape ``(C_i, H_i, W_i)``.
+        block pools); then for residual stage i, block j: ``model.stages[i][j]``; each with
+        ``maps`` of shape ``(C_i, H_i, W_i)``.
 
     Raises:
         ValueError: If ``x`` is not a single image of the model's input shape.
@@ -94,10 +99,15 @@ def feature_maps(model: CNNClassifier, x: Tensor) -> list[LayerMaps]:
     features = cast(nn.Sequential, model.net.features)
     out: list[LayerMaps] = []
     h = x
-    for i, block in enumerate(features):
+    for key, block in features.named_children():
+        if key.startswith("stage"):  # model.stages[i]: the output of each residual block
+            stage = key.removeprefix("stage")
+            names = {j: f"model.stages[{stage}][{j}]" for j, _ in block.named_children()}
+        else:  # model.conv[i]: after its activation and after its pooling
+            names = {"act": f"model.conv[{key}]", "pool": f"model.conv[{key}].pool"}
         for child, module in block.named_children():
             h = module(h)
-            name = {"act": f"model.conv[{i}]", "pool": f"model.conv[{i}].pool"}.get(child)
+            name = names.get(child)
             if name is not None:
                 row = rows[name]
                 field = int(row.receptive_field or 0)
@@ -147,13 +157,15 @@ def _show_input(sub: SubFigure, image: np.ndarray, title: str) -> None:
 
 def _show_maps(sub: SubFigure, layer: LayerMaps) -> None:
     c, h, w = layer.maps.shape
+    shown = min(c, MAX_MAPS)
+    first = f" (the first {shown})" if shown < c else ""
     sub.suptitle(
-        f"{layer.name}: {layer.label} -> {c} maps of {h}x{w}, "
+        f"{layer.name}: {layer.label} -> {c} maps of {h}x{w}{first}, "
         f"receptive field {layer.receptive_field}x{layer.receptive_field}",
         fontsize=9,
     )
     maps = layer.maps.float().numpy()
-    for index, ax in enumerate(_panels(sub, c, layer.name)):
+    for index, ax in enumerate(_panels(sub, shown, layer.name)):
         ax.imshow(maps[index], cmap="viridis")  # own colour scale: each map's pattern shows
 
 
@@ -187,7 +199,7 @@ def plot_feature_maps(
         A figure with one axes per panel: ``input/0``, ``<layer name>/<channel>`` for every
         channel of every layer, ``filters/<f>`` per filter (each axes' label).
     """
-    counts = [1, *(layer.maps.shape[0] for layer in layers), filters.shape[0]]
+    counts = [1, *(min(layer.maps.shape[0], MAX_MAPS) for layer in layers), filters.shape[0]]
     heights = [_grid(n)[0] * PANEL_INCHES + TITLE_INCHES for n in counts]
     width = max(_grid(n)[1] for n in counts) * PANEL_INCHES + 0.4
     fig = Figure(figsize=(max(width, 6.0), sum(heights)), layout="constrained")

@@ -7,18 +7,18 @@ with the fully connected network that replaces every conv layer by a dense one.
 Receptive field ``r`` and jump ``j`` (distance in input pixels between adjacent outputs) start
 at ``r = j = 1`` on the input image; a conv or pooling layer with kernel ``k`` and stride ``s``
 gives ``r_out = r_in + (k - 1) * j_in`` and ``j_out = j_in * s``. Padding shifts the field but
-does not change its size.
+does not change its size. A residual block's field is its branch's (the longest path: the
+shortcut sees less); global pooling sees the whole image.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from convpipe.config.schema import ModelParams
 from convpipe.data.manifest import Manifest
-from convpipe.models.shapes import layer_shapes
+from convpipe.models.shapes import layer_shapes, residual_convs
 
 
 class LayerField(NamedTuple):
@@ -28,37 +28,82 @@ class LayerField(NamedTuple):
         name: Where the layer comes from, e.g. ``model.conv[0].pool``.
         layer: A short human description.
         shape: Output shape without the batch dimension: ``(C, H, W)`` or ``(F,)``.
-        parameters: Trainable parameters of the layer.
+        parameters: Parameters of the layer.
+        flops: Forward FLOPs per image (see :class:`~convpipe.models.shapes.LayerShape`).
         receptive_field: Side in input pixels of the window one output unit sees; None for
             flatten and dense layers (they see the whole image).
         jump: Input pixels between adjacent output units (cumulative stride); None as above.
         dense_parameters: Parameters of the layer in the fully connected equivalent: for a conv
             layer ``in_C*in_H*in_W * out_C*out_H*out_W + out_C*out_H*out_W`` (weights and one
-            bias per output unit), else ``parameters``.
+            bias per output unit; a residual block: the sum over its convs), else
+            ``parameters``.
     """
 
     name: str
     layer: str
     shape: tuple[int, ...]
     parameters: int
+    flops: int
     receptive_field: int | None
     jump: int | None
     dense_parameters: int
 
 
-def _windows(params: ModelParams) -> dict[str, tuple[int, int, bool]]:
-    """``layer name -> (kernel, stride, is_conv)`` for every conv and pooling layer."""
-    windows: dict[str, tuple[int, int, bool]] = {}
-    for i, block in enumerate(params.conv):
-        windows[f"model.conv[{i}]"] = (block.kernel, block.stride, True)
-        windows[f"model.conv[{i}].pool"] = (block.pool_size, block.pool_size, False)
+def _conv_dense(c_in: int, in_hw: tuple[int, int], c_out: int, out_hw: tuple[int, int]) -> int:
+    """A conv as a dense layer: every input unit to every output unit, one bias per output."""
+    units = c_out * out_hw[0] * out_hw[1]
+    return c_in * in_hw[0] * in_hw[1] * units + units
+
+
+class _Window(NamedTuple):
+    """A windowed layer: its ``(kernel, stride)`` steps in order, and its dense equivalent."""
+
+    steps: list[tuple[int, int]]
+    dense: int | None  # None: not a conv (pooling keeps its own parameter count)
+
+
+def _windows(
+    params: ModelParams, in_channels: int, image_hw: tuple[int, int]
+) -> dict[str, _Window]:
+    """Every conv, pooling and residual layer by name, with its steps and dense equivalent."""
+    windows: dict[str, _Window] = {}
+    channels, hw = in_channels, image_hw
+    for row in layer_shapes(params, in_channels, image_hw, 2):
+        if row.name.startswith("model.conv") and row.name.endswith(".pool"):
+            block = params.conv[int(row.name.split("[")[1].split("]")[0])]
+            windows[row.name] = _Window([(block.pool_size, block.pool_size)], None)
+        elif row.name.startswith("model.conv"):
+            block = params.conv[int(row.name.split("[")[1].split("]")[0])]
+            dense = _conv_dense(channels, hw, row.shape[0], (row.shape[1], row.shape[2]))
+            windows[row.name] = _Window([(block.kernel, block.stride)], dense)
+        elif row.name.startswith("model.stages"):
+            windows[row.name] = _residual_window(params, row.name, channels, hw)
+        else:
+            break
+        channels, hw = row.shape[0], (row.shape[1], row.shape[2])
     return windows
+
+
+def _residual_window(params: ModelParams, name: str, channels: int, hw: tuple[int, int]) -> _Window:
+    """The steps and dense equivalent of residual block ``model.stages[i][j]``."""
+    i, j = (int(part.rstrip("]")) for part in name.removeprefix("model.stages[").split("]["))
+    stage = params.stages[i]
+    branch, projection = residual_convs(stage, channels, stage.stride if j == 0 else 1)
+    dense = 0
+    size = hw
+    for c_in, c_out, _, stride in branch:
+        out = (-(-size[0] // stride), -(-size[1] // stride))
+        dense += _conv_dense(c_in, size, c_out, out)
+        size = out
+    if projection is not None:
+        dense += _conv_dense(channels, hw, stage.filters, size)
+    return _Window([(k, s) for _, _, k, s in branch], dense)
 
 
 def receptive_fields(
     params: ModelParams, in_channels: int, image_hw: Sequence[int], num_classes: int
 ) -> list[LayerField]:
-    """Per-layer shapes, parameters, receptive fields, jumps and dense-equivalent parameters.
+    """Per-layer shapes, parameters, FLOPs, receptive fields, jumps, dense equivalents.
 
     Args:
         params: The ``model`` section.
@@ -75,22 +120,19 @@ def receptive_fields(
             shrinks the image below 1x1).
     """
     rows = layer_shapes(params, in_channels, image_hw, num_classes)
-    windows = _windows(params)
+    windows = _windows(params, in_channels, (int(image_hw[0]), int(image_hw[1])))
     field, jump = 1, 1
-    volume = in_channels * int(image_hw[0]) * int(image_hw[1])
     out: list[LayerField] = []
     for row in rows:
-        units = math.prod(row.shape)
         window = windows.get(row.name)
         if window is None:
             out.append(LayerField(*row, None, None, row.parameters))
         else:
-            kernel, stride, is_conv = window
-            field += (kernel - 1) * jump
-            jump *= stride
-            dense = volume * units + units if is_conv else row.parameters
+            for kernel, stride in window.steps:
+                field += (kernel - 1) * jump
+                jump *= stride
+            dense = row.parameters if window.dense is None else window.dense
             out.append(LayerField(*row, field, jump, dense))
-        volume = units
     return out
 
 
@@ -125,7 +167,8 @@ def summary_dict(params: ModelParams, manifest: Manifest) -> dict[str, Any]:
 
     Returns:
         ``{"input": [C, H, W], "num_classes", "layers": [...], "total_parameters",
-        "dense_equivalent_parameters", "ratio"}``; ``ratio`` is dense-equivalent / total.
+        "forward_flops", "dense_equivalent_parameters", "ratio"}``; ``forward_flops`` is per
+        image, ``ratio`` is dense-equivalent / total.
     """
     hw = manifest.image_hw
     rows = receptive_fields(params, manifest.channels, hw, manifest.num_classes)
@@ -136,6 +179,7 @@ def summary_dict(params: ModelParams, manifest: Manifest) -> dict[str, Any]:
         "num_classes": manifest.num_classes,
         "layers": [row._asdict() | {"shape": list(row.shape)} for row in rows],
         "total_parameters": total,
+        "forward_flops": sum(row.flops for row in rows),
         "dense_equivalent_parameters": dense,
         "ratio": dense / total,
     }
@@ -168,13 +212,14 @@ def _fmt(value: int | None) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Render :func:`summary_dict` as the ``convpipe summary`` table."""
-    headers = ["layer", "description", "output", "params", "rf", "jump", "dense-equiv"]
+    headers = ["layer", "description", "output", "params", "MFLOPs", "rf", "jump", "dense-equiv"]
     rows = [
         [
             layer["name"],
             layer["layer"],
             "x".join(map(str, layer["shape"])),
             f"{layer['parameters']:,}",
+            f"{layer['flops'] / 1e6:,.2f}",
             _fmt(layer["receptive_field"]),
             "-" if layer["jump"] is None else str(layer["jump"]),
             f"{layer['dense_parameters']:,}",
@@ -186,6 +231,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"input {c}x{h}x{w}, {summary['num_classes']} classes\n"
         + render_table(headers, rows)
         + f"total parameters: {summary['total_parameters']:,}\n"
+        + f"forward pass: {summary['forward_flops'] / 1e6:,.1f} MFLOPs per image "
+        + "(convolutions and matrix products; training costs about 3x)\n"
         + "fully connected equivalent (conv layers as dense layers): "
         + f"{summary['dense_equivalent_parameters']:,} parameters, "
         + f"{summary['ratio']:,.1f}x as many\n"
