@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ from convpipe.tracking.pyfunc import image_signature, model_input, prediction_fr
 from convpipe.tracking.registry import (
     ACCURACY_TAG,
     CHAMPION,
+    CLASSES_TAG,
     DATA_TAG,
+    classes_digest,
     log_and_register,
     should_promote,
     tag_accuracy,
@@ -536,3 +539,24 @@ def test_dvc_repro_registers_a_champion_and_exp_run_compares(tmp_path: Path) -> 
     assert _champion(client, name) == expected
     verb = "moved to it" if expected == "2" else "stays on version 1"
     assert f"alias champion {verb}" in out.stdout + out.stderr
+
+
+def test_a_version_of_other_classes_never_takes_the_alias(trained: Trained, caplog) -> None:
+    client = MlflowClient(trained.uri)
+    name = "alias-classes"
+    _register(trained, name, 0.5)
+    renamed = trained.manifest.model_copy(
+        update={"class_names": [f"c{i}" for i in range(trained.manifest.num_classes)]}
+    )
+    other = dataclasses.replace(trained, manifest=renamed)
+    with caplog.at_level(logging.WARNING, logger="convpipe"):
+        result = _register(other, name, 0.99)
+    assert (result.version, result.champion, result.moved) == ("2", "1", False)
+    assert _champion(client, name) == "1"
+    assert "predicts other classes than champion version 1" in caplog.text
+    tags = [client.get_model_version(name, v).tags[CLASSES_TAG] for v in ("1", "2")]
+    assert tags == [
+        classes_digest(trained.manifest.class_names),
+        classes_digest(renamed.class_names),
+    ]
+    assert _register(trained, name, 0.6).moved  # the same classes still compete on accuracy

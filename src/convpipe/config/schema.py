@@ -57,6 +57,7 @@ class PathsParams(Section):
     misclassified_png: str
     curves_png: str
     tuning_reports: str
+    init_source: str
 
 
 class CsvParams(Section):
@@ -232,6 +233,17 @@ class ModelParams(Section):
     conv_init: Literal["default", "dirac"]
     output_scale: Annotated[float, Field(gt=0.0)]
     whiten: bool
+    init_from: str | None
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(
+                "model.init_from must name a checkpoint, a weights file or an MLflow model, "
+                "or be empty (null)"
+            )
+        return value
 
 
 class TrainParams(Section):
@@ -255,6 +267,8 @@ class TrainParams(Section):
         "none", "cosine", "step", "plateau", "onecycle", "warmup_linear", "warmup_cosine"
     ]
     warmup_epochs: Annotated[float, Field(ge=0.0)]
+    freeze_epochs: NonNegInt
+    backbone_lr_scale: Annotated[float, Field(gt=0.0)]
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
     devices: PositiveInt | Literal["auto"]
     strategy: str
@@ -406,6 +420,30 @@ class Params(Section):
     evaluate: EvaluateParams
     mlflow: MlflowParams
     tune: TuneParams
+
+    @model_validator(mode="after")
+    def _init_checks(self) -> Params:
+        init = self.model.init_from
+        if self.train.freeze_epochs and init is None:
+            raise ValueError(
+                f"train.freeze_epochs {self.train.freeze_epochs} freezes trained layers, but "
+                "model.init_from is empty: set it to the model to start from, or "
+                "train.freeze_epochs to 0"
+            )
+        own = (self.paths.model, self.paths.checkpoints)
+        if init is not None and any(_same_or_inside(init, path) for path in own):
+            raise ValueError(
+                f"model.init_from {init} is the train stage's own output, which dvc removes "
+                f"before training: copy it first (cp {init} models/init.ckpt) and start from "
+                "the copy, or use models:/<name>@champion"
+            )
+        return self
+
+
+def _same_or_inside(path: str, place: str) -> bool:
+    """Whether ``path`` is ``place`` or inside it (both relative to the project, normalised)."""
+    mine, theirs = os.path.normpath(path), os.path.normpath(place)
+    return mine == theirs or mine.startswith(theirs + os.sep)
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

@@ -33,11 +33,13 @@ HPARAMS = "hyper_parameters"
 _PLAIN = (str, int, float, bool, type(None))
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # torch's weights-only unpickler names the global it refused at the end of a long message
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# (torch 2.13 words it "unsupported GLOBAL posix.system whose module posix is blocked" when
+# the module is on its block list)
+_REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")
 _ADVICE = "retrain with `dvc repro train`; never load checkpoints from untrusted sources"
 
 
-def _load_failure(exc: Exception, path: str | Path) -> ConvpipeError:
+def load_failure(exc: Exception, path: str | Path) -> ConvpipeError:
     """The one-line error for a checkpoint torch could not load."""
     text = " ".join(_ANSI_ESCAPE.sub("", str(exc)).split())
     refused = _REFUSED_GLOBAL.search(text)
@@ -59,7 +61,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConvpipeError("checkpoint not found", f"at {path}", "run `dvc repro train`") from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        raise _load_failure(exc, path) from None
+        raise load_failure(exc, path) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConvpipeError(
             "cannot load checkpoint: not a Lightning checkpoint (no state_dict)",

@@ -194,6 +194,8 @@ class CNNClassifier(L.LightningModule):
         self.input_shape = (int(in_channels), *hw)
         self.net = build_cnn(model_params, in_channels, hw, num_classes)
         self.runtime: RuntimeParams | None = None  # how to run: see use_runtime()
+        # MLflow tags naming the weights it started from (model.init_from), set by training
+        self.init_tags: dict[str, str] = {}
         self._compiled_net: nn.Module | None = None  # set by setup("fit") with runtime.compile
         # The epoch's training sums so far: J * n, penalty * n, correct, n. Logged once, at
         # the epoch's last step; float64 on the CPU whatever the device (MPS has no float64).

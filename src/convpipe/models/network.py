@@ -44,7 +44,9 @@ from convpipe.models.shapes import (
 from convpipe.models.whitening import check_whitening, freeze_whitening
 
 __all__ = [
+    "BACKBONE",
     "REG_TYPES",
+    "backbone_parameters",
     "build_cnn",
     "count_parameters",
     "probabilities",
@@ -52,6 +54,10 @@ __all__ = [
 ]
 
 REG_TYPES = ("none", "l1", "l2")
+#: The network's backbone: the conv blocks and residual stages (``net.features``), what
+#: fine-tuning freezes (``train.freeze_epochs``) and trains slower (``train.backbone_lr_scale``);
+#: the rest, ``net.classifier``, is the head.
+BACKBONE = "features"
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -198,6 +204,12 @@ def build_cnn(
     net = nn.Sequential(OrderedDict(features=features, classifier=classifier))
     freeze_whitening(net, params)
     return net
+
+
+def backbone_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``net``'s backbone (:data:`BACKBONE`); none for another network."""
+    backbone = getattr(net, BACKBONE, None)
+    return list(backbone.parameters()) if isinstance(backbone, nn.Module) else []
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

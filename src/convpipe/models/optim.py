@@ -15,6 +15,7 @@ from torch import nn
 
 from convpipe.config.schema import TrainParams
 from convpipe.errors import ConvpipeError
+from convpipe.models.network import backbone_parameters
 
 __all__ = [
     "PER_STEP_SCHEDULERS",
@@ -86,24 +87,38 @@ def base_lr(train: TrainParams, batch: int) -> float:
 
 
 def parameter_groups(net: nn.Module, train: TrainParams, batch: int) -> list[dict[str, Any]]:
-    """The trainable parameters in two groups: weights, then biases and batch-norm parameters.
+    """The trainable parameters in groups by learning rate.
 
     Conv and linear weights (the penalised ones, of 2 or more dimensions) get
     :func:`base_lr`; biases and batch-norm scales and shifts (1 dimension) get that rate times
     ``train.norm_bias_lr_scale``: they carry no penalty and little curvature, and recipes
-    such as airbench train them much faster. An empty group is left out; with a scale of 1
-    all parameters form one group.
+    such as airbench train them much faster. The backbone's (``net.features``: conv blocks and
+    residual stages) get their rate times ``train.backbone_lr_scale`` as well: fine-tuning
+    moves trained features less than a new head. An empty group is left out; with both
+    scales 1 all parameters form one group (logged as plain ``lr-<Optimizer>``).
     """
     lr = base_lr(train, batch)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    weights = [p for p in trainable if p.ndim > 1]
-    others = [p for p in trainable if p.ndim <= 1]
-    if train.norm_bias_lr_scale == 1.0:  # one group: logged as plain lr-<Optimizer>
+    if train.norm_bias_lr_scale == 1.0 and train.backbone_lr_scale == 1.0:
         return [{"params": trainable, "lr": lr}]
-    groups = [
-        {"params": weights, "lr": lr, "name": "weights"},
-        {"params": others, "lr": lr * train.norm_bias_lr_scale, "name": "norm_bias"},
-    ]
+    scale = train.backbone_lr_scale
+    backbone = {id(p) for p in backbone_parameters(net)} if scale != 1.0 else set()
+    parts = [("", [p for p in trainable if id(p) not in backbone], 1.0)]
+    if backbone:
+        parts.append(("backbone_", [p for p in trainable if id(p) in backbone], scale))
+    groups: list[dict[str, Any]] = []
+    for prefix, params, factor in parts:
+        rate = lr * factor
+        groups.append(
+            {"params": [p for p in params if p.ndim > 1], "lr": rate, "name": f"{prefix}weights"}
+        )
+        groups.append(
+            {
+                "params": [p for p in params if p.ndim <= 1],
+                "lr": rate * train.norm_bias_lr_scale,
+                "name": f"{prefix}norm_bias",
+            }
+        )
     return [group for group in groups if group["params"]]
 
 

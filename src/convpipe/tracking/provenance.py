@@ -174,6 +174,28 @@ def training_note(tags: Mapping[str, str]) -> str:
     return f"`dvc repro` at commit `{tags.get(COMMIT_TAG, 'unknown')[:7]}`."
 
 
+#: Where a fine-tuned run's weights started (``model.init_from``, passwords masked) ...
+INIT_TAG = "convpipe.init_from"
+#: ... and the MLflow run that trained them, when they came from MLflow.
+INIT_RUN_TAG = "convpipe.init_from.run_id"
+
+
+def init_note(tags: Mapping[str, str], experiment_id: str | None) -> str:
+    """The sentence a fine-tuned run's description gets: its source, linked when in MLflow.
+
+    Args:
+        tags: The run's :data:`INIT_TAG` (and :data:`INIT_RUN_TAG`) tags.
+        experiment_id: The source run's experiment, for the link (the UI's own route).
+    """
+    source = tags.get(INIT_TAG, "")
+    run = tags.get(INIT_RUN_TAG)
+    if not run:
+        return f" Started from `{source}`."
+    link = f"#/experiments/{experiment_id}/runs/{run}" if experiment_id else ""
+    shown = f"[{run[:8]}]({link})" if link else f"`{run[:8]}`"
+    return f" Started from `{source}`, trained in run {shown}."
+
+
 def run_name(tags: Mapping[str, str]) -> str:
     """The MLflow run name of a training: what the run is, unique among runs.
 

@@ -21,6 +21,8 @@ local`` serves it from the project's environment and ``virtualenv``/``uv`` could
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -50,6 +52,17 @@ ACCURACY_TAG = "test_accuracy"
 
 #: Tag naming the prepared data the accuracy was measured on (its manifest content hash).
 DATA_TAG = "data_content_hash"
+
+#: Tag with the sha256 of the model's class names in label order: a version that predicts
+#: other classes (a fine-tune on new data) never takes the alias from the champion, whose
+#: consumers expect its labels.
+CLASSES_TAG = "class_names_sha256"
+
+
+def classes_digest(class_names: list[str]) -> str:
+    """The :data:`CLASSES_TAG` value: sha256 of the class names, JSON-encoded in label order."""
+    return hashlib.sha256(json.dumps(list(class_names)).encode("utf-8")).hexdigest()
+
 
 #: Name of the logged model: MLflow 3 lists its files in the run under ``classifier/`` (and
 #: ``runs:/<run_id>/classifier`` loads it). Not ``model``: the train stage's checkpoint is there.
@@ -234,18 +247,29 @@ class _Decision(NamedTuple):
     moved: bool
 
 
-def _promote(client: Any, name: str, version: str, accuracy: float) -> _Decision:
+def _promote(client: Any, name: str, version: str, accuracy: float, classes: str) -> _Decision:
     """Move :data:`CHAMPION` to ``version`` if it beats the current champion.
 
-    The caller holds the store lock, so no other local evaluate reads the champion between
-    this one's read and set.
+    A version of other classes than the champion's (:data:`CLASSES_TAG`) never does: it is
+    another model under the same name. The caller holds the store lock, so no other local
+    evaluate reads the champion between this one's read and set.
     """
     held = client.get_registered_model(name).aliases.get(CHAMPION)
     if held is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return _Decision(version, None, True)
     held = str(held)
-    champion_accuracy = tag_accuracy(client.get_model_version(name, held).tags)
+    champion_tags = client.get_model_version(name, held).tags
+    champion_accuracy = tag_accuracy(champion_tags)
+    if champion_tags.get(CLASSES_TAG, classes) != classes:
+        log.warning(
+            "version %s of %s predicts other classes than champion version %s: the champion "
+            "keeps the alias (give a model of new classes its own mlflow.registered_model)",
+            version,
+            name,
+            held,
+        )
+        return _Decision(held, champion_accuracy, False)
     if held != version and champion_accuracy is None:
         log.warning(
             "champion version %s of %s has no numeric %s tag: it keeps the alias "
@@ -294,14 +318,19 @@ def log_and_register(
     from mlflow.tracking import MlflowClient
 
     start = time.perf_counter()
-    tags = {ACCURACY_TAG: repr(float(accuracy)), DATA_TAG: manifest.content_hash}
+    classes = classes_digest(manifest.class_names)
+    tags = {
+        ACCURACY_TAG: repr(float(accuracy)),
+        DATA_TAG: manifest.content_hash,
+        CLASSES_TAG: classes,
+    }
     try:
         client = MlflowClient(tracking_uri=uri)  # registry: as the fluent API resolves it
         run = client.get_run(run_id)
         with _fluent_api(uri):
             version = _log_model(run, name, checkpoint, manifest, examples, tags, tta)
         with store_lock(uri):
-            decision = _promote(client, name, version, accuracy)
+            decision = _promote(client, name, version, accuracy, classes)
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, uri, f"registering the model as {name!r}") from None
     result = Registration(name, version, accuracy, *decision, time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Training callbacks: the history table for DVC plots, the learning rate for MLflow, EMA."""
+"""Training callbacks: DVC's history table, MLflow's learning rate, EMA, a frozen backbone."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import (
 from torch import Tensor
 
 from convpipe.config.schema import TrainParams
+from convpipe.models.network import backbone_parameters
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -140,6 +141,45 @@ class EMAWeights(WeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
+def fine_tuning(train: TrainParams) -> list[Callback]:
+    """:class:`FreezeBackbone` when ``train.freeze_epochs`` asks for it, else nothing."""
+    return [FreezeBackbone(train.freeze_epochs)] if train.freeze_epochs else []
+
+
 def weight_averaging(train: TrainParams) -> list[Callback]:
     """``[EMAWeights]`` when ``train.ema_decay`` is above 0, else nothing."""
     return [EMAWeights(train.ema_decay)] if train.ema_decay > 0 else []
+
+
+class FreezeBackbone(Callback):
+    """Train only the head for the first ``epochs`` epochs, then everything (fine-tuning).
+
+    During those epochs the backbone's conv weights take no gradient (autograd does not even
+    compute it, so the epochs are cheaper); its batch-norm scales and shifts keep training
+    and its running statistics keep adapting to the new data, as fastai's ``freeze`` does. The
+    choice is made at the start of every epoch from the epoch number alone, so a resumed
+    training freezes exactly as one that never stopped. Parameters that were never trained
+    (fixed whitening filters, fixed BN scales) stay as they are.
+
+    Args:
+        epochs: ``train.freeze_epochs``.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self._frozen: list[torch.nn.Parameter] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Freeze before epoch ``epochs``, unfreeze from it on."""
+        if trainer.current_epoch < self.epochs:
+            if not self._frozen:
+                net = getattr(pl_module, "net", pl_module)
+                self._frozen = [
+                    p for p in backbone_parameters(net) if p.requires_grad and p.ndim > 1
+                ]
+                for parameter in self._frozen:
+                    parameter.requires_grad_(False)
+        elif self._frozen:
+            for parameter in self._frozen:
+                parameter.requires_grad_(True)
+            self._frozen = []

@@ -25,11 +25,16 @@ from convpipe.data.datamodule import ConvDataModule
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
 from convpipe.models.optim import global_batch
+from convpipe.models.transfer import read_weights, transfer_weights
 from convpipe.models.whitening import WHITEN_IMAGES
+from convpipe.tracking.init_source import fetched
 from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
 from convpipe.tracking.provenance import (
     FREEZE_ARTIFACT,
+    INIT_RUN_TAG,
+    INIT_TAG,
     RunInfo,
+    init_note,
     pip_freeze,
 )
 from convpipe.tracking.store import (
@@ -148,8 +153,33 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
     )
     if params.model.whiten:
         model.init_whitening(whitening_sample(datamodule))
+    if params.model.init_from is not None:  # after whitening: the source's filters win
+        model.init_tags = start_from(params, model)
     model.use_runtime(params.runtime)
     return datamodule, model
+
+
+def start_from(params: Params, model: CNNClassifier) -> dict[str, str]:
+    """Load ``model.init_from``'s weights into ``model`` where they fit; say what was taken.
+
+    Returns:
+        The MLflow tags recording the source: ``convpipe.init_from`` (passwords masked) and,
+        for weights trained in an MLflow run, ``convpipe.init_from.run_id``.
+
+    Raises:
+        ConvpipeError: An unreadable, unsafe or missing source, another architecture.
+    """
+    source = str(params.model.init_from)
+    uri = resolve_uri(params.mlflow)
+    with fetched(source, uri) as weights:
+        report = transfer_weights(
+            model.net, read_weights(weights.path), mask_uri(source), model.hparams["class_names"]
+        )
+    log.info("%s", report.describe(mask_uri(source)))
+    tags = {INIT_TAG: mask_uri(source)}
+    if weights.run_id:
+        tags[INIT_RUN_TAG] = weights.run_id
+    return tags
 
 
 def resolved_train(params: Params, model: CNNClassifier, train_size: int) -> TrainParams:
@@ -206,6 +236,7 @@ def train(params: Params) -> TrainResult:
             client.log_dict(run_id, masked_params(params), "params.yaml")
             client.log_text(run_id, pip_freeze(), FREEZE_ARTIFACT)
             client.log_inputs(run_id, datasets=run_datasets(params, datamodule))
+            _tag_init(client, run_id, model.init_tags)
         elif resume is not None:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
         best, history, preemption, callbacks = training_callbacks(cfg, paths.checkpoints)
@@ -232,6 +263,18 @@ def train(params: Params) -> TrainResult:
             run.save(paths.run_info)  # last: evaluate only ever finds a complete run
             client.set_terminated(run_id, "FINISHED")
     return TrainResult(paths.model, metrics, run)
+
+
+def _tag_init(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
+    """Record where the weights started from: tags, and a link in the run's description."""
+    if not tags:
+        return
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    source_run = tags.get(INIT_RUN_TAG)
+    experiment = client.get_run(source_run).info.experiment_id if source_run else None
+    client.set_tag(run_id, "mlflow.note.content", note + init_note(tags, experiment))
 
 
 def _write_outputs(params: Params, best: str, history_csv: str, metrics: dict[str, Any]) -> None:

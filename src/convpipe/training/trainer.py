@@ -6,6 +6,7 @@ import difflib
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (
@@ -18,7 +19,12 @@ from lightning.pytorch.loggers.logger import Logger
 from convpipe.config.schema import TrainParams
 from convpipe.errors import ConvpipeError
 from convpipe.models.checkpoint import AtomicCheckpointIO
-from convpipe.training.callbacks import EpochHistory, EpochLearningRate, weight_averaging
+from convpipe.training.callbacks import (
+    EpochHistory,
+    EpochLearningRate,
+    fine_tuning,
+    weight_averaging,
+)
 from convpipe.training.preemption import (
     InterruptCheckpoint,
     Preemption,
@@ -63,7 +69,7 @@ def build_trainer(
     settings: dict[str, Any] = {
         "accelerator": train.accelerator,
         "devices": train.devices,
-        "strategy": check_strategy(train.strategy),
+        "strategy": _with_unused_parameters(train, check_strategy(train.strategy)),
         "num_nodes": train.num_nodes,
         "precision": train.precision,
         "max_epochs": train.max_epochs,
@@ -88,6 +94,22 @@ def build_trainer(
             "in params.yaml train.accelerator/devices/strategy/num_nodes/precision",
             "choose values your machine supports",
         ) from None
+
+
+def _with_unused_parameters(train: TrainParams, strategy: str) -> str:
+    """DDP that tolerates parameters without gradients while the backbone is frozen.
+
+    DDP registers the parameters that need gradients when it wraps the model, and expects a
+    gradient for each in every step; :class:`convpipe.training.callbacks.FreezeBackbone`
+    switches the backbone's off and on again later, which only DDP's
+    ``find_unused_parameters`` follows.
+    """
+    # devices: auto is every GPU there is (one process on a CPU)
+    devices = train.devices if isinstance(train.devices, int) else torch.cuda.device_count()
+    processes = train.num_nodes * max(1, devices)
+    if not train.freeze_epochs or processes < 2 or strategy not in ("auto", "ddp", "ddp_spawn"):
+        return strategy
+    return f"{'ddp' if strategy == 'auto' else strategy}_find_unused_parameters_true"
 
 
 def _plugins() -> list[Any]:
@@ -174,5 +196,9 @@ def training_callbacks(
     preemption = Preemption()
     # the average first: validation (and so the checkpoints) must see the averaged weights
     averaging = weight_averaging(train)
-    callbacks: list[Callback] = [*averaging, best, last, early, lr, history, RngState(), preemption]
+    callbacks: list[Callback] = [
+        *fine_tuning(train),
+        *averaging,
+        *[best, last, early, lr, history, RngState(), preemption],
+    ]
     return best, history, preemption, callbacks
