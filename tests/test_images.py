@@ -277,3 +277,49 @@ def test_bad_channel_count(channels):
 def test_bad_size():
     with pytest.raises(ValueError, match="size_hw must be positive"):
         I.normalize(Image.new("L", (2, 2)), 1, (0, 3))
+
+
+# --------------------------------------------------------------------------- fitting a size
+
+
+def _ramp(width: int, height: int) -> Image.Image:
+    """An RGB photo whose red channel is the column's position (0..255) across the width."""
+    column = np.linspace(0, 255, width).round().astype(np.uint8)
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, :, 0] = column[None, :]
+    pixels[:, :, 1] = 200
+    return Image.fromarray(pixels)
+
+
+def test_crop_keeps_the_aspect_and_cuts_the_centre() -> None:
+    out = I.normalize(_ramp(100, 50), 3, (32, 32), "crop")
+    assert out.shape == (32, 32, 3)
+    # scaled to 64x32, the middle 32 columns kept: the original's 25 %..75 % of the width
+    assert abs(int(out[16, 0, 0]) - 64) <= 6 and abs(int(out[16, -1, 0]) - 191) <= 6
+    assert (out[:, :, 1] == 200).all()  # no border anywhere
+
+
+def test_pad_keeps_the_aspect_and_adds_black_bars() -> None:
+    out = I.normalize(_ramp(100, 50), 3, (32, 32), "pad")
+    # scaled to 32x16, centred: 8 black rows above and below, the whole width kept
+    assert (out[:8] == 0).all() and (out[24:] == 0).all()
+    assert (out[8:24, :, 1] == 200).all()
+    assert out[16, 0, 0] <= 6 and out[16, -1, 0] >= 249
+
+
+def test_stretch_squashes_the_whole_image() -> None:
+    out = I.normalize(_ramp(100, 50), 3, (32, 32), "stretch")
+    assert (out[:, :, 1] == 200).all()
+    assert out[16, 0, 0] <= 6 and out[16, -1, 0] >= 249
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
+@pytest.mark.parametrize("size", [(50, 100), (100, 50), (33, 33), (7, 300)])
+def test_every_mode_gives_exactly_the_size_asked_for(mode, size) -> None:
+    height, width = size
+    assert I.normalize(_ramp(width, height), 1, (24, 40), mode).shape == (24, 40, 1)
+
+
+def test_an_unknown_resize_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="resize must be one of stretch, crop, pad"):
+        I.normalize(_ramp(8, 8), 3, (4, 4), "zoom")

@@ -308,3 +308,47 @@ def test_manifest_records_source_and_counts(make_params, tmp_path):
     data = json.loads((tmp_path / "prepared/manifest.json").read_text())
     assert data["source"] == "digits" and data["content_hash"].startswith("sha256:")
     assert sum(data["splits"]["train"]["per_class"].values()) == data["splits"]["train"]["count"]
+
+
+def _photos(root, sizes) -> None:
+    """``root/{train,val,test}/<class>/<k>.jpg`` RGB photos of the given (width, height) sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for name in ("ant", "bee"):
+            for k, (width, height) in enumerate(sizes):
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.jpg", quality=90)
+
+
+@pytest.mark.parametrize("resize", ["crop", "pad"])
+def test_photos_of_mixed_sizes_are_fitted_as_predict_fits_them(make_params, tmp_path, resize):
+    from convpipe.tools.predict import load_image
+
+    _photos(tmp_path / "photos", [(40, 30), (24, 60), (33, 33)])
+    params, manifest = _prepare(
+        make_params,
+        tmp_path,
+        **{
+            "data.source": "imagefolder",
+            "data.path": str(tmp_path / "photos"),
+            "data.image_size": 16,
+            "data.resize": resize,
+        },
+    )
+    assert manifest.resize == resize and manifest.image_hw == (16, 16)
+    x, _ = load_split(params.paths.prepared, manifest, "test")
+    files = sorted((tmp_path / "photos/test").rglob("*.jpg"))
+    served = [load_image(str(f), 3, (16, 16), resize=manifest.resize) for f in files]
+    # every prepared test image is exactly what predict makes of one of the files
+    assert len(x) == len(files)
+    for row in np.asarray(x):
+        assert any(np.array_equal(row, image) for image in served)
+
+
+def test_fitting_needs_a_size(make_params):
+    with pytest.raises(ConvpipeError, match=r"data\.resize crop fits images into data\.image_size"):
+        make_params(**{"data.resize": "crop"})

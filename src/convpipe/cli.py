@@ -132,7 +132,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise ConvpipeError("no image files found", f"in {', '.join(args.paths)}", "")
     tta = params.evaluate.tta  # the served and evaluated model's test-time augmentation
-    predictions = predict_files(model, files, manifest.mean, manifest.std, args.top_k, tta=tta)
+    predictions = predict_files(
+        model, files, manifest.mean, manifest.std, args.top_k, tta=tta, resize=manifest.resize
+    )
     failed = [p for p in predictions if p.error is not None]
     if len(failed) == len(predictions):
         first = failed[0]
@@ -182,7 +184,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     manifest = load_manifest(params.paths.prepared)
     model = load_model(params.paths.model)
     check_data_matches(model, manifest, f"at {params.paths.model} and {params.paths.prepared}")
-    image = load_image(args.image, manifest.channels, manifest.image_hw)
+    image = load_image(args.image, manifest.channels, manifest.image_hw, resize=manifest.resize)
     name = Path(args.image).name
     output = args.output or f"{Path(args.image).stem}.feature_maps.png"
     save_figure(picture(model, image, manifest.mean, manifest.std, name), output)

@@ -67,12 +67,17 @@ class CsvParams(Section):
     label_column: NonNegInt
 
 
+#: ``data.resize``: how an image meets ``data.image_size`` (see ``convpipe.data.images.fit``).
+ResizeMode = Literal["stretch", "crop", "pad"]
+
+
 class DataParams(Section):
     """The prepare stage: where images come from and how they are normalised and split."""
 
     source: Literal["digits", "imagefolder", "mnist_idx", "cifar", "csv"]
     path: str | None
     image_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None
+    resize: ResizeMode
     channels: Literal["auto", 1, 3]
     val_fraction: Fraction
     test_fraction: Fraction
@@ -89,6 +94,11 @@ class DataParams(Section):
             )
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.source '{self.source}', got null")
+        if self.resize != "stretch" and self.image_size is None:
+            raise ValueError(
+                f"data.resize {self.resize} fits images into data.image_size, which is null: "
+                "set data.image_size (e.g. 64) or data.resize: stretch"
+            )
         return self
 
     def size_hw(self) -> tuple[int, int] | None:

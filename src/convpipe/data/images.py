@@ -18,10 +18,12 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import get_args
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from convpipe.config.schema import ResizeMode
 from convpipe.data.raw import BadFileError, ImageInfo
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -234,7 +236,38 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         raise ValueError(f"unsupported image mode '{img.mode}': {exc}") from None
 
 
-def normalize(img: Image.Image, channels: int, size_hw: tuple[int, int] | None) -> np.ndarray:
+#: ``data.resize``'s values, from the schema.
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+
+
+def fit(img: Image.Image, size_hw: tuple[int, int], resize: str) -> Image.Image:
+    """``img`` resized to exactly ``size_hw`` (height, width), bilinear.
+
+    ``stretch``: both sides scaled to the target (the aspect ratio changes); ``crop``: scaled
+    until the target fits inside, keeping the aspect, then the centre cut out (torchvision's
+    ``Resize`` + ``CenterCrop``); ``pad``: scaled until it fits inside the target, keeping the
+    aspect, centred on black.
+    """
+    height, width = size_hw
+    if (img.height, img.width) == (height, width):
+        return img
+    if resize == "stretch":
+        return img.resize((width, height), Image.Resampling.BILINEAR)
+    pick = max if resize == "crop" else min
+    scale = pick(height / img.height, width / img.width)
+    inner = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    scaled = img.resize(inner, Image.Resampling.BILINEAR) if inner != img.size else img
+    left, top = (inner[0] - width) // 2, (inner[1] - height) // 2
+    if resize == "crop":
+        return scaled.crop((left, top, left + width, top + height))
+    canvas = Image.new(scaled.mode, (width, height))
+    canvas.paste(scaled, (-left, -top))
+    return canvas
+
+
+def normalize(
+    img: Image.Image, channels: int, size_hw: tuple[int, int] | None, resize: str = "stretch"
+) -> np.ndarray:
     """Convert an image to a uint8 array of the requested channels and size.
 
     Grayscale becomes color by replicating the gray value; color becomes grayscale by
@@ -248,6 +281,7 @@ def normalize(img: Image.Image, channels: int, size_hw: tuple[int, int] | None) 
         size_hw: ``(height, width)`` to resize to, or None to keep the image's size.
             Resizing is bilinear; Pillow widens the filter when shrinking, so downscaling
             is antialiased.
+        resize: How the image meets ``size_hw`` (``data.resize``, see :func:`fit`).
 
     Returns:
         An array of shape ``(H, W, channels)`` and dtype uint8, owning its memory.
@@ -264,9 +298,10 @@ def normalize(img: Image.Image, channels: int, size_hw: tuple[int, int] | None) 
     # Drop color before resizing (less work), replicate gray after it (same reason).
     if channels == 1 and base.mode == "RGB":
         base = base.convert("L")
-    if size_hw is not None and (base.height, base.width) != tuple(size_hw):
-        height, width = size_hw
-        base = base.resize((width, height), Image.Resampling.BILINEAR)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if size_hw is not None:
+        base = fit(base, (int(size_hw[0]), int(size_hw[1])), resize)
     values = np.array(base, dtype=np.uint8)
     if values.ndim == 2:
         values = values[:, :, None]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from convpipe.config.schema import ResizeMode
 from convpipe.errors import ConvpipeError
 
 MANIFEST = "manifest.json"
@@ -54,6 +55,9 @@ class Manifest(BaseModel):
     num_classes: int
     channels: int
     image_size: tuple[int, int]
+    # how images met image_size (data.resize); predict fits new images the same way. A
+    # manifest written before the key existed stretched them.
+    resize: ResizeMode = "stretch"
     mean: list[float]
     std: list[float]
     splits: dict[str, SplitInfo]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convpipe.config.schema import DataParams
+from convpipe.config.schema import DataParams, ResizeMode
 from convpipe.data.images import channels_of, normalize
 from convpipe.data.manifest import (
     FORMAT_VERSION,
@@ -148,6 +148,7 @@ class _Plan:
     skipped: list[BadFileError]
     channels: int
     size_hw: tuple[int, int]
+    resize: ResizeMode
 
 
 def _probe_all(
@@ -218,7 +219,7 @@ def plan_splits(raw: RawDataset, params: DataParams, seed: int) -> _Plan:
                 where,
                 f"set data.{name}_fraction > 0 or provide a {name}/ folder",
             )
-    return _Plan(splits, [*raw.skipped, *bad], channels, size_hw)
+    return _Plan(splits, [*raw.skipped, *bad], channels, size_hw, params.resize)
 
 
 def _write_split(
@@ -272,7 +273,7 @@ def _decode(split: RawSplit, position: int, plan: _Plan) -> np.ndarray:
     """Load and normalise one image to ``(H, W, C)`` uint8; any failure names the file."""
     image = split.reader.load(position)
     try:
-        return normalize(image, plan.channels, plan.size_hw)
+        return normalize(image, plan.channels, plan.size_hw, plan.resize)
     except ValueError as exc:  # a mode Pillow decodes but convpipe cannot convert
         raise BadFileError(split.reader.name(position), str(exc)) from None
 
@@ -333,6 +334,7 @@ def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str 
             num_classes=len(raw.class_names),
             channels=plan.channels,
             image_size=plan.size_hw,
+            resize=plan.resize,
             mean=mean,
             std=std,
             splits=splits,

@@ -66,13 +66,15 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return files
 
 
-def load_image(path: str, channels: int, image_hw: tuple[int, int]) -> np.ndarray:
+def load_image(path: str, channels: int, image_hw: tuple[int, int], *, resize: str) -> np.ndarray:
     """Read one file as the prepare stage reads training images.
 
     Args:
         path: The image file.
         channels: 1 or 3.
         image_hw: ``(H, W)`` to resize to (bilinear, antialiased when shrinking).
+        resize: How the image meets ``image_hw``: the prepared data's ``data.resize``
+            (``manifest.resize``), so a photo is seen as the test images were.
 
     Returns:
         uint8 ``(H, W, channels)``.
@@ -85,7 +87,7 @@ def load_image(path: str, channels: int, image_hw: tuple[int, int]) -> np.ndarra
     if os.path.isdir(path):
         raise BadFileError(path, "is a directory")
     try:
-        return normalize(open_image(path), channels, image_hw)
+        return normalize(open_image(path), channels, image_hw, resize)
     except ValueError as exc:  # an image mode normalize does not convert
         raise BadFileError(path, str(exc)) from None
 
@@ -156,6 +158,8 @@ def predict_files(
     top_k: int,
     batch: int = PREDICT_BATCH,
     tta: str = "none",
+    *,
+    resize: str,
 ) -> list[Prediction]:
     """Load and classify image files; a file that fails gets an error row, the others go on.
 
@@ -169,6 +173,7 @@ def predict_files(
         top_k: Classes per image (>= 1).
         batch: Files decoded and classified together.
         tta: ``evaluate.tta`` (see :func:`predict_images`).
+        resize: ``data.resize`` of the prepared data (``manifest.resize``).
 
     Returns:
         One :class:`Prediction` per file, in the order of ``files``.
@@ -182,7 +187,7 @@ def predict_files(
         errors: dict[int, str] = {}
         for i, path in enumerate(chunk):
             try:
-                loaded[i] = load_image(path, channels, hw)
+                loaded[i] = load_image(path, channels, hw, resize=resize)
             except BadFileError as exc:
                 errors[i] = exc.reason
         tops: dict[int, list[tuple[str, float]]] = {}
