@@ -94,6 +94,20 @@ def test_train_is_prepared_plus_augmented(data: Params) -> None:
     assert module(data, augmented=False).train_size == n_prep
 
 
+def test_train_class_counts_add_the_augmented_copies(data: Params) -> None:
+    dm = module(data)
+    prepared = load_manifest(data.paths.prepared)
+    _, py = load_split(data.paths.prepared, prepared, "train")
+    _, ay = load_split(data.paths.augmented, load_manifest(data.paths.augmented), "train")
+    labels = np.concatenate([np.asarray(py), np.asarray(ay)])
+    expected = np.bincount(labels, minlength=prepared.num_classes).tolist()
+    assert dm.train_class_counts() == expected and sum(expected) == dm.train_size
+    assert (
+        module(data, augmented=False).train_class_counts()
+        == np.bincount(np.asarray(py), minlength=prepared.num_classes).tolist()
+    )
+
+
 @pytest.mark.parametrize("batch_size", [1, 64, "full"])
 def test_batch_sizes(data: Params, batch_size: int | str) -> None:
     dm = module(data, batch_size)

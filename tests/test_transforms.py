@@ -56,6 +56,7 @@ OFF: dict[str, Any] = {
     "vertical_flip": {"p": 0.0},
     "color_jitter": {"p": 0.0, "brightness": 0.3, "contrast": 0.3, "saturation": 0.0, "hue": 0.0},
     "gaussian_noise": {"p": 0.0, "std": [0.02, 0.05]},
+    "erasing": {"p": 0.0, "scale": [0.02, 0.33], "ratio": [0.3, 3.3], "fill": "random"},
 }
 
 EXPECTED_CLASS = {
@@ -67,6 +68,7 @@ EXPECTED_CLASS = {
     "vertical_flip": A.VerticalFlip,
     "color_jitter": A.ColorJitter,
     "gaussian_noise": A.GaussNoise,
+    "erasing": A.Erasing,
 }
 
 HW = (12, 10)
@@ -400,6 +402,7 @@ EVERY_SECTION = {
     "vertical_flip": {"p": 0.5},
     "color_jitter": {"p": 0.5, "brightness": 0.4, "contrast": 0.4},
     "gaussian_noise": {"p": 0.5},
+    "erasing": {"p": 0.5, "scale": [0.05, 0.4], "ratio": [0.5, 2.0]},
 }
 
 
@@ -572,3 +575,26 @@ def test_per_image_path_on_request_matches_albumentations() -> None:
     torch.testing.assert_close(
         out, normalize_batch(torch.from_numpy(expected), [0.5] * 3, [0.5] * 3)
     )
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_black_erasing_blanks_one_rectangle_on_both_paths(batched: bool) -> None:
+    params = make_params(
+        erasing={"p": 1.0, "scale": [0.1, 0.3], "ratio": [0.5, 2.0], "fill": "black"}
+    )
+    pipeline = build_augmentation(params, (16, 20), 1, seed=0)
+    images = np.full((200, 16, 20, 1), 200, np.uint8)
+    if batched:
+        augmentation = tensor_augmentation(pipeline, seed=0)
+        assert augmentation is not None
+        out = augmentation(torch.from_numpy(images)).permute(0, 2, 3, 1).numpy()
+    else:
+        out = run(pipeline, images)
+    fractions = []
+    for image in out[..., 0]:
+        rows, cols = np.nonzero(image == 0)
+        assert rows.size > 0 and set(np.unique(image)) <= {0, 200}
+        box = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert (box == 0).all()  # exactly one filled rectangle
+        fractions.append(rows.size / image.size)
+    assert min(fractions) >= 0.1 - 0.02 and max(fractions) <= 0.3 + 0.03

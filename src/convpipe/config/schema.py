@@ -159,6 +159,14 @@ class NoiseParams(Toggle):
     std: FloatRange
 
 
+class ErasingParams(Toggle):
+    """Random erasing (Zhong et al. 2020): a rectangle of ``scale`` of the area, w/h ``ratio``."""
+
+    scale: FloatRange
+    ratio: FloatRange
+    fill: Literal["black", "random"]
+
+
 class AugmentParams(Section):
     """The augment stage: offline copies of the train split, and online augmentation in training."""
 
@@ -173,6 +181,7 @@ class AugmentParams(Section):
     vertical_flip: Toggle
     color_jitter: ColorJitterParams
     gaussian_noise: NoiseParams
+    erasing: ErasingParams
 
     @field_validator("copies")
     @classmethod
@@ -265,6 +274,9 @@ class TrainParams(Section):
     norm_bias_lr_scale: Annotated[float, Field(gt=0.0)]
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)]
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    mixup_alpha: Annotated[float, Field(ge=0.0)]
+    cutmix_alpha: Annotated[float, Field(ge=0.0)]
+    class_weights: Literal["none", "balanced"]
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     reg_type: Literal["none", "l1", "l2"]
     reg_lambda: Annotated[float, Field(ge=0.0)]

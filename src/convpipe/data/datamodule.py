@@ -314,6 +314,19 @@ class ConvDataModule(L.LightningDataModule):
             size += self.augmented.splits["train"].count
         return size
 
+    def train_class_counts(self) -> list[int]:
+        """Training images per class in label order, augmented copies included (manifests)."""
+        counts = [
+            self.manifest.splits["train"].per_class[name] for name in self.manifest.class_names
+        ]
+        if self.augmented is not None:
+            extra = self.augmented.splits["train"].per_class
+            counts = [
+                c + extra.get(name, 0)
+                for c, name in zip(counts, self.manifest.class_names, strict=True)
+            ]
+        return counts
+
     def transform(self, train: bool) -> BatchTransform:
         """The batch transform for the training side (``train``) or for evaluation."""
         augmentation = None

@@ -26,6 +26,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from convpipe.config.schema import ModelParams, RuntimeParams, TrainParams, describe_error
 from convpipe.errors import ConvpipeError
+from convpipe.models.mixing import mix_batch
 from convpipe.models.network import build_cnn, probabilities, regularization_penalty
 from convpipe.models.optim import (
     PER_STEP_SCHEDULERS,
@@ -196,6 +197,8 @@ class CNNClassifier(L.LightningModule):
         self.runtime: RuntimeParams | None = None  # how to run: see use_runtime()
         # MLflow tags naming the weights it started from (model.init_from), set by training
         self.init_tags: dict[str, str] = {}
+        # per-class weights of the training loss (train.class_weights), see set_class_counts
+        self.class_weights: Tensor | None = None
         self._compiled_net: nn.Module | None = None  # set by setup("fit") with runtime.compile
         # The epoch's training sums so far: J * n, penalty * n, correct, n. Logged once, at
         # the epoch's last step; float64 on the CPU whatever the device (MPS has no float64).
@@ -232,7 +235,35 @@ class CNNClassifier(L.LightningModule):
         logits = compiled(x) if compiled is not None and self.training else self.net(x)
         return logits[:, 0] if self.binary else logits
 
-    def data_loss(self, logits: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
+    def set_class_counts(self, counts: Sequence[int]) -> None:
+        """Weight the training loss by class as ``train.class_weights`` says.
+
+        ``balanced``: class ``k`` gets ``m / (K m_k)`` (scikit-learn's "balanced"), so each class
+        adds as much to the loss as the others whatever its size; ``none`` leaves every image
+        weight 1. Validation and test losses stay unweighted, so runs compare.
+
+        Args:
+            counts: Training images per class, in label order (from the manifests).
+
+        Raises:
+            ConvpipeError: A class without training images under ``balanced``.
+        """
+        if self.train_params.class_weights == "none":
+            self.class_weights = None
+            return
+        if len(counts) != self.num_classes or min(counts) < 1:
+            raise ConvpipeError(
+                "train.class_weights balanced needs images of every class, got counts "
+                f"{list(counts)}",
+                "in the training split",
+                "add images of the empty classes or set train.class_weights: none",
+            )
+        total = float(sum(counts))
+        self.class_weights = torch.tensor([total / (len(counts) * c) for c in counts])
+
+    def data_loss(
+        self, logits: Tensor, y: Tensor, smoothing: float = 0.0, weighted: bool = False
+    ) -> Tensor:
         """Mean data loss J of a batch.
 
         Args:
@@ -243,14 +274,23 @@ class CNNClassifier(L.LightningModule):
                 unit, whose target becomes ``y (1 - s) + s / 2``). Training passes
                 ``train.label_smoothing``; validation and test keep 0, so their losses
                 compare across runs.
+            weighted: Weight each image by its class (:meth:`set_class_counts`): the mean is
+                then ``sum w_i J_i / sum w_i``, as ``F.cross_entropy(weight=...)`` takes it.
 
         Returns:
             Scalar: binary cross-entropy with logits for 2 classes, else cross-entropy.
         """
+        weights = self.class_weights if weighted else None
+        if weights is not None:
+            weights = weights.to(device=logits.device, dtype=logits.dtype)
         if self.binary:
             target = y.to(logits.dtype) * (1.0 - smoothing) + smoothing / 2.0
-            return F.binary_cross_entropy_with_logits(logits, target)
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+            if weights is None:
+                return F.binary_cross_entropy_with_logits(logits, target)
+            each = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            w = weights[y]
+            return (each * w).sum() / w.sum()
+        return F.cross_entropy(logits, y, weight=weights, label_smoothing=smoothing)
 
     def penalty(self) -> Tensor:
         """The lambda/m weight penalty of the current weights (m = ``hparams.train_size``)."""
@@ -335,9 +375,12 @@ class CNNClassifier(L.LightningModule):
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         """Minimise J + penalty on one training batch; stop with an error if it is nan/inf.
 
-        The epoch's ``train/*`` metrics are summed here in one small tensor and logged once,
-        at the last step of the epoch: a ``self.log`` per metric and step costs Lightning
-        about as much as a small batch's forward pass.
+        With ``train.mixup_alpha`` or ``train.cutmix_alpha`` the batch is mixed first
+        (:func:`convpipe.models.mixing.mix_batch`): ``train/loss`` is then the mixed target's
+        (smoothed, class-weighted) loss and ``train/acc`` counts the label that dominates each
+        mixed image. The epoch's ``train/*`` metrics are summed here in one small tensor and
+        logged once, at the last step of the epoch: a ``self.log`` per metric and step costs
+        Lightning about as much as a small batch's forward pass.
 
         Args:
             batch: ``(x, y)`` with x float ``(N, C, H, W)`` and y int64 ``(N,)``.
@@ -346,9 +389,14 @@ class CNNClassifier(L.LightningModule):
         Returns:
             The objective J + penalty, which the optimiser minimises.
         """
-        x, y = batch[0], batch[1]
+        train = self.train_params
+        x, y_a, y_b, lam = mix_batch(batch[0], batch[1], train.mixup_alpha, train.cutmix_alpha)
         logits = self(x)
-        loss = self.data_loss(logits, y, self.train_params.label_smoothing)
+        smoothing = train.label_smoothing
+        loss = self.data_loss(logits, y_a, smoothing, weighted=True)
+        if lam < 1.0:  # mixed targets: the loss is linear in the target
+            loss = lam * loss + (1.0 - lam) * self.data_loss(logits, y_b, smoothing, weighted=True)
+        y = y_a if lam >= 0.5 else y_b  # accuracy against the label that dominates
         penalty = self.penalty()
         objective = loss + penalty
         self._check_finite(objective)

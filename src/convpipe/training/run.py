@@ -151,6 +151,7 @@ def build_model(params: Params) -> tuple[ConvDataModule, CNNClassifier]:
         train_size=datamodule.train_size,
         class_names=manifest.class_names,
     )
+    model.set_class_counts(datamodule.train_class_counts())
     if params.model.whiten:
         model.init_whitening(whitening_sample(datamodule))
     if params.model.init_from is not None:  # after whitening: the source's filters win

@@ -130,6 +130,56 @@ class _GaussNoise(BatchedOp):
         return (images + noise.to(images.device)).clamp(0, 255)
 
 
+class _Erasing(BatchedOp):
+    """``A.Erasing``: one rectangle per image, drawn as albumentations 2.0.8 draws it.
+
+    The area is uniform in ``scale`` times the image's, capped so that a rectangle of some
+    ratio in ``ratio`` fits; the ratio (w / h) is uniform in what fits for that area; the
+    corner is uniform over the places it fits. Filled with black or a random value per pixel.
+    """
+
+    def __init__(self, transform: A.Erasing, random_fill: bool) -> None:
+        super().__init__(transform.p)
+        self.scale = tuple(float(v) for v in transform.scale)
+        self.ratio = tuple(float(v) for v in transform.ratio)
+        self.random_fill = random_fill
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count, _, height, width = images.shape
+        (r_low, r_high), total = self.ratio, height * width
+        cap = min(total * self.scale[1], r_low * height**2, width**2 / r_high)
+        if cap < total * self.scale[0]:
+            return images  # no rectangle of these shapes fits
+        area = uniform(generator, count, (total * self.scale[0], cap))
+        low = torch.clamp(area / height**2, min=r_low)
+        high = torch.clamp(width**2 / area, max=r_high)
+        ratio = low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
+        box_h = torch.sqrt(area / ratio).round().clamp(1, height)
+        box_w = torch.sqrt(area * ratio).round().clamp(1, width)
+        top = (
+            torch.rand(count, generator=generator, dtype=torch.float64) * (height - box_h + 1)
+        ).floor()
+        left = (
+            torch.rand(count, generator=generator, dtype=torch.float64) * (width - box_w + 1)
+        ).floor()
+        rows = torch.arange(height, dtype=torch.float64).view(1, height, 1)
+        cols = torch.arange(width, dtype=torch.float64).view(1, 1, width)
+        inside = (rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+        inside = inside & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1))
+        inside = inside[:, None].to(images.device)
+        if self.random_fill:
+            fill = torch.randint(0, 256, images.shape, generator=generator).to(images)
+        else:
+            fill = torch.zeros((), dtype=images.dtype, device=images.device)
+        return torch.where(inside, fill, images)
+
+
+def _erasing_op(transform: Any) -> BatchedOp | None:
+    if isinstance(transform.fill, str):
+        return _Erasing(transform, True) if transform.fill == "random" else None
+    return _Erasing(transform, False) if float(transform.fill) == 0 else None
+
+
 def _noise_op(transform: Any) -> BatchedOp | None:
     return _GaussNoise(transform) if transform.noise_scale_factor == 1 else None
 
@@ -139,4 +189,5 @@ def _noise_op(transform: Any) -> BatchedOp | None:
 PHOTOMETRIC_OPS: dict[type, OpBuilder] = {
     A.ColorJitter: _ColorJitter,
     A.GaussNoise: _noise_op,
+    A.Erasing: _erasing_op,
 }

@@ -35,6 +35,7 @@ from convpipe.config.schema import (
     AugmentParams,
     ColorJitterParams,
     CropParams,
+    ErasingParams,
     NoiseParams,
     ResizedCropParams,
     RotateParams,
@@ -49,7 +50,8 @@ Transform: TypeAlias = BasicTransform | BaseCompose
 ImageHW: TypeAlias = tuple[int, int]
 
 #: The ``augment`` sub-sections, in the order their transforms run: geometry first (so
-#: photometric changes are not smeared by interpolation), noise last (so it is not blurred).
+#: photometric changes are not smeared by interpolation), noise after them (so it is not
+#: blurred), erasing last (what it blanks out is not changed again).
 SECTIONS: tuple[str, ...] = (
     "crop",
     "resized_crop",
@@ -59,6 +61,7 @@ SECTIONS: tuple[str, ...] = (
     "vertical_flip",
     "color_jitter",
     "gaussian_noise",
+    "erasing",
 )
 
 
@@ -167,6 +170,20 @@ def _gaussian_noise(section: NoiseParams, hw: ImageHW, channels: int) -> Transfo
     return A.GaussNoise(std_range=tuple(section.std), p=section.p)
 
 
+#: ``augment.erasing.fill`` as albumentations' ``fill``: black pixels or a random value each.
+ERASING_FILLS: dict[str, float | str] = {"black": 0, "random": "random"}
+
+
+def _erasing(section: ErasingParams, hw: ImageHW, channels: int) -> Transform:
+    """``A.Erasing``: one rectangle of ``scale`` of the area and aspect ``ratio`` (w / h)."""
+    return A.Erasing(
+        scale=tuple(section.scale),
+        ratio=tuple(section.ratio),
+        fill=ERASING_FILLS[section.fill],
+        p=section.p,
+    )
+
+
 _BUILDERS: dict[str, Callable[[Any, ImageHW, int], Transform]] = {
     "crop": _crop,
     "resized_crop": _resized_crop,
@@ -176,6 +193,7 @@ _BUILDERS: dict[str, Callable[[Any, ImageHW, int], Transform]] = {
     "vertical_flip": _vertical_flip,
     "color_jitter": _color_jitter,
     "gaussian_noise": _gaussian_noise,
+    "erasing": _erasing,
 }
 
 
