@@ -235,6 +235,32 @@ def test_warmup_rises_to_the_peak_then_decays_to_zero(params, shape):
     assert middle == pytest.approx(0.1 * expected)
 
 
+def test_a_step_budget_ends_training_and_the_schedule_spans_it(params, tmp_path):
+    module = classifier(
+        params,
+        optimizer="sgd",
+        lr=0.1,
+        scheduler="warmup_linear",
+        warmup_epochs=1,
+        max_epochs=50,
+        max_steps=6,
+        batch_size=8,
+    )
+    fitted = trainer(max_steps=module.train_params.max_steps, max_epochs=50)
+    fitted.fit(module, loader(n=32))  # 4 steps an epoch: the budget ends it in epoch 2
+    assert fitted.global_step == 6 and fitted.current_epoch <= 2  # not max_epochs
+    schedule = fitted.lr_scheduler_configs[0].scheduler
+    assert schedule.last_epoch == 6
+    assert fitted.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
+    # warmup_epochs counts real epochs (4 steps), not max_epochs' share of the budget
+    assert schedule.lr_lambdas[0](0) == pytest.approx(0.25)
+
+
+def test_a_step_budget_refuses_epoch_laid_schedules(params):
+    with pytest.raises(ValueError, match=r"train\.max_steps 100 may cut short"):
+        train_variant(params, scheduler="cosine", max_steps=100)
+
+
 def test_warmup_longer_than_the_training_is_refused(params):
     with pytest.raises(ValueError, match=r"warmup_epochs must be below train\.max_epochs"):
         train_variant(params, scheduler="warmup_linear", max_epochs=3, warmup_epochs=3)

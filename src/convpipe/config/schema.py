@@ -282,6 +282,7 @@ class TrainParams(Section):
     reg_lambda: Annotated[float, Field(ge=0.0)]
     batch_size: PositiveInt | Literal["full"]
     max_epochs: PositiveInt
+    max_steps: PositiveInt | None
     patience: NonNegInt
     monitor: str
     monitor_mode: Literal["min", "max"]
@@ -297,6 +298,16 @@ class TrainParams(Section):
     num_nodes: PositiveInt
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed", "64-true"]
     sync_batchnorm: bool
+
+    @model_validator(mode="after")
+    def _step_budget_schedules(self) -> TrainParams:
+        if self.max_steps is not None and self.scheduler in ("cosine", "step"):
+            raise ValueError(
+                f"train.scheduler {self.scheduler} is laid out over train.max_epochs, which "
+                f"train.max_steps {self.max_steps} may cut short: use warmup_cosine, "
+                "warmup_linear or onecycle (laid out over the steps), or max_steps: null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:

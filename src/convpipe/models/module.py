@@ -487,7 +487,8 @@ class CNNClassifier(L.LightningModule):
         total = None
         if train.scheduler in PER_STEP_SCHEDULERS:
             total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(optimizer, train, total)
+        per_epoch = math.ceil(int(self.hparams["train_size"]) / batch)
+        scheduler = build_scheduler(optimizer, train, total, per_epoch)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

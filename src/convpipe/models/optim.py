@@ -171,7 +171,10 @@ def warmup_decay(step: int, warmup: int, total: int, shape: str) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int | None = None
+    optimizer: torch.optim.Optimizer,
+    train: TrainParams,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> LRSchedulerConfigType | None:
     """The learning-rate scheduler named by ``train.scheduler``.
 
@@ -193,6 +196,9 @@ def build_scheduler(
         optimizer: The optimiser to schedule (its groups' ``lr`` are the peak rates).
         train: The ``train`` section.
         total_steps: Optimiser steps of the whole training; the per-step schedules need it.
+        steps_per_epoch: Optimiser steps of one epoch, for ``train.warmup_epochs``; by default
+            ``total_steps / train.max_epochs`` (what it is unless ``train.max_steps`` ends
+            the training earlier).
 
     Returns:
         A Lightning scheduler config dict, or None for ``none``.
@@ -208,7 +214,9 @@ def build_scheduler(
             raise ValueError(
                 f"{train.scheduler} needs the number of training steps, got {total_steps!r}"
             )
-        return {"scheduler": _per_step(optimizer, train, total_steps), "interval": "step"}
+        per_epoch = steps_per_epoch or total_steps / max(1, train.max_epochs)
+        schedule = _per_step(optimizer, train, total_steps, per_epoch)
+        return {"scheduler": schedule, "interval": "step"}
     if train.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.max_epochs)
     elif train.scheduler == "step":
@@ -228,7 +236,7 @@ def build_scheduler(
 
 
 def _per_step(
-    optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int
+    optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int, per_epoch: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``onecycle`` or a ``warmup_*`` schedule over ``total_steps`` optimiser steps."""
     if train.scheduler == "onecycle":
@@ -241,8 +249,7 @@ def _per_step(
             total_steps=int(total_steps) + 1,
             cycle_momentum=False,
         )
-    epochs = max(1, train.max_epochs)
-    warmup = max(1, round(train.warmup_epochs * total_steps / epochs))
+    warmup = max(1, min(round(train.warmup_epochs * per_epoch), int(total_steps) - 1))
     shape = train.scheduler.removeprefix("warmup_")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_decay(step, warmup, int(total_steps), shape)
