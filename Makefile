@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui bench bench-cifar lint tune gpu-check gpu-bundle
+.PHONY: setup lock run test test-fast ui bench bench-cifar bench-photos lint tune gpu-check gpu-bundle
 
 LOCK := requirements.lock
 
@@ -51,6 +51,11 @@ bench: setup
 # The CIFAR-10 recipes, trained for real (15-40 min on 2 cores): benchmarks/RESULTS_CIFAR.md.
 bench-cifar: setup
 	$(PY) benchmarks/run_all.py --only bench_cifar --output benchmarks/RESULTS_CIFAR.md
+
+# Few photos a class (params/photos.yaml against the other recipes) and fine-tuning, 3 seeds
+# each (~1 h on 2 cores): benchmarks/RESULTS_PHOTOS.md.
+bench-photos: setup
+	$(PY) benchmarks/run_all.py --only bench_photos --output benchmarks/RESULTS_PHOTOS.md
 
 # One table of what convpipe does on a CUDA GPU (<= 8 min), or one "skipped" line without one.
 # A GPU machine brings its own python and torch (no .venv there): the bundle supplies the rest.

@@ -23,7 +23,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.models.checkpoint import load_model, read_checkpoint
 from convpipe.models.module import CNNClassifier, predict_logits
 from convpipe.models.network import build_cnn, regularization_penalty
-from convpipe.models.optim import build_optimizer, build_scheduler, warmup_decay
+from convpipe.models.optim import budget_epochs, build_optimizer, build_scheduler, warmup_decay
 from convpipe.models.tta import tta_logits, tta_views
 from convpipe.models.whitening import whitening_filters
 from convpipe.training.callbacks import EMAWeights, ema_decay_at, weight_averaging
@@ -235,25 +235,46 @@ def test_warmup_rises_to_the_peak_then_decays_to_zero(params, shape):
     assert middle == pytest.approx(0.1 * expected)
 
 
-def test_a_step_budget_ends_training_and_the_schedule_spans_it(params, tmp_path):
-    module = classifier(
+@pytest.mark.parametrize(
+    ("images", "epochs"),
+    [(300, 200), (5_000, 26), (30_000, 5), (64, 200)],
+)
+def test_a_step_budget_becomes_whole_epochs_for_any_data_size(params, images, epochs):
+    # 2,000 steps of 64: 5 steps an epoch for 300 images (400 epochs, capped at 200); 79 for
+    # 5,000 (25.3, rounded up); 469 for 30,000 (4.3, rounded up)
+    train = train_variant(params, batch_size=64, max_epochs=200, max_steps=2000)
+    assert budget_epochs(train, images) == epochs
+    assert budget_epochs(train_variant(params, max_epochs=7), images) == 7  # no budget
+
+
+def test_warmup_counts_real_epochs_under_a_step_budget(params):
+    train = train_variant(
         params,
         optimizer="sgd",
         lr=0.1,
         scheduler="warmup_linear",
         warmup_epochs=1,
-        max_epochs=50,
-        max_steps=6,
-        batch_size=8,
+        max_epochs=200,
+        max_steps=8,
     )
-    fitted = trainer(max_steps=module.train_params.max_steps, max_epochs=50)
-    fitted.fit(module, loader(n=32))  # 4 steps an epoch: the budget ends it in epoch 2
-    assert fitted.global_step == 6 and fitted.current_epoch <= 2  # not max_epochs
-    schedule = fitted.lr_scheduler_configs[0].scheduler
-    assert schedule.last_epoch == 6
-    assert fitted.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
-    # warmup_epochs counts real epochs (4 steps), not max_epochs' share of the budget
-    assert schedule.lr_lambdas[0](0) == pytest.approx(0.25)
+    optimizer = build_optimizer(nn.Linear(2, 2), train, 16)
+    # the Trainer runs 2 epochs of 4 steps: warmup is 4 steps, not max_epochs' share of 8
+    config = build_scheduler(optimizer, train, total_steps=8, steps_per_epoch=4)
+    assert config is not None
+    assert config["scheduler"].lr_lambdas[0](0) == pytest.approx(0.25)
+
+
+def test_training_under_a_budget_ends_with_a_validation(params, tmp_path):
+    from convpipe.training.run import resolved_train
+
+    train = train_variant(params, max_epochs=50, max_steps=6, batch_size=8, precision="32-true")
+    module = classifier(params, max_epochs=50, max_steps=6, batch_size=8)
+    fake = params.model_copy(update={"train": train})
+    cfg = resolved_train(fake, module, 32)  # 4 steps an epoch: 2 epochs
+    assert cfg.max_epochs == 2
+    fitted = trainer(max_steps=-1, max_epochs=cfg.max_epochs)
+    fitted.fit(module, loader(n=32), loader(n=16))
+    assert fitted.global_step == 8 and "val/loss" in fitted.callback_metrics
 
 
 def test_a_step_budget_refuses_epoch_laid_schedules(params):

@@ -40,6 +40,7 @@ from convpipe.data.transforms.preview import (
     preview_scale,
     save_png,
 )
+from convpipe.data.transforms.trivial import TrivialAugmentWide
 from convpipe.errors import ConvpipeError
 from tests.conftest import ROOT
 
@@ -54,6 +55,7 @@ OFF: dict[str, Any] = {
     "rotate": {"p": 0.0, "limit": 15.0},
     "horizontal_flip": {"p": 0.0},
     "vertical_flip": {"p": 0.0},
+    "trivial_augment": {"p": 0.0},
     "color_jitter": {"p": 0.0, "brightness": 0.3, "contrast": 0.3, "saturation": 0.0, "hue": 0.0},
     "gaussian_noise": {"p": 0.0, "std": [0.02, 0.05]},
     "erasing": {"p": 0.0, "scale": [0.02, 0.33], "ratio": [0.3, 3.3], "fill": "random"},
@@ -66,6 +68,7 @@ EXPECTED_CLASS = {
     "rotate": A.Rotate,
     "horizontal_flip": A.HorizontalFlip,
     "vertical_flip": A.VerticalFlip,
+    "trivial_augment": TrivialAugmentWide,
     "color_jitter": A.ColorJitter,
     "gaussian_noise": A.GaussNoise,
     "erasing": A.Erasing,
@@ -400,6 +403,7 @@ EVERY_SECTION = {
     "rotate": {"p": 0.5, "limit": 30.0},
     "horizontal_flip": {"p": 0.5},
     "vertical_flip": {"p": 0.5},
+    "trivial_augment": {"p": 0.5},
     "color_jitter": {"p": 0.5, "brightness": 0.4, "contrast": 0.4},
     "gaussian_noise": {"p": 0.5},
     "erasing": {"p": 0.5, "scale": [0.05, 0.4], "ratio": [0.5, 2.0]},
@@ -431,7 +435,9 @@ def test_batched_path_draws_from_the_same_distribution(section: str, channels: i
     if section == "color_jitter" and channels == 3:
         settings.update(saturation=0.5, hue=0.2)
     pipeline = build_augmentation(make_params(**{section: settings}), (16, 20), channels, 0)
-    images = np.repeat(structured_image(channels)[None], 3000, axis=0)
+    # TrivialAugment spreads its copies over 14 ops, some of them (32-pixel shifts) far-reaching
+    copies = 20_000 if section == "trivial_augment" else 3000
+    images = np.repeat(structured_image(channels)[None], copies, axis=0)
     per_image, batched = both_paths(pipeline, images)
     # Per pixel, the mean and spread over 3,000 augmented copies of one image agree within
     # sampling noise (and albumentations' uint8 rounding after every step).

@@ -179,6 +179,7 @@ class AugmentParams(Section):
     rotate: RotateParams
     horizontal_flip: Toggle
     vertical_flip: Toggle
+    trivial_augment: Toggle
     color_jitter: ColorJitterParams
     gaussian_noise: NoiseParams
     erasing: ErasingParams
@@ -305,7 +306,8 @@ class TrainParams(Section):
             raise ValueError(
                 f"train.scheduler {self.scheduler} is laid out over train.max_epochs, which "
                 f"train.max_steps {self.max_steps} may cut short: use warmup_cosine, "
-                "warmup_linear or onecycle (laid out over the steps), or max_steps: null"
+                "warmup_linear or onecycle (laid out over the steps that run), or "
+                "max_steps: null"
             )
         return self
 

@@ -24,6 +24,7 @@ __all__ = [
     "STEP_GAMMA",
     "STEP_PHASES",
     "base_lr",
+    "budget_epochs",
     "build_optimizer",
     "build_scheduler",
     "check_optimizer",
@@ -68,6 +69,23 @@ def global_batch(train: TrainParams, train_size: int) -> int:
     if train.batch_size == "full":
         return train_size
     return min(int(train.batch_size), train_size)
+
+
+def budget_epochs(train: TrainParams, train_size: int) -> int:
+    """The epochs a training runs: ``train.max_epochs``, or fewer for ``train.max_steps``.
+
+    A step budget is rounded up to whole epochs, so training still ends with a validation
+    (what early stopping and the best checkpoint judge) and a full pass over the data:
+    ``min(max_epochs, ceil(max_steps / steps_per_epoch))``.
+
+    Args:
+        train: The ``train`` section.
+        train_size: Training images m (copies included).
+    """
+    if train.max_steps is None:
+        return train.max_epochs
+    per_epoch = math.ceil(train_size / global_batch(train, train_size))
+    return max(1, min(train.max_epochs, math.ceil(train.max_steps / per_epoch)))
 
 
 def base_lr(train: TrainParams, batch: int) -> float:

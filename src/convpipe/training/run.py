@@ -24,7 +24,7 @@ from convpipe.config.schema import Params, TrainParams
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
-from convpipe.models.optim import global_batch
+from convpipe.models.optim import budget_epochs, global_batch
 from convpipe.models.transfer import read_weights, transfer_weights
 from convpipe.models.whitening import WHITEN_IMAGES
 from convpipe.tracking.init_source import fetched
@@ -184,10 +184,15 @@ def start_from(params: Params, model: CNNClassifier) -> dict[str, str]:
 
 
 def resolved_train(params: Params, model: CNNClassifier, train_size: int) -> TrainParams:
-    """The ``train`` section with ``precision: auto`` replaced by this machine's choice."""
+    """The ``train`` section as the Trainer takes it.
+
+    ``precision: auto`` replaced by this machine's choice, and ``max_epochs`` by the epochs
+    ``train.max_steps`` allows (:func:`convpipe.models.optim.budget_epochs`).
+    """
     train = params.train
     precision = resolve_precision(train, params.runtime, model, global_batch(train, train_size))
-    return train.model_copy(update={"precision": precision})
+    epochs = budget_epochs(train, train_size)
+    return train.model_copy(update={"precision": precision, "max_epochs": epochs})
 
 
 def whitening_sample(datamodule: ConvDataModule) -> Tensor:

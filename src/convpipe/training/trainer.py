@@ -73,7 +73,6 @@ def build_trainer(
         "num_nodes": train.num_nodes,
         "precision": train.precision,
         "max_epochs": train.max_epochs,
-        "max_steps": train.max_steps or -1,  # -1: Lightning's "no limit"
         "deterministic": True,
         "callbacks": callbacks,
         "logger": logger,

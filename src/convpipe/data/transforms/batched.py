@@ -19,8 +19,13 @@ from albumentations.core.composition import BaseCompose
 from convpipe.data.transforms.batched_geometry import GEOMETRY_OPS
 from convpipe.data.transforms.batched_ops import BatchedOp, OpBuilder
 from convpipe.data.transforms.batched_photometric import PHOTOMETRIC_OPS
+from convpipe.data.transforms.trivial import TrivialAugmentWide, batched_trivial
 
-_BATCHED: dict[type, OpBuilder] = {**GEOMETRY_OPS, **PHOTOMETRIC_OPS}
+_BATCHED: dict[type, OpBuilder] = {
+    **GEOMETRY_OPS,
+    **PHOTOMETRIC_OPS,
+    TrivialAugmentWide: batched_trivial,
+}
 
 
 class TensorAugmentation:

@@ -16,41 +16,15 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from albumentations.core.transforms_interface import BasicTransform
 
-from convpipe.data.transforms.batched_ops import BatchedOp, OpBuilder, uniform
+from convpipe.data.transforms.batched_ops import BatchedOp, OpBuilder, uniform, warp
 from convpipe.data.transforms.factory import ImageHW, Transform
 from convpipe.errors import ConvpipeError
 
 #: ``padding_mode`` of ``grid_sample`` for an albumentations border: black, edge pixels, or
 #: mirrored about the edge (``cv2.BORDER_REFLECT`` for whole-pixel shifts).
 _ZEROS, _BORDER, _REFLECT = "zeros", "border", "reflection"
-
-
-def _warp(images: torch.Tensor, forward: torch.Tensor, padding: str) -> torch.Tensor:
-    """Resample ``images`` under pixel-space affine maps, as ``cv2.warpAffine`` does.
-
-    Args:
-        images: float ``(N, C, H, W)``.
-        forward: float64 ``(N, 3, 3)`` maps from source to destination pixel coordinates, pixel
-            centres at integers (OpenCV's and albumentations' convention).
-        padding: ``"zeros"`` (black border) or ``"border"`` (edge pixels repeated).
-
-    Returns:
-        float ``(N, C, H, W)``, bilinear samples at ``forward⁻¹(x, y)`` of every output pixel.
-    """
-    count, channels, height, width = images.shape
-    # grid_sample (align_corners=False) puts pixel x's centre at u = (2x + 1) / W - 1.
-    to_unit = torch.tensor(
-        [[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]],
-        dtype=torch.float64,
-    )
-    theta = to_unit @ torch.linalg.inv(forward) @ torch.linalg.inv(to_unit)
-    # the maps are drawn and inverted on the CPU in float64; only the grid goes to the device
-    theta = theta[:, :2].to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [count, channels, height, width], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def _affine_matrices(
@@ -101,7 +75,7 @@ class _Geometric(BatchedOp):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         hw = (images.shape[2], images.shape[3])
-        return _warp(images, self.matrices(images.shape[0], hw, generator), self.padding)
+        return warp(images, self.matrices(images.shape[0], hw, generator), self.padding)
 
     def matrices(self, count: int, hw: ImageHW, generator: torch.Generator) -> torch.Tensor:
         """float64 ``(count, 3, 3)`` source-to-destination maps."""

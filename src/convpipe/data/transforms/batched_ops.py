@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import torch
+import torch.nn.functional as F
 
 
 def uniform(
@@ -62,3 +63,28 @@ class BatchedOp:
 #: Turns one albumentations transform into its batched op, or None if an option it uses has no
 #: batched equivalent (the pipeline then runs per image through albumentations).
 OpBuilder: TypeAlias = Callable[[Any], BatchedOp | None]
+
+
+def warp(images: torch.Tensor, forward: torch.Tensor, padding: str) -> torch.Tensor:
+    """Resample ``images`` under pixel-space affine maps, as ``cv2.warpAffine`` does.
+
+    Args:
+        images: float ``(N, C, H, W)``.
+        forward: float64 ``(N, 3, 3)`` maps from source to destination pixel coordinates, pixel
+            centres at integers (OpenCV's and albumentations' convention).
+        padding: ``"zeros"`` (black border) or ``"border"`` (edge pixels repeated).
+
+    Returns:
+        float ``(N, C, H, W)``, bilinear samples at ``forward⁻¹(x, y)`` of every output pixel.
+    """
+    count, channels, height, width = images.shape
+    # grid_sample (align_corners=False) puts pixel x's centre at u = (2x + 1) / W - 1.
+    to_unit = torch.tensor(
+        [[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]],
+        dtype=torch.float64,
+    )
+    theta = to_unit @ torch.linalg.inv(forward) @ torch.linalg.inv(to_unit)
+    # the maps are drawn and inverted on the CPU in float64; only the grid goes to the device
+    theta = theta[:, :2].to(device=images.device, dtype=images.dtype)
+    grid = F.affine_grid(theta, [count, channels, height, width], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)

@@ -26,18 +26,19 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
-def _brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale every pixel by the image's ``factor`` (``(n,)``)."""
     return images * factor.view(-1, 1, 1, 1)
 
 
-def _contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend towards each image's mean gray level (torchvision semantics)."""
     mean = _luma(images).mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
     factor = factor.view(-1, 1, 1, 1)
     return images * factor + mean * (1 - factor)
 
 
-def _saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend towards the gray image; nothing to do on one channel."""
     if images.shape[1] == 1:
         return images
@@ -95,7 +96,7 @@ class _ColorJitter(BatchedOp):
             tuple(float(v) for v in getattr(transform, name))
             for name in ("brightness", "contrast", "saturation", "hue")
         ]
-        self.ops = (_brightness, _contrast, _saturation, _hue)
+        self.ops = (brightness, contrast, saturation, _hue)
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         count = images.shape[0]

@@ -41,6 +41,7 @@ from convpipe.config.schema import (
     RotateParams,
     Toggle,
 )
+from convpipe.data.transforms.trivial import TrivialAugmentWide
 from convpipe.errors import ConvpipeError
 from convpipe.io import atomic_path
 
@@ -59,6 +60,7 @@ SECTIONS: tuple[str, ...] = (
     "rotate",
     "horizontal_flip",
     "vertical_flip",
+    "trivial_augment",
     "color_jitter",
     "gaussian_noise",
     "erasing",
@@ -122,6 +124,10 @@ def _horizontal_flip(section: Toggle, hw: ImageHW, channels: int) -> Transform:
 
 def _vertical_flip(section: Toggle, hw: ImageHW, channels: int) -> Transform:
     return A.VerticalFlip(p=section.p)
+
+
+def _trivial_augment(section: Toggle, hw: ImageHW, channels: int) -> Transform:
+    return TrivialAugmentWide(p=section.p)
 
 
 def _color_jitter(section: ColorJitterParams, hw: ImageHW, channels: int) -> Transform:
@@ -191,6 +197,7 @@ _BUILDERS: dict[str, Callable[[Any, ImageHW, int], Transform]] = {
     "rotate": _rotate,
     "horizontal_flip": _horizontal_flip,
     "vertical_flip": _vertical_flip,
+    "trivial_augment": _trivial_augment,
     "color_jitter": _color_jitter,
     "gaussian_noise": _gaussian_noise,
     "erasing": _erasing,

@@ -1,0 +1,331 @@
+"""Photos with few images a class: params/photos.yaml against today's recipes, and fine-tuning.
+
+Everything runs the README's commands in throwaway copies of the project (``convpipe recipe``,
+``dvc repro``) on images carved from CIFAR-10's train split (``../shared/datasets/cifar10``,
+JPEGs), as explicit ``train/``, ``val/`` and ``test/`` class folders with disjoint, seeded
+picks, so every arm is scored on the same test images:
+
+* ``small``: 200 training and 50 validation photos a class (10 classes), 100 test photos a
+  class; the photos are 32 px, upscaled to the recipe's size. Arms: ``params.yaml`` as shipped
+  at 64 px; ``params/cifar10.yaml`` adapted as the README says (native 32 px, batch 128,
+  40 epochs) and the same with 150 epochs (about the photos recipe's time); and
+  ``params/photos.yaml`` (64 px). Test accuracy (evaluate, with each recipe's TTA) and the
+  wall time of ``dvc repro train evaluate``, per seed (``base.seed``), mean and a 95 % t
+  interval.
+* ``finetune``: ``params/photos.yaml`` trained on 8 classes (500 + 50 photos each), registered
+  as ``convpipe-photos@champion``; then the 2 other classes with 100 training photos each,
+  fine-tuned from ``models:/convpipe-photos@champion`` (2 frozen epochs, backbone at 0.3x the
+  rate) against the same recipe from scratch, per seed, on 200 test photos a class.
+
+Each run's figures are appended to a JSON-lines log as soon as they exist, so an interrupted
+benchmark keeps them; the report is made from the log. Skipped, with a message, when the
+CIFAR-10 tar is absent.
+
+Usage: python benchmarks/bench_photos.py [--quick] [--part small|finetune] [--seeds N]
+       [--log FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import ROOT, Checkout, Section, print_sections
+
+CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-train-jpg.tar.gz"
+CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+SMALL = {"train": 200, "val": 50, "test": 100}
+PRETRAIN = {"train": 500, "val": 50, "test": 50}
+NEW = {"train": 100, "val": 25, "test": 200}
+#: (recipes applied in order, params set after them) per arm of the small-data comparison.
+ARMS: dict[str, tuple[list[str], dict[str, object]]] = {
+    "params.yaml (64 px)": ([], {"data.source": "imagefolder", "data.image_size": 64}),
+    "cifar10.yaml, adapted (32 px, batch 128, 40 epochs)": (
+        ["params/cifar10.yaml"],
+        {"train.batch_size": 128, "train.max_epochs": 40, "train.patience": 40},
+    ),
+    "cifar10.yaml, adapted, 150 epochs": (
+        ["params/cifar10.yaml"],
+        {"train.batch_size": 128, "train.max_epochs": 150, "train.patience": 150},
+    ),
+    "photos.yaml (64 px)": (["params/photos.yaml"], {}),
+}
+#: --quick: a smoke run of every stage in seconds per run
+QUICK = {
+    "train.max_epochs": 2,
+    "train.max_steps": 4,
+    "train.warmup_epochs": 0.5,
+    "train.batch_size": 8,
+}
+GOAL_MARGIN = 0.05  # "a clear margin": 5 points over the best other recipe, interval cleared
+
+
+def carve(
+    images: Path, dest: Path, classes: Sequence[str], counts: dict[str, int], seed: int
+) -> Path:
+    """``dest/{train,val,test}/<class>/*.jpg``: disjoint seeded picks of ``images/<class>``."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        files = sorted((images / name).iterdir())
+        order = rng.permutation(len(files))
+        start = 0
+        for split, count in counts.items():
+            folder = dest / split / name
+            folder.mkdir(parents=True)
+            for index in order[start : start + count]:
+                (folder / files[index].name).symlink_to(files[index])
+            start += count
+    return dest
+
+
+def unpack(dest: Path) -> Path:
+    """CIFAR-10's train split under ``dest/train/<class>/*.jpg``."""
+    with tarfile.open(CIFAR_TAR) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "train"
+
+
+def pipeline_run(
+    root: Path, recipes: list[str], values: dict[str, object], data: Path
+) -> dict[str, float]:
+    """One project copy: recipes, params, ``dvc repro``; test accuracy and wall times."""
+    project = Checkout.of_this_one(root)
+    for overlay in recipes:
+        project.run("convpipe", "recipe", overlay)
+    project.set_params(**{"data.source": "imagefolder", "data.path": str(data), **values})
+    project.run("dvc", "repro", "augment")  # prepare is not part of the figure
+    start = time.perf_counter()
+    project.run("dvc", "repro")
+    seconds = time.perf_counter() - start
+    evaluated = json.loads((project.root / "metrics" / "eval.json").read_text())
+    trained = json.loads((project.root / "metrics" / "train.json").read_text())
+    return {
+        "accuracy": float(evaluated["accuracy"]),
+        "accuracy_no_tta": float(trained["test/acc"]),
+        "epochs": int(trained["epochs"]),
+        "seconds": seconds,
+    }
+
+
+def _log(path: Path, record: dict[str, object]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def run_small(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> None:
+    """Every arm of the small-data comparison, seed by seed."""
+    counts = {"train": 20, "val": 10, "test": 10} if quick else SMALL
+    data = carve(images, tmp / "small", CLASSES, counts, seed=0)
+    for seed in range(seeds):
+        for arm, (recipes, values) in ARMS.items():
+            extra: dict[str, object] = {"base.seed": seed}
+            if quick:
+                extra.update(QUICK)
+            root = tmp / f"small-{seed}-{len(list(tmp.iterdir()))}"
+            figures = pipeline_run(root, recipes, {**values, **extra}, data)
+            _log(log, {"part": "small", "arm": arm, "seed": seed, **figures})
+
+
+def run_finetune(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> None:
+    """Pretrain on 8 classes, then fine-tune vs from scratch on the other 2, seed by seed."""
+    pre_counts = {"train": 20, "val": 5, "test": 5} if quick else PRETRAIN
+    new_counts = {"train": 10, "val": 5, "test": 10} if quick else NEW
+    old = carve(images, tmp / "eight", CLASSES[:8], pre_counts, seed=1)
+    new = carve(images, tmp / "two", CLASSES[8:], new_counts, seed=2)
+    short = QUICK if quick else {}
+    project = Checkout.of_this_one(tmp / "pretrain")
+    project.run("convpipe", "recipe", "params/photos.yaml")
+    project.set_params(**{"data.path": str(old), **short})
+    project.run("dvc", "repro")
+    pre = json.loads((project.root / "metrics" / "eval.json").read_text())
+    _log(log, {"part": "pretrain", "accuracy": float(pre["accuracy"])})
+    store = f"sqlite:///{project.root / 'mlflow.db'}"
+    source = {
+        "model.init_from": "models:/convpipe-photos@champion",
+        "train.freeze_epochs": 2,
+        "train.backbone_lr_scale": 0.3,
+        "mlflow.tracking_uri": store,
+        "mlflow.registered_model": "photos-two-classes",
+    }
+    for seed in range(seeds):
+        for arm, values in (("from scratch", {}), ("fine-tuned", source)):
+            root = tmp / f"two-{seed}-{arm.replace(' ', '-')}"
+            run_values = {**values, **short, "base.seed": seed}
+            figures = pipeline_run(root, ["params/photos.yaml"], run_values, new)
+            _log(log, {"part": "finetune", "arm": arm, "seed": seed, **figures})
+
+
+def _interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95 % t interval (0 for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.5)
+    return mean, t95 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _table(records: list[dict], arms: Sequence[str]) -> tuple[str, dict[str, tuple[float, float]]]:
+    rows, stats = [], {}
+    for arm in arms:
+        mine = [r for r in records if r.get("arm") == arm]
+        if not mine:
+            continue
+        accuracy = _interval([r["accuracy"] for r in mine])
+        plain = statistics.fmean(r["accuracy_no_tta"] for r in mine)
+        minutes = statistics.fmean(r["seconds"] for r in mine) / 60
+        epochs = statistics.fmean(r["epochs"] for r in mine)
+        stats[arm] = accuracy
+        each = ", ".join(f"{100 * r['accuracy']:.1f}" for r in mine)
+        rows.append(
+            f"| {arm} | {100 * accuracy[0]:.2f} ± {100 * accuracy[1]:.2f} % ({each}) "
+            f"| {100 * plain:.2f} % | {epochs:.0f} | {minutes:.1f} min | {len(mine)} |"
+        )
+    head = (
+        "| recipe | test accuracy, mean ± 95 % (per seed) | without TTA | epochs "
+        "| `dvc repro` train + evaluate | seeds |\n|---|---|---|---|---|---|\n"
+    )
+    return head + "\n".join(rows), stats
+
+
+def report(log: Path, quick: bool) -> list[Section]:
+    """The sections of RESULTS_PHOTOS.md from the runs in ``log``."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    sections = []
+    small = [r for r in records if r["part"] == "small"]
+    if small:
+        body, stats = _table(small, list(ARMS))
+        photos = stats.get("photos.yaml (64 px)")
+        others = [v for k, v in stats.items() if k != "photos.yaml (64 px)"]
+        met = None
+        summary = "no photos.yaml run"
+        if photos and others:
+            best = max(others, key=lambda v: v[0])
+            lead = photos[0] - best[0]
+            cleared = photos[0] - photos[1] > best[0] + best[1]
+            met = None if quick else (lead >= GOAL_MARGIN and cleared)
+            summary = (
+                f"photos.yaml {100 * photos[0]:.2f} % against the best other recipe's "
+                f"{100 * best[0]:.2f} %: {100 * lead:+.2f} points"
+            )
+        note = (
+            "\n\n2,000 training photos (200 a class), 500 validation, 1,000 test (100 a class), "
+            "carved from CIFAR-10's train split (JPEG, 32 px). The intervals are 95 % t "
+            "intervals over the seeds (`base.seed`: weights, batch order, augmentation)."
+        )
+        goal = "photos.yaml beats the best other recipe by >= 5 points, intervals apart"
+        sections.append(
+            Section("Few photos a class (CIFAR-10 subset)", goal, met, summary, body + note)
+        )
+    tuned = [r for r in records if r["part"] == "finetune"]
+    if tuned:
+        body, stats = _table(tuned, ["from scratch", "fine-tuned"])
+        pre = [r for r in records if r["part"] == "pretrain"]
+        scratch, fine = stats.get("from scratch"), stats.get("fine-tuned")
+        met = None
+        summary = "incomplete"
+        if scratch and fine:
+            met = None if quick else fine[0] - fine[1] > scratch[0] + scratch[1]
+            summary = (
+                f"fine-tuned {100 * fine[0]:.2f} % against {100 * scratch[0]:.2f} % from scratch "
+                f"({100 * (fine[0] - scratch[0]):+.2f} points)"
+            )
+        note = (
+            f"\n\nThe source: params/photos.yaml on 8 classes (500 training photos each), "
+            f"{100 * pre[0]['accuracy']:.2f} % on their test photos, registered and started "
+            "from as `models:/convpipe-photos@champion` (output layer rebuilt for the 2 new "
+            "classes, 2 frozen epochs, backbone at 0.3x the rate). The 2 new classes (ship, "
+            "truck): 100 training photos each, 200 test photos each."
+            if pre
+            else ""
+        )
+        goal = "fine-tuning beats training from scratch, intervals apart"
+        sections.append(
+            Section(
+                "Fine-tuning on 2 new classes, 100 photos each", goal, met, summary, body + note
+            )
+        )
+    return sections
+
+
+def write_report(log: Path, output: Path | None, quick: bool) -> None:
+    """Print the report of the runs in ``log``, or write it as a results file (run_all's form)."""
+    sections = report(log, quick)
+    if output is None:
+        print_sections(sections)
+        return
+    from run_all import Timed, render
+
+    from convpipe.io import write_text
+
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    spent = sum(float(r.get("seconds", 0.0)) for r in records)
+    command = f"python benchmarks/bench_photos.py --log {log.name}, then --report --output"
+    write_text(output, render([Timed("bench_photos", spent, sections)], command, spent, quick))
+
+
+def run(
+    quick: bool = False,
+    parts: Sequence[str] = ("small", "finetune"),
+    seeds: int = 3,
+    log: Path | None = None,
+) -> list[Section]:
+    """Run the parts, then report every run in the log."""
+    title = "Photos with few images a class"
+    if not CIFAR_TAR.is_file():
+        return [Section(title, "-", None, f"Skipped: {CIFAR_TAR} not found.")]
+    with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
+        log = log or Path(tmp) / "runs.jsonl"
+        images = unpack(Path(tmp) / "cifar")
+        work = Path(tmp) / "work"
+        work.mkdir()
+        for part in parts:
+            (work / part).mkdir()
+            runner = run_small if part == "small" else run_finetune
+            runner(images, work / part, 1 if quick else seeds, log, quick)
+        return report(log, quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few images and steps: a smoke run")
+    parser.add_argument(
+        "--part", nargs="*", choices=["small", "finetune"], default=["small", "finetune"]
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--log", type=Path, help="JSON-lines file the runs are appended to")
+    parser.add_argument("--report", action="store_true", help="only report the runs in --log")
+    parser.add_argument("--output", type=Path, help="with --report: the results file to write")
+    args = parser.parse_args()
+    if args.report:
+        write_report(args.log, args.output, args.quick)
+        return
+    print_sections(run(args.quick, args.part, args.seeds, args.log))
+
+
+if __name__ == "__main__":
+    main()
