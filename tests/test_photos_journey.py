@@ -31,7 +31,7 @@ def write_photos(root) -> None:
     for name, colour in (("poppy", (200, 40, 30)), ("cornflower", (40, 70, 200))):
         folder = root / name
         folder.mkdir(parents=True)
-        for k in range(40):
+        for k in range(60):  # 84 training photos: at least the batch of 64
             width, height = SIZES[k % len(SIZES)]
             pixels = rng.integers(90, 160, (height, width, 3)).astype(np.uint8)
             cy, cx, r = height // 2, width // 2, min(width, height) // 3
