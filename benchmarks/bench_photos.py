@@ -84,6 +84,28 @@ PARTS = (
 )  # "a clear margin": 5 points over the best other recipe, interval cleared
 
 
+# What was tried before this file's photos.yaml, on the validation split of seed 0's carve
+# (best val/acc; the test photos were not looked at to choose): printed under a missed goal.
+TRIED = """### What was tried (validation split, seed 0)
+
+| photos.yaml variant | best val | train acc., end | `dvc repro` |
+|---|---|---|---|
+| A. first: mixup 0.2, erasing 0.25, crop 35-100 %, jitter 0.8 | 54.8 % | 57.9 % | 7.9 min |
+| B. no mixup or erasing, crop 60-100 %, jitter 0.5 | 62.4 % | 88.9 % | 5.8 min |
+| C. B with 3,000 steps | 63.2 % | 96.7 % | 13.8 min * |
+| D. C with crop 80-100 % (aspect 0.9-1.11), jitter 0.3 | LIGHTER_VAL | LIGHTER_TRAIN | LIGHTER_TIME |
+
+A-B: 2,000 steps. * Cores shared with other work: times inflated.
+
+The first version underfitted (training accuracy below 60 % at the end): on 2,000 photos of
+32 px upscaled to 64, its augmentation was more than a 1.2 M-parameter network learns through
+in 2,000 steps. `params/cifar10.yaml` (airbench94's techniques at the images' own 32 px:
+patch whitening, fixed BN scales, 6-view TTA) is tuned to exactly this data; the photos recipe's
+64 px costs 4x the pixels for no information here. Not tried yet: wider residual networks at
+the same budget, TrivialAugment instead of the colour jitter, CutMix, real photos above 32 px
+(where the cifar10 recipe's 32 px loses detail: the issue's flowers and ants/bees folders)."""
+
+
 def carve(
     images: Path, dest: Path, classes: Sequence[str], counts: dict[str, int], seed: int
 ) -> Path:
@@ -288,6 +310,8 @@ def report(log: Path, quick: bool) -> list[Section]:
             "carved from CIFAR-10's train split (JPEG, 32 px). The intervals are 95 % t "
             "intervals over the seeds (`base.seed`: weights, batch order, augmentation)."
         )
+        if met is False:
+            body += "\n\n" + TRIED
         goal = "photos.yaml beats the best other recipe by >= 5 points, intervals apart"
         sections.append(
             Section("Few photos a class (CIFAR-10 subset)", goal, met, summary, body + note)
