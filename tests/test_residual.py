@@ -234,8 +234,8 @@ def test_a_residual_classifier_learns_a_separable_problem(make_params) -> None:
         train_size=64,
     )
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    before = float(module.data_loss(module(x), y))
+    before = float(module.data_loss(module(x), y).detach())
     trainer(max_steps=60, max_epochs=20).fit(module, loader)
     module.eval()
-    after = float(module.data_loss(module(x), y))
+    after = float(module.data_loss(module(x), y).detach())
     assert after < 0.5 * before
