@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from convpipe.config.schema import BOTTLENECK_EXPANSION, ModelParams, ResidualStage
 
-__all__ = ["ResidualBlock", "build_stage", "stage_hw"]
+__all__ = ["ResidualBlock", "build_stage"]
 
 
 def _bn(channels: int, params: ModelParams) -> nn.BatchNorm2d:
@@ -105,8 +105,3 @@ def build_stage(
         blocks.add_module(str(j), ResidualBlock(stage, in_channels, stride, params, activation))
         in_channels = stage.filters
     return blocks
-
-
-def stage_hw(hw: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Feature-map size after a block of stride ``stride``: ``ceil(size / stride)``."""
-    return (-(-hw[0] // stride), -(-hw[1] // stride))

@@ -296,7 +296,10 @@ def residual_block_shape(
     count = flops = 0
     size = hw
     for c_in, c_out, kernel, s in branch:
-        size = (-(-size[0] // s), -(-size[1] // s))
+        size = (
+            conv_output_size(size[0], kernel, s, "same"),
+            conv_output_size(size[1], kernel, s, "same"),
+        )
         count += c_in * c_out * kernel * kernel + 2 * c_out  # the conv and its BN
         flops += _conv_flops(c_in, c_out, kernel, size)
     if projection is not None:

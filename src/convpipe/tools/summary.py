@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from convpipe.config.schema import ModelParams
 from convpipe.data.manifest import Manifest
-from convpipe.models.shapes import layer_shapes, residual_convs
+from convpipe.models.shapes import conv_output_size, layer_shapes, residual_convs
 
 
 class LayerField(NamedTuple):
@@ -91,8 +91,11 @@ def _residual_window(params: ModelParams, name: str, channels: int, hw: tuple[in
     branch, projection = residual_convs(stage, channels, stage.stride if j == 0 else 1)
     dense = 0
     size = hw
-    for c_in, c_out, _, stride in branch:
-        out = (-(-size[0] // stride), -(-size[1] // stride))
+    for c_in, c_out, kernel, stride in branch:
+        out = (
+            conv_output_size(size[0], kernel, stride, "same"),
+            conv_output_size(size[1], kernel, stride, "same"),
+        )
         dense += _conv_dense(c_in, size, c_out, out)
         size = out
     if projection is not None:

@@ -16,7 +16,6 @@ Sources::
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,26 +25,18 @@ from typing import Any
 
 import yaml
 
+from convpipe.data.manifest import content_hash
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import mask_uri, mlflow_error
 
 __all__ = ["MLFLOW_SCHEMES", "Fetched", "fetched", "identify", "is_mlflow"]
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
-_CHUNK = 1 << 20
 
 
 def is_mlflow(source: str) -> bool:
     """Whether ``source`` is an MLflow model or run URI rather than a local path."""
     return source.startswith(MLFLOW_SCHEMES)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _local(source: str) -> Path:
@@ -113,7 +104,7 @@ def identify(source: str | None, uri: str) -> dict[str, Any]:
         }
     if source.startswith("runs:/"):
         return {"init_from": source, "run_id": source.removeprefix("runs:/").split("/")[0]}
-    return {"init_from": source, "sha256": _sha256(_local(source))}
+    return {"init_from": source, "sha256": content_hash([_local(source)])}
 
 
 @dataclass
