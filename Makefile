@@ -23,7 +23,7 @@ $(STAMP): $(LOCK) pyproject.toml
 # `make lock UPGRADE=1` moves every pin to the newest allowed release.
 lock: setup
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-		--extra dev --extra onnx --no-emit-find-links --no-emit-index-url \
+		--extra dev --extra onnx --extra postgres --no-emit-find-links --no-emit-index-url \
 		$(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 run: setup

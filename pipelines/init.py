@@ -2,9 +2,10 @@
 
 from convpipe.config.schema import Params
 from convpipe.io import write_json
+from convpipe.redact import mask
 from convpipe.stage import log, run_stage
 from convpipe.tracking.init_source import identify
-from convpipe.tracking.store import mask_uri, tracking_uri
+from convpipe.tracking.store import tracking_uri
 
 
 def init_stage(params: Params) -> None:
@@ -12,7 +13,7 @@ def init_stage(params: Params) -> None:
     source = params.model.init_from
     identity = identify(source, tracking_uri(params.mlflow) if source else "")
     if source is not None:
-        identity["init_from"] = mask_uri(source)
+        identity["init_from"] = mask(source)
     write_json(params.paths.init_source, identity)
     log.info("init: %s", identity if source else "random weights (model.init_from is empty)")
 

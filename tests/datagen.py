@@ -402,6 +402,26 @@ def write_decompression_bomb(
     return path
 
 
+def write_fifo(root: Path, name: str = "pipe.png") -> Path:
+    """A named pipe with an image name: open() of it blocks until a writer comes."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+# A PostScript program: Pillow identifies it as EPS and hands it to Ghostscript where installed.
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto showpage\n"
+
+
+def write_postscript(root: Path, name: str = "doc.png") -> Path:
+    """A PostScript file with an image name."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(POSTSCRIPT)
+    return path
+
+
 def write_symlink_loop(root: Path) -> list[Path]:
     """Symlinks that loop: ``self.png -> self.png`` and ``loop -> .`` / ``sub/up -> ..``.
 

@@ -126,6 +126,8 @@ def _entry(path: Path) -> str:
         return f"-> {os.readlink(path)}"
     if path.is_dir():
         return "dir"
+    if not path.is_file():  # a FIFO: reading it would wait for a writer
+        return "special"
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -334,6 +336,10 @@ CASES = [
          {**IMAGEFOLDER, "data.image_size": 16}, with_bad_file(datagen.write_truncated_png, "2")),
     Case("text_named_png", "prepare", ("(not an image)", "raw/0/notes.png"), IMAGEFOLDER,
          with_bad_file(datagen.write_not_an_image, "0")),
+    Case("fifo_named_png", "prepare", ("(not a regular file (a FIFO))", "raw/1/pipe.png"),
+         IMAGEFOLDER, with_bad_file(datagen.write_fifo, "1"), max_seconds=30.0),
+    Case("postscript_named_png", "prepare", ("(not an image)", "raw/2/doc.png"), IMAGEFOLDER,
+         with_bad_file(datagen.write_postscript, "2")),
     Case("decompression_bomb", "prepare", ("decompression bomb", "raw/0/bomb.png"), IMAGEFOLDER,
          with_bad_file(datagen.write_decompression_bomb, "0")),
     Case("symlink_loop", "prepare", ("(symlink loop)", "raw/1/self.png"), IMAGEFOLDER,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -106,10 +107,44 @@ def test_symlink_loop_and_broken_symlink(tmp_path, func):
     assert reason_of(func, dangling) == "broken symlink"
 
 
-def test_directory_gives_os_reason(tmp_path):
+def test_directory_is_not_a_regular_file(tmp_path):
     folder = tmp_path / "dir.png"
     folder.mkdir()
-    assert reason_of(I.open_image, folder) == "Is a directory"
+    assert reason_of(I.open_image, folder) == "not a regular file (a folder)"
+
+
+@pytest.mark.parametrize("func", [I.open_image, I.probe_image])
+def test_fifo_is_a_bad_file_not_a_hang(tmp_path, func):
+    # open() of a FIFO blocks until a writer comes: the reader must not wait for one
+    assert reason_of(func, D.write_fifo(tmp_path)) == "not a regular file (a FIFO)"
+
+
+def test_socket_and_device_are_bad_files(tmp_path):
+    path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        assert reason_of(I.open_image, path) == "not a regular file (a socket)"
+    device = tmp_path / "zero.png"
+    device.symlink_to("/dev/zero")
+    assert reason_of(I.open_image, device) == "not a regular file (a device)"
+
+
+@pytest.mark.parametrize("func", [I.open_image, I.probe_image])
+def test_postscript_named_png_never_reaches_ghostscript(tmp_path, func):
+    # Pillow would identify this as EPS and hand it to Ghostscript where installed
+    assert reason_of(func, D.write_postscript(tmp_path)) == "not an image"
+
+
+def test_jpeg_named_png_says_what_it_is(tmp_path):
+    jpeg = D.save_image(np.full((8, 8, 3), 90, np.uint8), tmp_path / "x.jpg")
+    misnamed = jpeg.rename(tmp_path / "x.png")
+    assert reason_of(I.open_image, misnamed) == "not an image: JPEG data in a file named .png"
+
+
+def test_formats_follow_the_extension():
+    assert I.formats_of("a/B.JPG") == ("JPEG",)
+    assert I.formats_of("x.tiff") == ("TIFF",)
+    assert I.formats_of("x.eps") == ()
 
 
 def test_corrupt_data_inside_valid_header(tmp_path):

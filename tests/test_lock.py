@@ -17,8 +17,8 @@ from tests.conftest import ROOT
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 VIA_PROJECT = re.compile(r"#\s+(?:via\s+)?convpipe \(pyproject\.toml\)")
-# `make setup` installs both extras: the tests export ONNX
-EXTRAS = ("dev", "onnx")
+# `make setup` installs every extra: the tests export ONNX and use PostgreSQL
+EXTRAS = ("dev", "onnx", "postgres")
 
 
 def locked() -> dict[str, tuple[Version, list[str], str]]:

@@ -159,12 +159,37 @@ def test_imagefolder_order_is_sorted_and_deterministic(tmp_path):
     ]
 
 
-def test_imagefolder_symlinked_class_folder_is_followed(tmp_path):
+def test_imagefolder_symlinked_class_folder_is_followed_and_reported(tmp_path, caplog):
     D.write_imagefolder(tmp_path / "elsewhere", classes=("5",), n_per_class=2)
     (tmp_path / "data").mkdir()
     os.symlink(tmp_path / "elsewhere" / "5", tmp_path / "data" / "five")
-    ds = open_imagefolder(str(tmp_path / "data"))
+    with caplog.at_level("WARNING", logger="convpipe"):
+        ds = open_imagefolder(str(tmp_path / "data"))
     assert ds.class_names == ["five"] and len(ds.splits["all"].reader) == 2
+    assert "1 image file(s) or class folder(s)" in caplog.text
+    assert f"{tmp_path / 'data' / 'five'} -> {tmp_path / 'elsewhere' / '5'}" in caplog.text
+
+
+def test_imagefolder_reports_files_linked_out_of_data_path(tmp_path, caplog):
+    D.write_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=2)
+    secret = D.save_image(np.zeros((8, 8), np.uint8), tmp_path / "private" / "x.png")
+    os.symlink(secret, tmp_path / "data" / "a" / "planted.png")
+    os.symlink(tmp_path / "private", tmp_path / "data" / "b" / "sub")
+    os.symlink(
+        sorted((tmp_path / "data" / "b").glob("*.png"))[0], tmp_path / "data" / "a" / "in.png"
+    )
+    with caplog.at_level("WARNING", logger="convpipe"):
+        ds = open_imagefolder(str(tmp_path / "data"))
+    assert len(ds.splits["all"].reader) == 2 + 2 + 2 + 1  # links are read
+    assert "2 image file(s) or class folder(s)" in caplog.text  # the inside link is fine
+    assert "planted.png" in caplog.text
+
+
+def test_imagefolder_without_links_out_says_nothing(tmp_path, caplog):
+    D.write_imagefolder(tmp_path / "data", classes=("a", "b"), n_per_class=2)
+    with caplog.at_level("WARNING", logger="convpipe"):
+        open_imagefolder(str(tmp_path / "data"))
+    assert "links to outside" not in caplog.text
 
 
 @pytest.mark.timeout(20)

@@ -1,4 +1,4 @@
-"""tracking.py: URI masking, params flattening, dvc.lock/git tags, run records, reachability."""
+"""tracking.py: params flattening (masked), dvc.lock/git tags, run records, reachability."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from convpipe.tracking.store import (
     artifact_location,
     check_reachable,
     mark_model_training,
-    mask_uri,
     tracking_uri,
 )
 
@@ -83,39 +82,6 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------- URIs
-
-
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
-        ("http://alice:s3cr%40t@mlflow.example.com/", "http://alice:***@mlflow.example.com/"),
-        ("http://u:secret@[::1]:5000/path", "http://u:***@[::1]:5000/path"),
-        ("https://u:secret@Host.Example:8443", "https://u:***@Host.Example:8443"),
-        ("mysql://u:secret@h/db?charset=utf8", "mysql://u:***@h/db?charset=utf8"),
-        ("postgresql://h/db?user=u&password=secret", "postgresql://h/db?user=u&password=***"),
-        ("http://h:5000/?token=secret", "http://h:5000/?token=***"),
-    ],
-)
-def test_mask_uri_hides_the_password(uri: str, expected: str) -> None:
-    masked = mask_uri(uri)
-    assert masked == expected
-    assert "secret" not in masked and "s3cr" not in masked
-
-
-@pytest.mark.parametrize(
-    "uri",
-    [
-        "sqlite:///mlflow.db",
-        "sqlite:////abs/path/mlflow.db",
-        "http://127.0.0.1:5000",
-        "http://user@h:5000",
-        "databricks",
-        "postgresql://h/db?sslmode=require",
-    ],
-)
-def test_mask_uri_keeps_uris_without_a_password(uri: str) -> None:
-    assert mask_uri(uri) == uri
 
 
 def test_tracking_uri_env_wins(make_params, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

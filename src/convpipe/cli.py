@@ -41,23 +41,15 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Open the MLflow UI on the tracking store of params.yaml (127.0.0.1 unless told)."""
-    from convpipe.tracking.store import mask_uri, tracking_uri
+    from convpipe.redact import mask
+    from convpipe.tracking.store import tracking_uri
 
     uri = tracking_uri(load_params(args.params).mlflow)
-    print(f"MLflow UI for {mask_uri(uri)} on http://{args.host}:{args.port}", flush=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    os.execv(sys.executable, argv)
+    print(f"MLflow UI for {mask(uri)} on http://{args.host}:{args.port}", flush=True)
+    argv = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
+    # through the environment, not argv: a command line is visible to every user in `ps`
+    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=uri)
+    os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover - execv does not return
 
 

@@ -17,6 +17,9 @@ import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+from convpipe.redact import install as install_masking
+from convpipe.redact import mask
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -71,7 +74,7 @@ def report(exc: BaseException) -> int:
         line = "convpipe: error: interrupted by the user"
     else:
         line = f"convpipe: error: {type(exc).__name__}: {exc}"
-    print(line, file=sys.stderr, flush=True)
+    print(mask(line), file=sys.stderr, flush=True)
     if isinstance(exc, KeyboardInterrupt):
         return 130
     return exc.exit_code if isinstance(exc, ConvpipeError) else EXIT_USER_ERROR
@@ -93,11 +96,13 @@ def entrypoint(func: Callable[P, R]) -> Callable[P, R]:
     A full disk is a user error too: outputs are written to temporary paths and renamed
     (:mod:`convpipe.io`), so the previous ones are still in place.
 
-    Unexpected exceptions (bugs) keep their traceback: hiding them would hide the bug.
+    Unexpected exceptions (bugs) keep their traceback: hiding them would hide the bug. It
+    too is printed through the masked standard error (:func:`convpipe.redact.install`).
     """
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        install_masking()  # every line printed from here on has its secrets masked
         try:
             return func(*args, **kwargs)
         except (ConvpipeError, KeyboardInterrupt) as exc:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,16 +28,67 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
+# Temporary names carry the writer's host and pid, so a later run can tell the leftovers of
+# a killed writer (swept) from those of one still running (kept): .<name>.<host>-<pid>.<random>.tmp
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+_STALE = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.(?:[^.]+\.tmp|old)$")
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_HOST}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_stale(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary siblings of ``target`` that killed writers left behind.
+
+    Only convpipe's own temporary names for ``target`` (:func:`atomic_path`,
+    :func:`atomic_dir`) made on this host by a process that no longer runs are removed;
+    nothing else is touched. A killed prepare can leave a preallocated folder of many GB.
+
+    Returns:
+        The paths removed.
+    """
+    target = Path(target)
+    removed: list[Path] = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for path in siblings:
+        match = _STALE.match(path.name)
+        if not match or match["name"] != target.name or match["host"] != _HOST:
+            continue
+        if _alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; on success rename it to ``target``.
 
-    On an exception the temporary file is removed and ``target`` is left as it was.
+    On an exception the temporary file is removed and ``target`` is left as it was; a
+    temporary file a killed writer left is removed by the next write (:func:`sweep_stale`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    sweep_stale(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     tmp = Path(tmp_name)
@@ -53,13 +106,14 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    sweep_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            old = target.with_name(f"{_temp_prefix(target)}old")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import get_args
+from typing import BinaryIO, get_args
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -26,7 +27,21 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from convpipe.config.schema import ResizeMode
 from convpipe.data.raw import BadFileError, ImageInfo
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# The Pillow decoders each extension may use: a file is decoded only by the format its name
+# claims, never by whatever Pillow detects in its bytes (a PostScript file named .png would
+# otherwise go to Ghostscript). JPEG's decoder also opens cameras' multi-picture (MPO) files.
+FORMATS_OF_EXTENSION: dict[str, tuple[str, ...]] = {
+    ".png": ("PNG",),
+    ".jpg": ("JPEG",),
+    ".jpeg": ("JPEG",),
+    ".bmp": ("BMP",),
+    ".gif": ("GIF",),
+    ".webp": ("WEBP",),
+    ".tif": ("TIFF",),
+    ".tiff": ("TIFF",),
+}
+
+IMAGE_EXTENSIONS = frozenset(FORMATS_OF_EXTENSION)
 
 # Modes whose pixels carry one intensity per pixel (plus, for LA/La, an alpha band).
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
@@ -40,6 +55,68 @@ _UINT16_MAX = 65535
 def is_image_file(name: str) -> bool:
     """Whether ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def formats_of(name: str) -> tuple[str, ...]:
+    """The Pillow formats allowed to decode ``name`` (by its extension); none for others."""
+    return FORMATS_OF_EXTENSION.get(os.path.splitext(name)[1].lower(), ())
+
+
+@contextmanager
+def _open_regular(name: str) -> Iterator[BinaryIO]:
+    """Open ``name`` for reading only if it is a regular file (after following links).
+
+    A FIFO would block ``open()`` forever and a device never ends; both are bad files. The
+    file is opened non-blocking and checked on its descriptor, so a FIFO swapped in after
+    the check cannot hang the read either.
+
+    Raises:
+        BadFileError: ``not a regular file (...)`` or ``empty file``.
+        OSError: as ``os.open`` (mapped to a reason by :func:`_guarded`).
+    """
+    mode = os.stat(name).st_mode  # a socket cannot even be opened: name it first
+    if not stat.S_ISREG(mode):
+        raise BadFileError(name, f"not a regular file ({_file_kind(mode)})")
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadFileError(name, f"not a regular file ({_file_kind(info.st_mode)})")
+        if info.st_size == 0:
+            raise BadFileError(name, "empty file")
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "a device")
+
+
+def _decoder_open(name: str, fh: BinaryIO) -> Image.Image:
+    """``Image.open`` limited to the formats ``name``'s extension claims."""
+    formats = formats_of(name)
+    if not formats:
+        raise BadFileError(name, f"no image extension ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    try:
+        return Image.open(fh, formats=list(formats))
+    except UnidentifiedImageError:
+        pass
+    fh.seek(0)
+    try:  # only the formats of the allow-list: none of them runs an external program
+        with Image.open(
+            fh, formats=sorted({f for fs in FORMATS_OF_EXTENSION.values() for f in fs})
+        ) as other:
+            actual = other.format
+    except UnidentifiedImageError:
+        raise BadFileError(name, "not an image") from None
+    raise BadFileError(
+        name, f"not an image: {actual} data in a file named {os.path.splitext(name)[1]}"
+    )
 
 
 def _pixel_limit_reason() -> str:
@@ -102,16 +179,15 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         The decoded image, in the mode stored in the file; its file handle is closed.
 
     Raises:
-        BadFileError: with reason ``empty file``, ``not an image``, ``truncated image``,
+        BadFileError: with reason ``empty file``, ``not a regular file (a FIFO)``,
+            ``not a PNG image (as its extension says)``, ``truncated image``,
             ``over Pillow's pixel limit ...``, ``file disappeared while reading``,
             ``symlink loop``, ``broken symlink``, ``corrupt image data (...)`` or the OS error text.
     """
     name = os.fspath(path)
     _refuse_truncated_loading()
-    with _guarded(name), open(name, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise BadFileError(name, "empty file")
-        img = Image.open(fh)
+    with _guarded(name), _open_regular(name) as fh:
+        img = _decoder_open(name, fh)
         img.load()
     return img
 
@@ -130,11 +206,8 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
         BadFileError: as :func:`open_image`, for the errors visible in the header.
     """
     name = os.fspath(path)
-    with _guarded(name), open(name, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise BadFileError(name, "empty file")
-        with Image.open(fh) as img:
-            return ImageInfo(height=img.height, width=img.width, mode=img.mode)
+    with _guarded(name), _open_regular(name) as fh, _decoder_open(name, fh) as img:
+        return ImageInfo(height=img.height, width=img.width, mode=img.mode)
 
 
 def channels_of(mode: str) -> int:

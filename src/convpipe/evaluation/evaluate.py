@@ -19,8 +19,9 @@ from convpipe.io import write_json, write_text
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import inference_device, predict_logits
 from convpipe.models.network import probabilities
+from convpipe.redact import mask
 from convpipe.tracking.provenance import RunInfo
-from convpipe.tracking.store import check_reachable, mask_uri, mlflow_error
+from convpipe.tracking.store import check_reachable, mlflow_error
 from convpipe.tracking.store import tracking_uri as resolve_uri
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def open_run(params: Params) -> tuple[MlflowClient, RunInfo]:
     except (MlflowException, OSError) as exc:
         raise ConvpipeError(
             f"MLflow run {run.run_id} of the training not found ({type(exc).__name__})",
-            f"at {mask_uri(uri)} (the training logged to {run.tracking_uri})",
+            f"at {mask(uri)} (the training logged to {run.tracking_uri})",
             "use the tracking URI of the training, or rerun `dvc repro train`",
         ) from None
     return client, run

@@ -27,7 +27,8 @@ import yaml
 
 from convpipe.data.manifest import content_hash
 from convpipe.errors import ConvpipeError
-from convpipe.tracking.store import mask_uri, mlflow_error
+from convpipe.redact import mask
+from convpipe.tracking.store import mlflow_error
 
 __all__ = ["MLFLOW_SCHEMES", "Fetched", "fetched", "identify", "is_mlflow"]
 
@@ -71,7 +72,7 @@ def _mlflow_failure(exc: Exception, source: str, uri: str) -> ConvpipeError:
     ):
         return ConvpipeError(
             f"model.init_from: MLflow has no {source}",
-            f"in the tracking store {mask_uri(uri)}",
+            f"in the tracking store {mask(uri)}",
             "check the name and alias or version (`mlflow models` / the MLflow UI's Models "
             "page), and mlflow.tracking_uri",
         )

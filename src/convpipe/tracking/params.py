@@ -11,7 +11,7 @@ from convpipe.config.schema import Params
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-from convpipe.tracking.store import mask_uri
+from convpipe.redact import mask
 
 # MLflow limits: values per log_batch call, characters per param value
 PARAMS_PER_BATCH = 100
@@ -46,7 +46,7 @@ def _mask_tree(value: Any) -> Any:
         return {k: _mask_tree(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_mask_tree(v) for v in value]
-    return mask_uri(value) if isinstance(value, str) and "://" in value else value
+    return mask(value) if isinstance(value, str) and "://" in value else value
 
 
 def masked_params(params: Params) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from convpipe.io import write_json
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
 
-from convpipe.tracking.store import mask_uri, repo_root
+from convpipe.redact import mask
+from convpipe.tracking.store import repo_root
 
 # What `dvc exp run` (in the workspace or from the queue) tells the stages it runs.
 ENV_EXP_NAME = "DVC_EXP_NAME"
@@ -120,6 +121,9 @@ def run_tags(input_stages: tuple[str, ...], lock: str | Path = "dvc.lock") -> di
     tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    remote = _git("remote", "get-url", "origin")
+    if remote:  # MLflow's own copy misses a password holding a '/': set it masked here
+        tags["mlflow.source.git.repoURL"] = mask(remote)
     experiment = os.environ.get(ENV_EXP_NAME)
     baseline = os.environ.get(ENV_EXP_BASELINE) or commit
     if experiment:
@@ -145,6 +149,9 @@ def environment_tags(root: Path | None = None) -> dict[str, str]:
 def pip_freeze() -> str:
     """``pip freeze --all`` of the running interpreter: what the run really imported from.
 
+    Secrets are masked (:func:`~convpipe.redact.mask`): pip shows an editable install as
+    ``-e git+<remote>@<commit>``, the remote with the token it was cloned with.
+
     Falls back to ``name==version`` from the installed metadata where pip cannot run.
     """
     try:
@@ -156,7 +163,7 @@ def pip_freeze() -> str:
             check=False,
         )
         if proc.returncode == 0 and proc.stdout.strip():
-            return proc.stdout
+            return mask(proc.stdout)  # an editable install shows its git remote, token and all
     except (OSError, subprocess.TimeoutExpired):
         pass
     lines = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}
@@ -239,7 +246,7 @@ def dataset_inputs(
     h, w = manifest.image_hw
     source: dict[str, Any]
     if "://" in origin:
-        source_type, source = "url", {"uri": mask_uri(origin)}
+        source_type, source = "url", {"uri": mask(origin)}
     elif (repo_root() / origin).exists():  # data.path is relative to the project, not the cwd
         source_type, source = "local", {"uri": str((repo_root() / origin).resolve())}
     else:

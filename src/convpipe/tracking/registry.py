@@ -39,8 +39,9 @@ import numpy as np
 from mlflow.entities import Run
 
 from convpipe.data.manifest import MANIFEST, Manifest
+from convpipe.redact import mask
 from convpipe.tracking.pyfunc import SERVING, image_signature, model_input, write_serving
-from convpipe.tracking.store import mask_uri, mlflow_error, store_lock
+from convpipe.tracking.store import mlflow_error, store_lock
 
 log = logging.getLogger("convpipe")
 
@@ -355,4 +356,4 @@ def _report(result: Registration, uri: str) -> None:
             result.champion,
             "unknown" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
         )
-    log.debug("logging and registering took %.1f s at %s", result.seconds, mask_uri(uri))
+    log.debug("logging and registering took %.1f s at %s", result.seconds, mask(uri))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from convpipe.config.schema import MlflowParams
 from convpipe.errors import ConvpipeError
+from convpipe.redact import mask
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -27,11 +28,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 
 CONNECT_TIMEOUT_S = 5.0
-
-MASK = "***"
-
-# query-string keys whose values are secrets (e.g. ``postgresql://h/db?password=...``)
-SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "access_key", "api_key")
 
 # MLflow's client retries a dead server for minutes (7 retries, backoff factor 2, 120 s
 # timeout); a training should learn in seconds that its server is gone. A user's own
@@ -120,31 +116,6 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def _mask_query(query: str) -> str:
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    if not any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
-        return query
-    masked = [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
-    return urllib.parse.urlencode(masked, safe="*")
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (safe to print, log and store).
-
-    Both the ``user:password@`` part and secret query parameters (``?password=...``,
-    ``?token=...``) are masked; the rest of the URI is kept verbatim.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:{MASK}@{hostport}"
-    query = _mask_query(parts.query)
-    if netloc == parts.netloc and query == parts.query:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 def check_reachable(uri: str) -> None:
     """Fail fast, with one line, when an ``http(s)://`` tracking server does not answer.
 
@@ -165,7 +136,7 @@ def check_reachable(uri: str) -> None:
     except ValueError:
         raise ConvpipeError(
             "MLflow tracking URI has an invalid port",
-            f"at {mask_uri(uri)}",
+            f"at {mask(uri)}",
             f"fix mlflow.tracking_uri / {ENV_URI}",
         ) from None
     try:
@@ -174,7 +145,7 @@ def check_reachable(uri: str) -> None:
     except OSError as exc:
         raise ConvpipeError(
             f"MLflow tracking server unreachable ({exc.strerror or exc})",
-            f"at {mask_uri(uri)}",
+            f"at {mask(uri)}",
             f"start it, or set mlflow.tracking_uri / {ENV_URI} to a reachable store",
         ) from None
 
@@ -193,9 +164,9 @@ def is_tracking_failure(exc: BaseException) -> bool:
 
 def mlflow_error(exc: Exception, uri: str, doing: str) -> ConvpipeError:
     """A one-line user error for an MLflow failure while ``doing`` something at ``uri``."""
-    first = " ".join(str(getattr(exc, "message", exc)).split())[:300]
+    first = mask(" ".join(str(getattr(exc, "message", exc)).split()))[:300]
     return ConvpipeError(
         f"MLflow failed while {doing} ({type(exc).__name__}: {first})",
-        f"at {mask_uri(uri)}",
+        f"at {mask(uri)}",
         f"check mlflow.tracking_uri / {ENV_URI} and that the store is writable",
     )

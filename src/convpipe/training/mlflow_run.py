@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from convpipe.config.schema import Params
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import MANIFEST, PIPELINE_FILE
+from convpipe.redact import mask
 from convpipe.tracking.provenance import (
     dataset_inputs,
     run_name,
@@ -27,7 +28,6 @@ from convpipe.tracking.store import (
     check_reachable,
     is_tracking_failure,
     mark_model_training,
-    mask_uri,
     mlflow_error,
     store_lock,
 )
@@ -80,7 +80,7 @@ def _terminate(logger: MLFlowLogger | DummyLogger, status: str) -> None:
 def _tag(logger: MLFlowLogger | DummyLogger, key: str, value: str) -> None:
     """Tag the run; like :func:`_terminate`, never hiding the error being reported."""
     try:
-        logger.experiment.set_tag(str(logger.run_id), key, value)
+        logger.experiment.set_tag(str(logger.run_id), key, mask(value))
     except Exception as exc:
         log.warning("could not tag MLflow run %s: %s", logger.run_id, exc)
 
@@ -99,10 +99,10 @@ def tracking_lost_is_resumable(uri: str, checkpoints: str) -> Iterator[None]:
     except Exception as exc:
         if not is_tracking_failure(exc):
             raise
-        first = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+        first = mask(" ".join(str(getattr(exc, "message", exc)).split()))[:200]
         raise TrackingLost(
             f"MLflow stopped answering during training ({type(exc).__name__}: {first})",
-            f"at {mask_uri(uri)}; the last finished epoch is saved in {checkpoints}",
+            f"at {mask(uri)}; the last finished epoch is saved in {checkpoints}",
             "bring the tracking server back and rerun: the training resumes from that epoch",
         ) from None
 
@@ -172,7 +172,7 @@ def derived_params(datamodule: ConvDataModule, uri: str) -> dict[str, str]:
     """Run params that come from the data and the environment, not from params.yaml."""
     manifest = datamodule.manifest
     return {
-        "derived.tracking_uri": mask_uri(uri),  # $MLFLOW_TRACKING_URI may override the param
+        "derived.tracking_uri": mask(uri),  # $MLFLOW_TRACKING_URI may override the param
         "derived.num_classes": str(manifest.num_classes),
         "derived.in_channels": str(manifest.channels),
         "derived.image_hw": str(list(manifest.image_hw)),

@@ -27,6 +27,7 @@ from convpipe.models.module import CNNClassifier
 from convpipe.models.optim import budget_epochs, global_batch
 from convpipe.models.transfer import read_weights, transfer_weights
 from convpipe.models.whitening import WHITEN_IMAGES
+from convpipe.redact import mask
 from convpipe.tracking.init_source import fetched
 from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
 from convpipe.tracking.provenance import (
@@ -39,7 +40,6 @@ from convpipe.tracking.provenance import (
 )
 from convpipe.tracking.store import (
     is_tracking_failure,
-    mask_uri,
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
 from convpipe.training.mlflow_run import (
@@ -174,10 +174,10 @@ def start_from(params: Params, model: CNNClassifier) -> dict[str, str]:
     uri = resolve_uri(params.mlflow)
     with fetched(source, uri) as weights:
         report = transfer_weights(
-            model.net, read_weights(weights.path), mask_uri(source), model.hparams["class_names"]
+            model.net, read_weights(weights.path), mask(source), model.hparams["class_names"]
         )
-    log.info("%s", report.describe(mask_uri(source)))
-    tags = {INIT_TAG: mask_uri(source)}
+    log.info("%s", report.describe(mask(source)))
+    tags = {INIT_TAG: mask(source)}
     if weights.run_id:
         tags[INIT_RUN_TAG] = weights.run_id
     return tags
@@ -262,7 +262,7 @@ def train(params: Params) -> TrainResult:
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
         )
         metrics = {**_summary(trainer, best, test[0]), "mlflow_run_id": run_id}
-        run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask_uri(uri))
+        run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask(uri))
         if trainer.is_global_zero:  # under DDP every rank gets here; one writes
             _write_outputs(params, best.best_model_path, history_csv, metrics)
             log_artifacts(cast(MLFlowLogger, logger), params)
@@ -276,11 +276,11 @@ def _tag_init(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
     if not tags:
         return
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        client.set_tag(run_id, key, mask(value))
     note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
     source_run = tags.get(INIT_RUN_TAG)
     experiment = client.get_run(source_run).info.experiment_id if source_run else None
-    client.set_tag(run_id, "mlflow.note.content", note + init_note(tags, experiment))
+    client.set_tag(run_id, "mlflow.note.content", mask(note + init_note(tags, experiment)))
 
 
 def _write_outputs(params: Params, best: str, history_csv: str, metrics: dict[str, Any]) -> None:

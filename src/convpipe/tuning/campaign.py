@@ -15,13 +15,13 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
+from convpipe.redact import mask
 from convpipe.tracking.params import log_params, params_for_mlflow
 from convpipe.tracking.provenance import run_tags
 from convpipe.tracking.store import (
     artifact_location,
     check_reachable,
     mark_model_training,
-    mask_uri,
     mlflow_error,
     store_lock,
 )
@@ -44,7 +44,7 @@ MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 def study_key(params: Params, study: optuna.Study) -> str:
     """An id of this study in this storage, tagged on its parent run (file storages are local)."""
     storage = params.tune.storage
-    where = mask_uri(storage)
+    where = mask(storage)
     path = storage_file(storage)
     if path is not None:
         where = f"{socket.gethostname()}:{path.resolve()}"
@@ -130,9 +130,9 @@ class Campaign:
         space = {k: v.model_dump(mode="json") for k, v in tune.space.items()}
         values = {
             **params_for_mlflow(self.params),
-            "tune.storage": mask_uri(tune.storage),
+            "tune.storage": mask(tune.storage),
             "study_name": tune.study_name,
-            "storage": mask_uri(tune.storage),
+            "storage": mask(tune.storage),
             "direction": direction(self.params),
             "monitor": self.params.train.monitor,
             "search_space": json.dumps(space),
@@ -160,7 +160,7 @@ class Campaign:
         """Record the trial's final Optuna ``state`` on its child run (``status`` overrides)."""
         self.client.set_tag(run_id, "optuna.state", state)
         if reason:
-            self.client.set_tag(run_id, "optuna.fail_reason", reason[:5000])
+            self.client.set_tag(run_id, "optuna.fail_reason", mask(reason)[:5000])
         self.client.set_terminated(run_id, status or MLFLOW_STATUS[state])
 
     def _child_runs(self, trial: FrozenTrial) -> list[str]:

@@ -12,7 +12,8 @@ from optuna.storages import BaseStorage
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
-from convpipe.tracking.store import mask_uri, store_lock
+from convpipe.redact import mask
+from convpipe.tracking.store import store_lock
 from convpipe.tuning.space import direction, make_pruner, make_sampler
 
 SCHEMA_ATTEMPTS = 4
@@ -33,15 +34,8 @@ def storage_file(url: str) -> Path | None:
 
 
 def _scrub(text: str, url: str) -> str:
-    """``text`` without the password of ``url`` (driver messages may quote the URL)."""
-    text = text.replace(url, mask_uri(url))
-    with contextlib.suppress(ValueError):
-        from urllib.parse import urlsplit
-
-        password = urlsplit(url).password
-        if password:
-            text = text.replace(password, "***")
-    return text
+    """``text`` without the password of ``url`` or any other secret (driver messages quote it)."""
+    return mask(text.replace(url, mask(url)))
 
 
 def open_storage(url: str) -> BaseStorage:
@@ -76,7 +70,7 @@ def open_storage(url: str) -> BaseStorage:
         first = _scrub(" ".join(str(exc).split()), url)[:200]
         raise ConvpipeError(
             f"cannot open tune.storage ({type(exc).__name__}: {first})",
-            f"at {mask_uri(url)}",
+            f"at {mask(url)}",
             "check the URL, its database driver, and that the server is running",
         ) from None
 
@@ -124,7 +118,7 @@ def load_study(params: Params) -> optuna.Study:
         raise ConvpipeError(
             f"study '{tune.study_name}' was created to {' and '.join(stored)}, but "
             f"train.monitor_mode '{params.train.monitor_mode}' asks to {direction(params)}",
-            f"in {mask_uri(tune.storage)}",
+            f"in {mask(tune.storage)}",
             "use a new tune.study_name",
         )
     return study

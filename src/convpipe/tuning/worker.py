@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
-from convpipe.tracking.store import mask_uri
+from convpipe.redact import mask
 from convpipe.training.run import build_datamodule
 from convpipe.training.trainer import check_monitor
 from convpipe.tuning.campaign import Campaign
@@ -127,7 +127,7 @@ def check_distributed_storage(params: Params) -> None:
     if multi and params.tune.storage.startswith("journal:"):
         raise ConvpipeError(
             "DDP trials (train.devices > 1) prune through the study storage, which must be an "
-            f"RDB URL, got '{mask_uri(params.tune.storage)}'",
+            f"RDB URL, got '{mask(params.tune.storage)}'",
             "in params.yaml tune.storage",
             "use sqlite:///optuna.db or postgresql://...",
         )

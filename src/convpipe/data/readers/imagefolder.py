@@ -6,6 +6,7 @@ that comes split.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from convpipe.data.raw import ALL, SPLITS, RawDataset
 from convpipe.data.readers.base import FileReader, Part, existing, labelled
 from convpipe.errors import ConvpipeError
 
+log = logging.getLogger("convpipe")
+
 
 @dataclass
 class _Found:
@@ -24,6 +27,7 @@ class _Found:
 
     files: dict[str, list[str]]
     ignored: int
+    outside: list[str]
 
 
 def _entries(folder: Path | str) -> list[os.DirEntry[str]]:
@@ -48,36 +52,51 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _walk_images(folder: str) -> tuple[list[str], int]:
-    """Image files anywhere under ``folder`` (sorted) and the count of other files.
+def _outside(path: str, top: str) -> bool:
+    """Whether ``path``, links resolved, lies outside the real folder ``top``."""
+    real = os.path.realpath(path)
+    return os.path.commonpath([top, real]) != top
+
+
+def _walk_images(folder: str, top: str) -> tuple[list[str], int, list[str]]:
+    """Image files under ``folder``, other files' count, images linked outside ``top``.
+
+    ``top`` is the real ``data.path``; the file lists are sorted.
 
     Symlinked folders are followed, but each real folder is visited once and links back to
     ``folder`` or its ancestors are skipped, so symlink loops cannot make discovery hang.
+    Links out of ``data.path`` are read too (DVC's symlink cache and shared photo stores
+    are made of them) and reported, so a planted link cannot go unnoticed.
     """
-    top = os.path.realpath(folder)
-    seen = {top}
-    pending = [folder]
+    start = os.path.realpath(folder)
+    seen = {start}
+    pending = [(folder, False)]
     files: list[str] = []
+    outside: list[str] = []
     ignored = 0
     while pending:
-        for entry in _entries(pending.pop()):
+        current, linked_out = pending.pop()
+        for entry in _entries(current):
             if _is_dir(entry):
                 real = os.path.realpath(entry.path)
-                if real not in seen and os.path.commonpath([top, real]) != real:
+                if real not in seen and os.path.commonpath([start, real]) != real:
                     seen.add(real)
-                    pending.append(entry.path)
+                    out = linked_out or (entry.is_symlink() and _outside(real, top))
+                    pending.append((entry.path, out))
             elif is_image_file(entry.name):
                 files.append(entry.path)
+                if linked_out or (entry.is_symlink() and _outside(entry.path, top)):
+                    outside.append(entry.path)
             else:
                 ignored += 1
-    return sorted(files), ignored
+    return sorted(files), ignored, sorted(outside)
 
 
 def _layout_hint(folder: Path) -> str:
     return f"expected {folder}/<class>/<images> or {folder}/train/<class>/<images>"
 
 
-def _scan_classes(folder: Path) -> _Found:
+def _scan_classes(folder: Path, top: str) -> _Found:
     """The class folders directly under ``folder`` and the images each holds."""
     entries = _entries(folder)
     class_dirs = [e for e in entries if _is_dir(e)]
@@ -91,9 +110,12 @@ def _scan_classes(folder: Path) -> _Found:
         )
     if not class_dirs:
         raise ConvpipeError("no class folders", f"in {folder}", _layout_hint(folder))
-    found = _Found(files={}, ignored=len(entries) - len(class_dirs))
+    found = _Found(files={}, ignored=len(entries) - len(class_dirs), outside=[])
     for entry in class_dirs:
-        files, ignored = _walk_images(entry.path)
+        if entry.is_symlink() and _outside(entry.path, top):
+            found.outside.append(entry.path)
+        files, ignored, outside = _walk_images(entry.path, top)
+        found.outside += outside
         if not files:
             raise ConvpipeError(
                 f"class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})",
@@ -130,11 +152,24 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {split: root / split for split in given}
 
 
+def _report_outside(root: Path, outside: list[str]) -> None:
+    if outside:
+        log.warning(
+            "%d image file(s) or class folder(s) in %s are links to outside it (first: %s -> %s);"
+            " they are read like the others: remove the links if that is not what you want",
+            len(outside),
+            root,
+            outside[0],
+            os.path.realpath(outside[0]),
+        )
+
+
 def open_imagefolder(path: str) -> RawDataset:
     """Images in one folder per class, optionally inside ``train``/``val``/``test`` folders.
 
     Classes are the sorted union of the class folder names of all splits. Class folders
-    are searched recursively; hidden entries (leading ``.``) and files without an image
+    are searched recursively (links followed; those leading out of ``path`` are reported
+    in one warning line); hidden entries (leading ``.``) and files without an image
     extension are ignored (their count is ``FileReader.ignored``). Files are sorted, so
     the order never depends on the file system.
 
@@ -146,7 +181,9 @@ def open_imagefolder(path: str) -> RawDataset:
             empty class folder, or images mixed with class or split folders.
     """
     root = existing(path, "image folder", want_dir=True)
-    found = {split: _scan_classes(folder) for split, folder in _split_folders(root).items()}
+    top = os.path.realpath(root)
+    found = {split: _scan_classes(folder, top) for split, folder in _split_folders(root).items()}
+    _report_outside(root, [p for f in found.values() for p in f.outside])
     class_names = sorted(set().union(*(f.files for f in found.values())))
     index = {name: i for i, name in enumerate(class_names)}
     parts: dict[str, Part] = {}
