@@ -98,10 +98,7 @@ class PostgresServer:
     @property
     def url(self) -> str:
         """SQLAlchemy URL of the test database, over TCP with the password."""
-        return (
-            f"postgresql+psycopg2://{self.user}:{self.password}"
-            f"@127.0.0.1:{self.port}/{self.database}"
-        )
+        return self.url_of(self.database)
 
     def command(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
         """Run a server binary, as the ``postgres`` OS user when we are root.
@@ -165,8 +162,15 @@ class PostgresServer:
         text = "".join(f"{key} = {value}\n" for key, value in settings.items())
         (self.data / "postgresql.auto.conf").write_text(text)
 
-    def create_database(self) -> None:
-        """Create the login role (with its password) and a database it owns."""
+    def create_database(self, name: str | None = None) -> str:
+        """Create the login role (with its password) once, and a database it owns.
+
+        Args:
+            name: The database; :attr:`database` when omitted.
+
+        Returns:
+            The URL of that database (as :attr:`url`).
+        """
         import psycopg2
         from psycopg2 import sql
 
@@ -176,18 +180,35 @@ class PostgresServer:
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
             with conn.cursor() as cur:
-                cur.execute(
-                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                        sql.Identifier(self.user), sql.Literal(self.password)
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.user,))
+                if cur.fetchone() is None:
+                    cur.execute(
+                        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                            sql.Identifier(self.user), sql.Literal(self.password)
+                        )
                     )
-                )
                 cur.execute(
                     sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                        sql.Identifier(self.database), sql.Identifier(self.user)
+                        sql.Identifier(name or self.database), sql.Identifier(self.user)
                     )
                 )
         finally:
             conn.close()
+        return self.url_of(name or self.database)
+
+    def url_of(self, database: str, driver: str = "psycopg2", password: bool = True) -> str:
+        """SQLAlchemy URL of ``database`` over TCP.
+
+        Args:
+            database: The database name.
+            driver: ``psycopg2`` (``postgresql+psycopg2://``) or ``""`` for the plain
+                ``postgresql://`` form (psycopg 3 under SQLAlchemy 2.1).
+            password: Whether the URL carries the password (else libpq finds it in
+                ``PGPASSWORD`` or the password file).
+        """
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        secret = f":{self.password}" if password else ""
+        return f"{scheme}://{self.user}{secret}@127.0.0.1:{self.port}/{database}"
 
     def stop(self) -> None:
         """Stop the server if it runs (fast mode: roll back open sessions, then exit)."""

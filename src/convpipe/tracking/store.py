@@ -165,8 +165,19 @@ def is_tracking_failure(exc: BaseException) -> bool:
 def mlflow_error(exc: Exception, uri: str, doing: str) -> ConvpipeError:
     """A one-line user error for an MLflow failure while ``doing`` something at ``uri``."""
     first = mask(" ".join(str(getattr(exc, "message", exc)).split()))[:300]
+    todo = f"check mlflow.tracking_uri / {ENV_URI} and that the store is writable"
+    if _refused(exc):
+        todo = (
+            "the server wants credentials: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD in the environment (never in the URI)"
+        )
     return ConvpipeError(
-        f"MLflow failed while {doing} ({type(exc).__name__}: {first})",
-        f"at {mask(uri)}",
-        f"check mlflow.tracking_uri / {ENV_URI} and that the store is writable",
+        f"MLflow failed while {doing} ({type(exc).__name__}: {first})", f"at {mask(uri)}", todo
     )
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether the server refused the request for lack of (valid) credentials: 401 / 403."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    text = str(getattr(exc, "message", exc))
+    return status in (401, 403) or any(f"error code {code}" in text for code in (401, 403))
