@@ -27,7 +27,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError
 from tests import datagen
 from tests.conftest import ROOT
+from tests.disk import fill, small_disk
 
 SHIPPED_PARAMS = (ROOT / "params.yaml").read_text(encoding="utf-8")
 PREFIX = "convpipe: error: "
@@ -544,36 +545,6 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
     assert "ConvpipeError: unknown key 'train.lrr'" in proc.stderr
-
-
-TMPFS_MB = 64
-
-
-@contextlib.contextmanager
-def small_disk(where: Path) -> Iterator[Path]:
-    """A ``TMPFS_MB`` tmpfs mounted at ``where`` (skips where mounting needs root)."""
-    where.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(disk: Path, leave: int) -> None:
-    """Take the disk's free space down to ``leave`` bytes."""
-    stat = os.statvfs(disk)
-    remaining = max(stat.f_bavail * stat.f_frsize - leave, 0)
-    chunk = b"\0" * (1 << 20)
-    with open(disk / "filler", "wb") as fh:
-        while remaining > 0:
-            remaining -= fh.write(chunk[: min(len(chunk), remaining)])
 
 
 @pytest.mark.slow

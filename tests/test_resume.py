@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, start_mlflow_server, stop_server
+from tests.disk import fill, small_disk
 from tests.project import make_project
 
 pytestmark = pytest.mark.slow
@@ -339,3 +340,34 @@ def test_soak_ten_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp
     assert [int(row["epoch"]) for row in _history(project.root)] == list(range(epochs))
     runs, _ = _run_status_and_tags(project.root)
     assert [status for _, status in runs] == ["FINISHED"]  # one run, continued 10 times
+
+
+def test_a_full_disk_mid_training_ends_in_one_line_then_it_resumes(tmp_path, reference):
+    """``checkpoints/`` on a small tmpfs, filled after epoch 2: one line, then a resume."""
+    project = make_project(tmp_path / "p")
+    project.set_params(**SETTINGS)
+    project.run("dvc", "repro", "augment")
+    with small_disk(project.root / "checkpoints", megabytes=16) as disk:
+        training = _start_until_epochs(project, ["python", "pipelines/train.py"], 2)
+        try:
+            fill(disk, leave=0)
+            _, stderr = training.communicate(timeout=120)
+        finally:
+            if training.poll() is None:
+                os.killpg(training.pid, signal.SIGKILL)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert training.returncode == 2 and "Traceback" not in stderr, stderr
+        assert lines[-1].startswith("convpipe: error: the disk is full"), lines[-1]
+        assert re.search(r"while writing \S*checkpoints/\S+\.ckpt,", lines[-1]), lines[-1]
+        assert "resumes from its last checkpoint" in lines[-1]
+        assert len(stderr.splitlines()) < 25, stderr  # log lines, not pages of tracebacks
+        state = json.loads((disk / "resume.json").read_text())  # the record is kept
+        saved = _epochs_checkpointed(project.root)
+        assert saved >= 2
+        (disk / "filler").unlink()  # space is back
+        resumed = project.run("python", "pipelines/train.py")
+    assert "resuming the interrupted training from checkpoints/last.ckpt" in resumed.stderr
+    assert len(_history(project.root)) == len(reference)  # resumed, not restarted short
+    with sqlite3.connect(project.root / "mlflow.db") as db:
+        runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
+    assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued

@@ -80,13 +80,35 @@ def report(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, ConvpipeError) else EXIT_USER_ERROR
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk or quota."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _disk_full_error(exc: BaseException) -> OSError:
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return current
+        current = current.__cause__ or current.__context__
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def disk_full(exc: OSError) -> ConvpipeError:
     """The one-line error for a write that found no space left (``ENOSPC``/``EDQUOT``)."""
     where = f"while writing {exc.filename}" if exc.filename else "while writing the outputs"
     return ConvpipeError(
         f"the disk is full ({os.strerror(exc.errno or errno.ENOSPC)})",
         where,
-        "free space there and rerun; the previous outputs were left as they were",
+        "free space there and rerun; the previous outputs were left as they were, and an "
+        "interrupted training resumes from its last checkpoint",
     )
 
 
@@ -109,9 +131,9 @@ def entrypoint(func: Callable[P, R]) -> Callable[P, R]:
             if debug_enabled():
                 raise
             raise SystemExit(report(exc)) from None
-        except OSError as exc:
-            if exc.errno not in DISK_FULL or debug_enabled():
+        except Exception as exc:  # a full disk, however deep a library wrapped it
+            if not is_disk_full(exc) or debug_enabled():
                 raise
-            raise SystemExit(report(disk_full(exc))) from None
+            raise SystemExit(report(disk_full(_disk_full_error(exc)))) from None
 
     return wrapper

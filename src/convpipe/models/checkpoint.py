@@ -13,6 +13,7 @@ Lightning sees it, and convpipe builds the model from the checked values itself.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,8 +145,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            # through a Python file: a full disk then raises OSError(ENOSPC), where torch's
+            # own writer would only say "unexpected pos" in a RuntimeError
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
 
 
 def load_model(path: str | Path) -> CNNClassifier:

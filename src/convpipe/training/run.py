@@ -22,6 +22,7 @@ from torch import Tensor
 
 from convpipe.config.schema import Params, TrainParams
 from convpipe.data.datamodule import ConvDataModule
+from convpipe.errors import is_disk_full
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
 from convpipe.models.optim import budget_epochs, global_batch
@@ -78,14 +79,14 @@ def _resume_record_on(folder: str, rank_zero: bool) -> Iterator[None]:
 
     A finished training, or one that failed for a reason a rerun would meet again (bad
     params, divergence), removes it; an interrupted one (Ctrl+C, a kill, a preemption
-    signal, a tracking store that stopped answering) keeps it.
+    signal, a tracking store that stopped answering, a full disk) keeps it.
     """
     try:
         yield
     except (KeyboardInterrupt, SystemExit, Preempted):
         raise
     except BaseException as exc:
-        if rank_zero and not is_tracking_failure(exc):
+        if rank_zero and not (is_tracking_failure(exc) or is_disk_full(exc)):
             clear_record(folder)
         raise
     if rank_zero:
