@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +419,44 @@ def test_evaluate_without_a_training_run_fails_before_writing(
 def test_read_history_missing(tmp_path: Path) -> None:
     with pytest.raises(ConvpipeError, match="training history not found"):
         read_history(tmp_path / "history.csv")
+
+
+@pytest.mark.subprocess
+def test_huge_layers_in_a_checkpoint_are_refused_before_any_allocation(
+    checkpoint, tmp_path: Path
+) -> None:
+    data = torch.load(checkpoint[0], map_location="cpu", weights_only=True)
+    model = {**data["hyper_parameters"]["model"], "hidden": [2**20, 2**20]}  # ~1 T parameters
+    evil = _crafted(checkpoint[0], tmp_path / "huge.ckpt", model=model)
+    # under a 4 GiB address-space limit any attempt to build the layers fails at once
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+        "from convpipe.errors import ConvpipeError\n"
+        "from convpipe.models.checkpoint import load_model\n"
+        "try:\n"
+        "    load_model(sys.argv[1])\n"
+        "except ConvpipeError as exc:\n"
+        "    print(exc.line())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(evil)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert "the network would have 1,099," in line and "model.hidden[1]" in line, line
+    assert "more than half of this machine's" in line
+
+
+def test_check_size_follows_the_memory() -> None:
+    from convpipe.models.network import check_size
+    from convpipe.models.shapes import LayerShape
+
+    rows = [LayerShape("model.hidden[0]", "linear", (10,), 1_000_000, 0)]
+    check_size(rows, memory=8_000_001)  # 4 MB of weights: under half of 8 MB
+    with pytest.raises(ConvpipeError, match="1,000,000 parameters"):
+        check_size(rows, memory=7_999_999)

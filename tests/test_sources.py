@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import struct
 import threading
 from pathlib import Path
 
@@ -399,6 +400,16 @@ def test_mnist_idx_gz_data_shorter_than_header(tmp_path):
     assert "truncated IDX file" in error_of(open_mnist_idx, str(tmp_path))
 
 
+def test_mnist_idx_gz_header_claiming_more_than_the_file_holds_is_refused_unread(tmp_path):
+    D.write_idx(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    # 60 images of 40,000 x 40,000: 96 GB, from a file of a few hundred bytes
+    header = struct.pack(">IIII", D.IDX_IMAGES_MAGIC, 60, 40_000, 40_000)
+    path.write_bytes(gzip.compress(header + b"\0" * 1000))
+    message = error_of(open_mnist_idx, str(tmp_path))
+    assert "(60, 40000, 40000) = 96000000000 bytes of data, more than a gzip file of" in message
+
+
 def test_mnist_idx_trailing_data(tmp_path):
     D.write_idx(tmp_path)
     with open(tmp_path / "train-labels-idx1-ubyte", "ab") as fh:
@@ -486,6 +497,21 @@ def test_cifar_label_count_and_range(tmp_path):
     assert "'labels' must hold 5 integers" in error_of(open_cifar, str(tmp_path))
     (tmp_path / "test_batch").write_bytes(D.py2_style_pickle({b"data": data, b"labels": [10] * 5}))
     assert "labels must lie in 0..9, found 10..10" in error_of(open_cifar, str(tmp_path))
+
+
+def test_cifar_labels_of_nested_references_are_refused_before_conversion(tmp_path):
+    # a few bytes of pickle: 5 references to one list of a million references to another;
+    # np.asarray would build 5 x 10**6 x 10**3 elements
+    D.write_cifar(tmp_path)
+    inner = [0] * 1000
+    middle = [inner] * 1_000_000
+    bomb = {b"data": np.zeros((5, 3072), np.uint8), b"labels": [middle] * 5}
+    (tmp_path / "test_batch").write_bytes(D.py2_style_pickle(bomb))
+    message = error_of(open_cifar, str(tmp_path))
+    assert (
+        "'labels' must hold 5 integers (one per image), got a list of 5, an element is a list"
+        in (message)
+    )
 
 
 def test_cifar_missing_key_and_not_a_dict(tmp_path):

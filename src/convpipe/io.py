@@ -123,6 +123,18 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where the OS does not say).
+
+    Readers and model builders bound what untrusted sizes (a file header, a checkpoint's
+    hyperparameters) may make them allocate by it.
+    """
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def create_npy(path: str | os.PathLike[str], dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     """A writable ``.npy`` memmap of ``shape`` whose disk space is reserved up front.
 

@@ -31,8 +31,10 @@ from torch import Tensor, nn
 
 from convpipe.config.schema import ConvBlock, ModelParams
 from convpipe.errors import ConvpipeError
+from convpipe.io import memory_bytes
 from convpipe.models.residual import build_stage
 from convpipe.models.shapes import (
+    LayerShape,
     block_hw,
     check_inputs,
     check_num_classes,
@@ -54,6 +56,10 @@ __all__ = [
 ]
 
 REG_TYPES = ("none", "l1", "l2")
+
+# fp32: the bytes of each weight a network is built with (training adds gradients and the
+# optimiser's state; the size check bounds what building the network alone allocates)
+BYTES_PER_WEIGHT = 4
 #: The network's backbone: the conv blocks and residual stages (``net.features``), what
 #: fine-tuning freezes (``train.freeze_epochs``) and trains slower (``train.backbone_lr_scale``);
 #: the rest, ``net.classifier``, is the head.
@@ -161,6 +167,29 @@ def _classifier(params: ModelParams, features: int, num_classes: int) -> nn.Sequ
     return nn.Sequential(layers)
 
 
+def check_size(rows: Sequence[LayerShape], memory: int | None = None) -> None:
+    """Refuse a network whose fp32 weights would take more than half this machine's memory.
+
+    Counted from the shapes alone, before any tensor exists: a checkpoint or a params file
+    asking for enormous layers ends in one line instead of a terabyte allocation.
+
+    Raises:
+        ConvpipeError: naming the largest layer and the sizes.
+    """
+    memory = memory_bytes() if memory is None else memory
+    total = sum(row.parameters for row in rows)
+    need = total * BYTES_PER_WEIGHT
+    if memory and need > memory // 2:
+        largest = max(rows, key=lambda row: row.parameters)
+        raise ConvpipeError(
+            f"the network would have {total:,} parameters ({need / 2**30:.1f} GiB of fp32 "
+            f"weights, more than half of this machine's {memory / 2**30:.1f} GiB); the largest "
+            f"layer is {largest.name} ({largest.layer}, {largest.parameters:,})",
+            "in the model section (params.yaml or the checkpoint's hyperparameters)",
+            "use fewer filters or hidden units, or global pooling instead of a large flatten",
+        )
+
+
 def build_cnn(
     params: ModelParams, in_channels: int, image_hw: Sequence[int], num_classes: int
 ) -> nn.Sequential:
@@ -183,9 +212,11 @@ def build_cnn(
 
     Raises:
         ConvpipeError: If an argument is invalid, a layer would shrink the feature map below
-            1x1 (see :func:`layer_shapes`), or ``model.whiten`` has the wrong filter count.
+            1x1 (see :func:`layer_shapes`), ``model.whiten`` has the wrong filter count, or
+            the weights would not fit in memory (:func:`check_size`).
     """
     rows = layer_shapes(params, in_channels, image_hw, num_classes)
+    check_size(rows)
     image = hw = check_inputs(in_channels, image_hw, num_classes)
     check_whitening(params, in_channels)
     features = nn.Sequential()

@@ -113,6 +113,31 @@ def _cifar_names(path: Path, key: str) -> list[str]:
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
+def _flat_labels(raw: Any, count: int, layout: _CifarLayout, path: Path) -> np.ndarray:
+    """``raw`` as an array, once its structure is known to be one integer per image.
+
+    Checked before ``np.asarray``: a crafted pickle can nest references to one list inside
+    another (a few bytes each) so that converting it would build billions of elements.
+    """
+    flat = isinstance(raw, list) and len(raw) == count and all(type(x) is int for x in raw)
+    if flat or (isinstance(raw, np.ndarray) and raw.ndim == 1 and len(raw) == count):
+        return np.asarray(raw)
+    got = f"{raw.dtype} {raw.shape}" if isinstance(raw, np.ndarray) else _describe(raw)
+    raise ConvpipeError(
+        f"'{layout.label_key}' must hold {count} integers (one per image), got {got}",
+        f"in {path}",
+        "re-extract the dataset",
+    )
+
+
+def _describe(raw: Any) -> str:
+    if not isinstance(raw, list):
+        return type(raw).__name__
+    odd = next((x for x in raw if type(x) is not int), None)
+    inner = f", an element is a {type(odd).__name__}" if odd is not None else ""
+    return f"a list of {len(raw)}{inner}"
+
+
 def _cifar_batch(
     path: Path, layout: _CifarLayout, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +156,7 @@ def _cifar_batch(
             f"in {path}",
             "re-extract the dataset",
         )
-    labels = np.asarray(_entry(batch, layout.label_key, path))
+    labels = _flat_labels(_entry(batch, layout.label_key, path), len(data), layout, path)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(data):
         raise ConvpipeError(
             f"'{layout.label_key}' must hold {len(data)} integers (one per image), "

@@ -14,6 +14,7 @@ import numpy as np
 from convpipe.data.raw import RawDataset
 from convpipe.data.readers.base import ArrayReader, Part, existing, labelled
 from convpipe.errors import ConvpipeError
+from convpipe.io import memory_bytes
 
 _IDX_IMAGES = 0x00000803
 _IDX_LABELS = 0x00000801
@@ -73,11 +74,40 @@ def _check_idx_size(path: Path, dims: tuple[int, ...], available: int) -> None:
         )
 
 
+# Deflate cannot expand a byte of input into more than ~1032 bytes of output (RFC 1951's
+# longest match per 258-byte code): a header claiming more than that is lying.
+DEFLATE_MAX_RATIO = 1032
+
+
+def _check_gzip_room(path: Path, dims: tuple[int, ...], expected: int) -> None:
+    """Refuse, before decompressing, a header claiming more data than the file can hold.
+
+    Both bounds are checked: what deflate can expand the compressed file to, and half of
+    this machine's memory (the data is held in memory while it is checked).
+    """
+    room = path.stat().st_size * DEFLATE_MAX_RATIO
+    if expected > room:
+        raise _idx_error(
+            path,
+            f"IDX header says {dims} = {expected} bytes of data, more than a gzip file of "
+            f"{path.stat().st_size} bytes can hold ({room})",
+        )
+    memory = memory_bytes()
+    if memory and expected > memory // 2:
+        raise _idx_error(
+            path,
+            f"IDX data of {expected / 2**30:.1f} GiB does not fit in half of this machine's "
+            f"{memory / 2**30:.1f} GiB once decompressed",
+            "store it uncompressed: an uncompressed IDX file is memory-mapped",
+        )
+
+
 def _gunzip_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as fh:
             dims = _idx_dims(path, fh.read(4 + 4 * ndim), magic, ndim)
             expected = math.prod(dims)
+            _check_gzip_room(path, dims, expected)
             data = bytearray()
             # Read in blocks up to one byte past the header's size, so a lying header can
             # neither allocate huge memory up front nor hide trailing data.
