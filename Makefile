@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui bench bench-cifar bench-photos lint tune gpu-check gpu-bundle
+.PHONY: setup lock run test test-fast ui bench bench-cifar bench-photos lint tune gpu-check gpu-bundle docs docs-serve
 
 LOCK := requirements.lock
 
@@ -38,6 +38,16 @@ test-fast: setup
 
 ui: setup
 	convpipe ui
+
+# The documentation site (site/): the params reference regenerated from the schema and
+# params.yaml's comments, then MkDocs with --strict (broken links fail the build).
+docs: export NO_MKDOCS_2_WARNING=1
+docs: setup
+	$(PY) -m convpipe.config.reference docs/params.md
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: docs
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 tune: setup
 	convpipe tune

@@ -73,21 +73,30 @@ class Project:
         yaml.dump(data, path)
 
 
-def readme_commands(journey: str) -> list[str]:
-    """The ``$ `` command lines of the README code blocks marked ``<!-- journey: NAME -->``.
+def documented_commands(journey: str) -> list[str]:
+    """The ``$ `` command lines of the doc blocks marked ``<!-- journey: NAME -->``.
 
-    Journey tests run these very lines, so the README cannot drift from what is tested.
+    The blocks live in ``README.md`` and the pages of ``docs/`` (in the order of the site's
+    pages); journey tests run these very lines, so the docs cannot drift from what is tested.
     ``make run`` stands for ``dvc repro`` here: the test's environment is already set up.
     """
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
     marker = f"<!-- journey: {journey} -->"
     commands: list[str] = []
-    for part in text.split(marker)[1:]:
-        block = part.split("```", 2)[1]  # the fenced block right after the marker
-        commands += [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+    for page in documented_pages():
+        text = page.read_text(encoding="utf-8")
+        for part in text.split(marker)[1:]:
+            block = part.split("```", 2)[1]  # the fenced block right after the marker
+            commands += [line[2:] for line in block.splitlines() if line.startswith("$ ")]
     if not commands:
-        raise AssertionError(f"README.md has no commands for journey {journey!r}")
+        raise AssertionError(f"no doc page has commands for journey {journey!r}")
     return [cmd.replace("make run", "dvc repro") for cmd in commands]
+
+
+def documented_pages() -> list[Path]:
+    """README.md, then every page of the site in ``mkdocs.yml``'s nav order."""
+    nav = YAML(typ="safe").load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+    pages = [ROOT / "docs" / next(iter(item.values())) for item in nav]
+    return [ROOT / "README.md", *pages]
 
 
 def make_project(dest: Path) -> Project:

@@ -1,6 +1,6 @@
-"""The README's "Compare experiments" journey, through the real dvc, git and MLflow.
+"""The docs' "Compare experiments" journey (docs/tracking.md), through the real dvc, git and MLflow.
 
-The commands are read from the README itself (``readme_commands``): a baseline commit, two
+The commands are read from the docs themselves (``documented_commands``): a baseline commit, two
 ``dvc exp run -S`` experiments and a queued one, then the comparison commands. The tests then
 look at what a user looks at: ``dvc exp show``, ``metrics diff``, ``plots diff``, the MLflow
 runs (and, in ``test_mlflow_ui_shows_every_experiment``, the MLflow UI in headless Chromium),
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.project import Project, make_project, readme_commands
+from tests.project import Project, documented_commands, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def journey(tmp_path_factory) -> Journey:
     project.run("git", "init", "-q", "--bare", "-b", "main", str(remote))
     project.run("git", "commit", "-q", "-am", "4 epochs")
     project.run("git", "remote", "add", "origin", str(remote))
-    outputs = {cmd: project.sh(cmd).stdout for cmd in readme_commands("compare")}
+    outputs = {cmd: project.sh(cmd).stdout for cmd in documented_commands("compare")}
     return Journey(project, outputs, remote)
 
 
@@ -182,12 +182,12 @@ def test_a_colleague_pulls_everything_without_retraining(journey: Journey, tmp_p
             cmd = cmd.replace(old, new)
         return cmd
 
-    for cmd in readme_commands("share-push"):
+    for cmd in documented_commands("share-push"):
         journey.project.sh(local(cmd))
     assert any(store.rglob("*"))  # data, models and pictures went to the remote
     colleague = Project(tmp_path / "elsewhere")
     colleague.root.mkdir()
-    proc = colleague.sh(" && ".join(local(c) for c in readme_commands("share-pull")))
+    proc = colleague.sh(" && ".join(local(c) for c in documented_commands("share-pull")))
     clone = colleague.root / "convpipe"
     assert "Data and pipelines are up to date." in proc.stdout
     assert "Running stage" not in proc.stdout

@@ -149,8 +149,8 @@ def test_a_cycle_is_caught() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-#: The README's Code map, "may import": each package's convpipe dependencies besides the
-#: shared ``errors``, ``io`` and ``redact`` (and itself).
+#: The code map of docs/architecture.md, "may import": each package's convpipe dependencies
+#: besides the shared ``errors``, ``io`` and ``redact`` (and itself).
 MAY_IMPORT = {
     "config": set(),
     "data": {"config"},

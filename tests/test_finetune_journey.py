@@ -1,6 +1,6 @@
-"""The README's fine-tuning journey with the real CLIs: train, register, fine-tune on new classes.
+"""The fine-tuning journey of docs/finetune.md, real CLIs: train, register, fine-tune anew.
 
-``make run`` registers the digits model as ``convpipe-cnn@champion``; the README's commands then
+``make run`` registers the digits model as ``convpipe-cnn@champion``; the page's commands then
 fine-tune it on a folder of two other classes, from the registry and from a checkpoint file,
 and a code-carrying file is refused in one line.
 """
@@ -16,21 +16,21 @@ import torch
 from mlflow import MlflowClient
 
 from tests import datagen
-from tests.project import Project, make_project, readme_commands
+from tests.project import Project, documented_commands, make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory) -> tuple[Project, list[str]]:
-    """A project after the README's fine-tuning commands, and each command's stderr."""
+    """A project after the documented fine-tuning commands, and each command's stderr."""
     project = make_project(tmp_path_factory.mktemp("finetune"))
-    # the README's "a folder of your photos": two classes the digits model never had
+    # the docs' "a folder of your photos": two classes the digits model never had
     datagen.write_imagefolder(
         project.root / "data/twodigits", n_per_class=60, classes=("three", "eight"), size=8
     )
     logs = []
-    for command in readme_commands("finetune"):
+    for command in documented_commands("finetune"):
         proc = project.sh(command)
         logs.append(proc.stdout + proc.stderr)
     return project, logs

@@ -1,4 +1,4 @@
-"""The README's "Your photos" journey with the real CLIs, on a folder of photos of mixed sizes.
+"""The "Your photos" journey of docs/data.md with the real CLIs, on photos of mixed sizes.
 
 ``convpipe recipe params/photos.yaml``, ``data.path`` pointed at the folder, ``dvc repro``: a
 residual network is trained, evaluated and registered; then ``convpipe predict`` and
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from convpipe.models.checkpoint import load_model
-from tests.project import Project, make_project, readme_commands
+from tests.project import Project, documented_commands, make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -44,7 +44,7 @@ def write_photos(root) -> None:
 def journey(tmp_path_factory) -> Project:
     project = make_project(tmp_path_factory.mktemp("photos"))
     write_photos(project.root / "data" / "photos")
-    commands = readme_commands("photos")
+    commands = documented_commands("photos")
     project.sh(commands[0])  # convpipe recipe params/photos.yaml
     # a minute, not the recipe's 2,000 steps; everything else as the recipe says
     project.set_params(**{"train.max_steps": 24, "train.warmup_epochs": 0.5})

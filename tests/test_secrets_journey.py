@@ -10,8 +10,8 @@ searched for them:
 - a database password holding an unencoded ``/`` in ``tune.storage`` (a logged param);
 - a URL with a password in ``MLFLOW_TRACKING_URI`` of a run whose server is gone.
 
-The server runs MLflow's ``basic-auth`` app, as the README's team setup does: a client without
-credentials is refused, convpipe with credentials from the environment works.
+The server runs MLflow's ``basic-auth`` app, as the team setup in docs/scaling.md does: a client
+without credentials is refused, convpipe with credentials from the environment works.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def test_every_channel_was_exercised_and_masked(journey) -> None:
 def test_no_planted_secret_is_anywhere(journey) -> None:
     project: Project = journey["project"]
     server_root: Path = journey["server_root"]
-    # params.yaml and dvc.lock are the user's own copy of tune.storage (the README says to
+    # params.yaml and dvc.lock are the user's own copy of tune.storage (docs/scaling.md says to
     # keep passwords out of it: PGPASSWORD, ~/.pgpass); .git and DVC's cache hold the same
     places = _files(server_root, skip=("auth.ini",)) + _files(
         project.root, skip=(".git", ".dvc", "params.yaml", "dvc.lock", "src", "pipelines")

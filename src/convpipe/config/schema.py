@@ -526,7 +526,7 @@ def describe_error(error: Any, source: str) -> ConvpipeError:
         valid = f"valid keys here: {', '.join(choices)}" if choices else ""
         return ConvpipeError(f"unknown key '{key}'", f"in {source}", hint or valid)
     if error["type"] == "missing":
-        return ConvpipeError(f"missing key '{key}'", f"in {source}", "add it (see README)")
+        return ConvpipeError(f"missing key '{key}'", f"in {source}", "add it (see docs/params.md)")
     got = error.get("input")
     msg = error["msg"]
     if error["type"] == "value_error":
