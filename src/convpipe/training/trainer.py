@@ -36,7 +36,16 @@ from convpipe.training.resume import (
 # What CNNClassifier logs at epoch level during fit: the metrics train.monitor may name.
 # Checkpoint names in paths.checkpoints: the best epoch by train.monitor, and the latest.
 BEST, LAST = "best", "last"
-MONITORS = ("train/loss", "train/acc", "train/objective", "train/penalty", "val/loss", "val/acc")
+# Every metric the model logs per epoch, and the direction in which it improves.
+MONITOR_MODES = {
+    "train/loss": "min",
+    "train/acc": "max",
+    "train/objective": "min",
+    "train/penalty": "min",
+    "val/loss": "min",
+    "val/acc": "max",
+}
+MONITORS = tuple(MONITOR_MODES)
 
 
 def build_trainer(
@@ -158,12 +167,21 @@ def check_batch_size(train: TrainParams, train_size: int) -> None:
 
 
 def check_monitor(train: TrainParams) -> None:
-    """Refuse a ``train.monitor`` the model never logs (Lightning would fail mid-training).
+    """Refuse a ``train.monitor`` the model never logs (Lightning would fail mid-training),
+    or a ``train.monitor_mode`` that would keep its worst epoch (``val/acc`` with ``min``).
 
     Raises:
-        ConvpipeError: naming the closest valid metric.
+        ConvpipeError: naming the closest valid metric, or the mode the metric needs.
     """
     if train.monitor in MONITORS:
+        wanted = MONITOR_MODES[train.monitor]
+        if train.monitor_mode != wanted:
+            raise ConvpipeError(
+                f"train.monitor_mode is '{train.monitor_mode}' but {train.monitor} improves "
+                f"as it goes {'up' if wanted == 'max' else 'down'}",
+                "in params.yaml",
+                f"set train.monitor_mode: {wanted}",
+            )
         return
     close = difflib.get_close_matches(train.monitor, MONITORS, n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(MONITORS)}"
