@@ -167,8 +167,10 @@ def check_batch_size(train: TrainParams, train_size: int) -> None:
 
 
 def check_monitor(train: TrainParams) -> None:
-    """Refuse a ``train.monitor`` the model never logs (Lightning would fail mid-training),
-    or a ``train.monitor_mode`` that would keep its worst epoch (``val/acc`` with ``min``).
+    """Refuse a monitor the model never logs, or a mode that would keep its worst epoch.
+
+    Lightning would fail mid-training on an unknown metric; ``val/acc`` with ``min`` would
+    quietly keep the worst checkpoint.
 
     Raises:
         ConvpipeError: naming the closest valid metric, or the mode the metric needs.
