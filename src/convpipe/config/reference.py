@@ -114,7 +114,8 @@ def _walk(node: Any, model: type[BaseModel], prefix: str) -> Iterator[tuple[str,
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         value = node.get(name) if isinstance(node, Mapping) else None
-        yield key, describe_type(field.annotation, field.metadata), value, _comment(node, name)
+        comment = _comment(node, name) or " ".join((field.description or "").split())
+        yield key, describe_type(field.annotation, field.metadata), value, comment
         plain, _ = _plain(field.annotation)
         if get_origin(plain) is dict and isinstance(value, Mapping):  # tune.space: any key
             for entry, dim in value.items():

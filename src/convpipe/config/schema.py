@@ -30,7 +30,11 @@ FloatRange = tuple[float, float]
 class Section(BaseModel):
     """Base for every params section: unknown keys are errors, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # attribute docstrings become field descriptions: the params reference (docs/params.md)
+    # shows them for keys params.yaml cannot comment (those of list items)
+    model_config = ConfigDict(
+        extra="forbid", strict=False, frozen=True, use_attribute_docstrings=True
+    )
 
 
 class BaseParams(Section):
@@ -114,6 +118,7 @@ class Toggle(Section):
     """An augmentation applied with probability ``p`` (0 disables it)."""
 
     p: Probability
+    """probability of applying it to an image (0: off)"""
 
 
 class CropParams(Toggle):
@@ -201,13 +206,21 @@ class ConvBlock(Section):
     """One convolution block: conv -> [batch norm] -> activation -> [pooling]."""
 
     filters: PositiveInt
+    """output channels (feature maps) of the convolution"""
     kernel: PositiveInt
+    """the convolution's kernel size, kernel x kernel"""
     stride: PositiveInt
+    """the convolution's step: 2 halves the feature map"""
     padding: Literal["valid", "same"]
+    """valid: no padding | same: ceil(size / stride) kept, as TensorFlow"""
     activation: Activation
+    """the nonlinearity after the convolution (and batch norm)"""
     batch_norm: bool
+    """batch normalisation between the convolution and the activation"""
     pool: Literal["max", "avg", "none"]
+    """pooling after the activation"""
     pool_size: PositiveInt
+    """pooling window and step, pool_size x pool_size"""
 
 
 #: A bottleneck block's 1x1 expansion: its 3x3 conv has ``filters / BOTTLENECK_EXPANSION``
@@ -223,10 +236,15 @@ class ResidualStage(Section):
     """
 
     block: Literal["basic", "bottleneck"]
+    """basic: two 3x3 convs | bottleneck: 1x1, 3x3, 1x1 (ResNet-50's)"""
     filters: PositiveInt
+    """output channels of each block (a bottleneck's 3x3 conv has a quarter)"""
     blocks: PositiveInt
+    """residual blocks in the stage"""
     stride: PositiveInt
+    """the first block's stride: 2 halves the feature map"""
     activation: Activation
+    """the nonlinearity inside the blocks and after each addition"""
 
     @model_validator(mode="after")
     def _bottleneck_width(self) -> ResidualStage:
