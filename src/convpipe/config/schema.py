@@ -73,6 +73,10 @@ class CsvParams(Section):
 
 #: ``data.resize``: how an image meets ``data.image_size`` (see ``convpipe.data.images.fit``).
 ResizeMode = Literal["stretch", "crop", "pad"]
+#: The weight penalty (``train.reg_type``): allowed values are read from here everywhere.
+RegType = Literal["none", "l1", "l2"]
+#: Test-time augmentation (``evaluate.tta``), also what the served model accepts.
+TtaMode = Literal["none", "flip", "translate", "flip_translate"]
 
 
 class DataParams(Section):
@@ -297,7 +301,7 @@ class TrainParams(Section):
     cutmix_alpha: Annotated[float, Field(ge=0.0)]
     class_weights: Literal["none", "balanced"]
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
-    reg_type: Literal["none", "l1", "l2"]
+    reg_type: RegType
     reg_lambda: Annotated[float, Field(ge=0.0)]
     batch_size: PositiveInt | Literal["full"]
     max_epochs: PositiveInt
@@ -387,7 +391,7 @@ class RuntimeParams(Section):
 class EvaluateParams(Section):
     """The evaluate stage: test-time augmentation, extra metrics and pictures."""
 
-    tta: Literal["none", "flip", "translate", "flip_translate"]
+    tta: TtaMode
     top_k: Annotated[int, Field(ge=2)]
     misclassified: PositiveInt
 

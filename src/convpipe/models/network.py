@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
-from convpipe.config.schema import ConvBlock, ModelParams
+from convpipe.config.schema import ConvBlock, ModelParams, RegType
 from convpipe.errors import ConvpipeError
 from convpipe.io import memory_bytes
 from convpipe.models.residual import build_stage
@@ -55,7 +56,7 @@ __all__ = [
     "regularization_penalty",
 ]
 
-REG_TYPES = ("none", "l1", "l2")
+REG_TYPES: tuple[str, ...] = get_args(RegType)  # the schema's train.reg_type values
 
 # fp32: the bytes of each weight a network is built with (training adds gradients and the
 # optimiser's state; the size check bounds what building the network alone allocates)

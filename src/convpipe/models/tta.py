@@ -17,14 +17,17 @@ data's classes survive a mirror (photos of objects: yes; digits and text: no).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convpipe.config.schema import TtaMode
+
 __all__ = ["TTA_MODES", "tta_logits", "tta_views"]
 
-TTA_MODES = ("none", "flip", "translate", "flip_translate")
+TTA_MODES: tuple[str, ...] = get_args(TtaMode)  # the schema's evaluate.tta values
 
 
 def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
