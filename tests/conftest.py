@@ -122,11 +122,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
+def start_mlflow_server(
+    root: Path,
+    port: int,
+    log: Path,
+    app: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1:``port`` over ``root``'s sqlite store.
 
     Artifacts are proxied into ``root/artifacts``; the server runs in its own process group
-    (stop it with ``os.killpg``) and is answering when this returns.
+    (stop it with ``os.killpg``) and is answering when this returns. ``app`` names an MLflow
+    server app (``basic-auth``), configured through ``env``.
     """
     cmd = [
         str(Path(sys.executable).parent / "mlflow"),
@@ -142,13 +149,19 @@ def start_mlflow_server(root: Path, port: int, log: Path) -> subprocess.Popen:
         str(port),
         "--workers",
         "1",
+        *(["--app-name", app] if app else []),
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=root,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
-        wait_for_http(proc, f"http://127.0.0.1:{port}/health", log, 90)
+        wait_for_http(proc, f"http://127.0.0.1:{port}/health", log, 120)
     except BaseException:
         stop_server(proc)
         raise

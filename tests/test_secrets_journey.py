@@ -30,7 +30,7 @@ import pytest
 from mlflow import MlflowClient
 from sqlalchemy.engine import make_url
 
-from tests.conftest import free_port, stop_server, wait_for_http
+from tests.conftest import free_port, start_mlflow_server, stop_server, wait_for_http
 from tests.project import ROOT, Project, make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
@@ -64,37 +64,10 @@ def start_auth_server(root: Path, port: int) -> subprocess.Popen[bytes]:
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     env = {
-        **os.environ,
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
     }
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--app-name",
-        "basic-auth",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        wait_for_http(proc, f"http://127.0.0.1:{port}/health", log, 120)
-    except BaseException:
-        stop_server(proc)
-        raise
-    return proc
+    return start_mlflow_server(root, port, root / "server.log", app="basic-auth", env=env)
 
 
 def plant_editable_install(root: Path) -> Path:
