@@ -80,25 +80,24 @@ def report(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, ConvpipeError) else EXIT_USER_ERROR
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc``, or an exception it was raised from, is a full disk or quota."""
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The full-disk ``OSError`` (``ENOSPC``/``EDQUOT``) ``exc`` is or was raised from, if any.
+
+    Libraries wrap it (Lightning, MLflow); the chain of causes is walked, each link once.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if isinstance(current, OSError) and current.errno in DISK_FULL:
-            return True
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
-def _disk_full_error(exc: BaseException) -> OSError:
-    current: BaseException | None = exc
-    while current is not None:
-        if isinstance(current, OSError) and current.errno in DISK_FULL:
-            return current
-        current = current.__cause__ or current.__context__
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk or quota."""
+    return disk_full_cause(exc) is not None
 
 
 def disk_full(exc: OSError) -> ConvpipeError:
@@ -132,8 +131,9 @@ def entrypoint(func: Callable[P, R]) -> Callable[P, R]:
                 raise
             raise SystemExit(report(exc)) from None
         except Exception as exc:  # a full disk, however deep a library wrapped it
-            if not is_disk_full(exc) or debug_enabled():
+            cause = disk_full_cause(exc)
+            if cause is None or debug_enabled():
                 raise
-            raise SystemExit(report(disk_full(_disk_full_error(exc)))) from None
+            raise SystemExit(report(disk_full(cause))) from None
 
     return wrapper

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convpipe.config.schema import MlflowParams
-from convpipe.errors import ConvpipeError, disk_full, is_disk_full
+from convpipe.errors import ConvpipeError, disk_full, disk_full_cause
 from convpipe.redact import mask
 
 if TYPE_CHECKING:
@@ -165,8 +164,9 @@ def is_tracking_failure(exc: BaseException) -> bool:
 
 def mlflow_error(exc: Exception, uri: str, doing: str) -> ConvpipeError:
     """A one-line user error for an MLflow failure while ``doing`` something at ``uri``."""
-    if is_disk_full(exc):  # the artifact store's disk, when it is a local folder
-        return disk_full(exc if isinstance(exc, OSError) else OSError(errno.ENOSPC, "full"))
+    cause = disk_full_cause(exc)
+    if cause is not None:  # the artifact store's disk, when it is a local folder
+        return disk_full(cause)
     first = mask(" ".join(str(getattr(exc, "message", exc)).split()))[:300]
     todo = f"check mlflow.tracking_uri / {ENV_URI} and that the store is writable"
     if _refused(exc):
