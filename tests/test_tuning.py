@@ -345,7 +345,8 @@ def test_apply_best_changes_only_the_values(tmp_path: Path) -> None:
     ]
     assert changed == ["dropout", "optimizer", "lr", "batch_size"]
     lines = dict(zip(original.splitlines(), text.splitlines(), strict=True))
-    assert lines["  lr: 0.003"] == "  lr: 0.000123457"
+    lr = next(line for line in lines if line.startswith("  lr: 0.003 "))
+    assert lines[lr] == lr.replace("0.003      ", "0.000123457", 1)  # comment column kept
     optimizer = next(line for line in lines if line.startswith("  optimizer: adam "))
     assert lines[optimizer] == optimizer.replace("adam ", "sgd  ", 1)  # comment column kept
     params = load_params(target)
