@@ -560,3 +560,18 @@ def test_a_version_of_other_classes_never_takes_the_alias(trained: Trained, capl
         classes_digest(renamed.class_names),
     ]
     assert _register(trained, name, 0.6).moved  # the same classes still compete on accuracy
+
+
+def test_init_from_a_registered_model_reads_the_given_store_not_the_default(
+    trained: Trained, champion: str, tmp_path: Path
+) -> None:
+    # a fine-tuning project elsewhere, whose mlflow.tracking_uri names the trained project's
+    # store: MLflow's own models:/ download would look in ./mlflow.db (its default registry)
+    from convpipe.models.transfer import read_weights
+    from convpipe.tracking.init_source import fetched
+
+    with contextlib.chdir(tmp_path):
+        with fetched(f"models:/{champion}@champion", trained.uri) as weights:
+            assert read_weights(weights.path)  # a readable checkpoint of the champion
+            assert weights.run_id == trained.run_id
+        assert not (tmp_path / "mlflow.db").exists()  # no stray default store was made

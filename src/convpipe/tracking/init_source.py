@@ -142,6 +142,23 @@ def _checkpoint_in(folder: Path, source: str) -> Path:
     )
 
 
+def _artifact_uri(source: str, uri: str) -> str:
+    """Where ``source``'s files are, looked up in the store at ``uri``.
+
+    MLflow resolves a ``models:/`` URI through its process-wide registry URI, whatever
+    tracking URI ``download_artifacts`` is given: a project whose ``mlflow.tracking_uri``
+    names another store would be looked up in ``./mlflow.db``. The version is found here,
+    in the store the params name, and its artifact location downloaded instead.
+    """
+    if not source.startswith("models:/"):
+        return source
+    from mlflow import MlflowClient
+
+    version = _version(source, uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return str(client.get_model_version_download_uri(version.name, version.version))
+
+
 @contextmanager
 def fetched(source: str, uri: str) -> Iterator[Fetched]:
     """A local file with the weights ``source`` names, for as long as the context lasts.
@@ -159,7 +176,7 @@ def fetched(source: str, uri: str) -> Iterator[Fetched]:
         try:
             local = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=tmp, tracking_uri=uri
+                    artifact_uri=_artifact_uri(source, uri), dst_path=tmp, tracking_uri=uri
                 )
             )
         except Exception as exc:  # a missing artifact, a dead server
