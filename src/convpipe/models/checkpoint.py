@@ -13,6 +13,7 @@ Lightning sees it, and convpipe builds the model from the checked values itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Mapping
@@ -129,6 +130,18 @@ def check_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> di
     return dict(hparams)
 
 
+# Below this many free bytes a failed checkpoint write is taken for a full disk.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _space_left(path: Path) -> int:
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return FULL_DISK_BYTES  # cannot tell: not a full disk
+    return stat.f_bavail * stat.f_frsize
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic on local disks.
 
@@ -145,13 +158,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        try:
-            # through a Python file: a full disk then raises OSError(ENOSPC), where torch's
-            # own writer would only say "unexpected pos" in a RuntimeError
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+        with atomic_path(path) as tmp:
+            try:
+                torch.save(checkpoint, tmp)
+            except RuntimeError as exc:
+                # torch's writer reports a full disk as "unexpected pos" or "file write
+                # failed"; the space left (before the partial file is removed) tells
+                if _space_left(tmp) < FULL_DISK_BYTES:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) from exc
+                raise
 
 
 def load_model(path: str | Path) -> CNNClassifier:
