@@ -304,7 +304,9 @@ def report(log: Path, quick: bool) -> list[Section]:
         note = (
             "\n\n2,000 training photos (200 a class), 500 validation, 1,000 test (100 a class), "
             "carved from CIFAR-10's train split (JPEG, 32 px). The intervals are 95 % t "
-            "intervals over the seeds (`base.seed`: weights, batch order, augmentation)."
+            "intervals over the seeds (`base.seed`: weights, batch order, augmentation). "
+            "The times come from runs that shared the 2 cores with other work: they "
+            "rank the recipes only roughly."
         )
         fewest = min(sum(1 for r in small if r["arm"] == arm) for arm in stats)
         if fewest < 3:
