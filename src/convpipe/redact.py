@@ -97,19 +97,12 @@ def mask(text: str) -> str:
     if not text:
         return text
     out = _USER_PASSWORD.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
-    out = _TOKEN_USER.sub(_token_user, out)
+    out = _TOKEN_USER.sub(lambda m: f"{m.group('head')}{MASK}@", out)
     out = _QUERY_SECRET.sub(lambda m: m.group("head") + MASK, out)
     out = _PAIR_SECRET.sub(lambda m: m.group("head") + MASK, out)
     for secret in environment_secrets():
         out = out.replace(secret, MASK)
     return out
-
-
-def _token_user(match: re.Match[str]) -> str:
-    secret = match.group("secret")
-    if secret == MASK:
-        return match.group(0)
-    return f"{match.group('head')}{MASK}@"
 
 
 def _masked_record_factory(
