@@ -48,7 +48,7 @@ from bench_loop import CONVPIPE, PLAIN, overhead, prepare, recipe
 from common import ROOT, Checkout, Section, dense_peak, print_sections
 
 from convpipe.config.schema import Params, load_params
-from convpipe.models.module import cpu_threads
+from convpipe.hardware import cpu_threads
 from convpipe.training.run import build_model
 
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-train-jpg.tar.gz"

@@ -43,7 +43,7 @@ from bench_loop import mnist_like, quiet
 from common import ROOT, Section, dense_peak, fmt, median_spread, print_sections
 
 from convpipe.config.schema import Params, parse_params, read_yaml
-from convpipe.models.module import cpu_threads
+from convpipe.hardware import cpu_threads
 from convpipe.training.precision import BF16_FLAGS, cpu_flags
 from convpipe.training.run import build_model, resolved_train
 from convpipe.training.trainer import build_trainer

@@ -51,7 +51,8 @@ from convpipe.config.schema import Params, parse_params, set_dotted
 from convpipe.data.augment import write_augmented
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
-from convpipe.models.module import CNNClassifier, cpu_threads
+from convpipe.hardware import cpu_threads
+from convpipe.models.module import CNNClassifier
 from convpipe.models.network import regularization_penalty
 from convpipe.models.optim import build_optimizer, build_scheduler, global_batch
 from convpipe.training.callbacks import EpochHistory, ema_decay_at, weight_averaging

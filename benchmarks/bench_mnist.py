@@ -37,7 +37,7 @@ from common import MNIST, ROOT, Checkout, Section, print_sections
 
 from convpipe.config.recipes import load_with_recipe
 from convpipe.config.schema import load_params
-from convpipe.models.module import cpu_threads
+from convpipe.hardware import cpu_threads
 
 RECIPE = ROOT / "params" / "mnist.yaml"
 FAST = ROOT / "params" / "mnist_fast.yaml"

@@ -14,8 +14,8 @@ import torch
 
 from convpipe.data.datamodule import ConvDataModule, ShardSampler
 from convpipe.errors import ConvpipeError
+from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import predict_logits
 from convpipe.training.trainer import build_trainer, check_strategy
 from tests.conftest import ROOT, fp32, free_port
 from tests.project import make_project
@@ -80,7 +80,7 @@ def _single_process_val_acc(root) -> float:
         root / "data/prepared", None, 64, 0, False, 0, batch_transform="loader", resident=False
     )
     dataset = dm.split("val")
-    preds = predict_logits(model, dataset, 64).argmax(dim=1)
+    preds = predict_logits(model, dataset, 64, "none").argmax(dim=1)
     return float((preds == torch.from_numpy(dataset.y)).float().mean())
 
 

@@ -33,8 +33,9 @@ from convpipe.evaluation.metrics import (
     test_loss as mean_test_loss,
 )
 from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
+from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier, predict_logits
+from convpipe.models.module import CNNClassifier
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import ENV_URI
 from tests.conftest import TINY_CONV, model_section, quiet_trainer
@@ -266,7 +267,7 @@ def test_predict_logits_batches_in_order(checkpoint) -> None:
     x = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 1), dtype=np.uint8)
     transform = BatchTransform(None, [0.3], [0.2])
     dataset = ArrayDataset(x, np.zeros(7, dtype=np.int64), transform)
-    logits = predict_logits(model, dataset, batch=3)
+    logits = predict_logits(model, dataset, 3, "none")
     with torch.no_grad():
         expected = model(transform(x))
     assert logits.shape == (7, 3)

@@ -24,8 +24,9 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
+from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier, predict_logits
+from convpipe.models.module import CNNClassifier
 from convpipe.models.network import probabilities
 from convpipe.tools import export as ex
 from tests import datagen
@@ -106,7 +107,7 @@ def _reference(params: Params) -> tuple[torch.Tensor, ArrayDataset]:
     manifest = load_manifest(params.paths.prepared)
     x, y = load_split(params.paths.prepared, manifest, "test")
     dataset = ArrayDataset(x, y, BatchTransform(None, manifest.mean, manifest.std))
-    return predict_logits(load_model(params.paths.model), dataset, 512), dataset
+    return predict_logits(load_model(params.paths.model), dataset, 512, "none"), dataset
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,9 @@ def _panel_counts(fig) -> Counter[str]:
 def test_figure_has_one_panel_per_layer_and_channel(setup) -> None:
     _, params, model = setup
     manifest = load_manifest(params.paths.prepared)
-    fig = picture(model, _first_test_image(params), manifest.mean, manifest.std, "digit.png")
+    fig = picture(
+        model, _first_test_image(params), manifest.mean, manifest.std, "digit.png", "none"
+    )
     assert _panel_counts(fig) == {
         "input": 1,
         "model.conv[0]": 4,

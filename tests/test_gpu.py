@@ -26,7 +26,7 @@ from convpipe.data.raw import ALL
 from convpipe.data.readers.base import ArrayReader, labelled
 from convpipe.data.transforms.batched import tensor_augmentation
 from convpipe.data.transforms.factory import build_augmentation
-from convpipe.models.module import predict_logits
+from convpipe.inference.predict import predict_logits
 from convpipe.training.run import build_model
 from tests.conftest import quiet_trainer
 
@@ -136,8 +136,8 @@ def test_training_on_the_gpu_is_finite_and_evaluates_like_the_cpu(
     model.eval()
     test = datamodule.split("test")
     with torch.no_grad():
-        on_gpu = predict_logits(model.to(DEVICE), test, 64)
-        on_cpu = predict_logits(model.cpu(), test, 64)
+        on_gpu = predict_logits(model.to(DEVICE), test, 64, "none")
+        on_cpu = predict_logits(model.cpu(), test, 64, "none")
     assert on_gpu.device.type == "cpu"  # predict_logits hands logits back on the host
     # TF32 convolutions (cuDNN's default) round to ~1e-3 of each value
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-2, atol=1e-2)

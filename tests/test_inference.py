@@ -22,10 +22,11 @@ from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import BatchTransform
+from convpipe.inference.predict import find_images, predict_images, predict_logits
 from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier, predict_logits
+from convpipe.models.module import CNNClassifier
 from convpipe.models.network import build_cnn, count_parameters
-from convpipe.tools.predict import find_images, format_predictions, predict_images
+from convpipe.tools.predict import format_predictions
 from convpipe.tools.summary import dense_equivalent_parameters, receptive_fields
 from tests.conftest import TINY_CONV, model_section, quiet_trainer, run_cli
 
@@ -196,15 +197,17 @@ def test_predict_images_top1_matches_predict_logits(setup) -> None:
     model = load_model(params.paths.model)
     x, y = load_split(params.paths.prepared, manifest, "test")
     dataset = ArrayDataset(x, y, BatchTransform(None, manifest.mean, manifest.std))
-    logits = predict_logits(model, dataset, 64)
-    top = predict_images(model, np.asarray(x), manifest.mean, manifest.std, top_k=3, batch=50)
+    logits = predict_logits(model, dataset, 64, "none")
+    top = predict_images(
+        model, np.asarray(x), manifest.mean, manifest.std, top_k=3, tta="none", batch=50
+    )
     names = manifest.class_names
     assert [row[0][0] for row in top] == [names[i] for i in logits.argmax(dim=1).tolist()]
     probs = torch.softmax(logits, dim=1)
     assert top[0][0][1] == pytest.approx(float(probs[0].max()))
     assert all(len(row) == 3 and row[0][1] >= row[1][1] >= row[2][1] for row in top)
     with pytest.raises(ValueError, match="top_k"):
-        predict_images(model, np.asarray(x[:1]), manifest.mean, manifest.std, top_k=0)
+        predict_images(model, np.asarray(x[:1]), manifest.mean, manifest.std, top_k=0, tta="none")
 
 
 def test_predict_folder_with_a_corrupt_file(setup, images, capsys) -> None:
@@ -222,7 +225,7 @@ def test_predict_folder_with_a_corrupt_file(setup, images, capsys) -> None:
     # same top-1 as the model on the prepared arrays
     manifest = load_manifest(params.paths.prepared)
     model = load_model(params.paths.model)
-    expected = predict_images(model, x, manifest.mean, manifest.std, top_k=1)
+    expected = predict_images(model, x, manifest.mean, manifest.std, top_k=1, tta="none")
     assert [row.split()[1] for row in rows[1:]] == [e[0][0] for e in expected]
 
 
@@ -261,7 +264,7 @@ def test_predict_all_bad_exits_2_with_one_line(setup, images, tmp_path, capsys) 
 
 
 def test_format_predictions_table_all_errors_still_renders() -> None:
-    from convpipe.tools.predict import Prediction
+    from convpipe.inference.predict import Prediction
 
     text = format_predictions([Prediction("x.png", [], "empty file")], "table", 2)
     assert "ERROR: empty file" in text

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe.config.schema import Params, load_params
 from convpipe.errors import ConvpipeError
-from convpipe.models.module import CNNClassifier, cpu_threads
+from convpipe.hardware import cpu_threads
+from convpipe.models.module import CNNClassifier
 from convpipe.models.network import (
     build_cnn,
     count_parameters,

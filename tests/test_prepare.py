@@ -326,7 +326,7 @@ def _photos(root, sizes) -> None:
 
 @pytest.mark.parametrize("resize", ["crop", "pad"])
 def test_photos_of_mixed_sizes_are_fitted_as_predict_fits_them(make_params, tmp_path, resize):
-    from convpipe.tools.predict import load_image
+    from convpipe.inference.predict import load_image
 
     _photos(tmp_path / "photos", [(40, 30), (24, 60), (33, 33)])
     params, manifest = _prepare(

@@ -37,9 +37,9 @@ from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
+from convpipe.inference.predict import predict_images
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
-from convpipe.tools.predict import predict_images
 from convpipe.tracking.pyfunc import image_signature, model_input, prediction_frame
 from convpipe.tracking.registry import (
     ACCURACY_TAG,
@@ -299,7 +299,7 @@ def test_pyfunc_equals_convpipe_predict(trained: Trained, champion) -> None:
     assert isinstance(out, pd.DataFrame) and len(out) == 40
     m = trained.manifest
     model = load_model(trained.params.paths.model)
-    expected = predict_images(model, images, m.mean, m.std, top_k=10)
+    expected = predict_images(model, images, m.mean, m.std, top_k=10, tta="none")
     assert out["class"].tolist() == [top[0][0] for top in expected]
     np.testing.assert_allclose(out["probability"], [top[0][1] for top in expected], rtol=1e-6)
     for row, top in zip(out["probabilities"], expected, strict=True):
@@ -319,7 +319,7 @@ def test_registered_model_predicts_with_the_evaluated_tta(trained: Trained) -> N
     m = trained.manifest
     model = load_model(trained.params.paths.model)
     flipped = predict_images(model, images, m.mean, m.std, top_k=10, tta="flip")
-    plain = predict_images(model, images, m.mean, m.std, top_k=10)
+    plain = predict_images(model, images, m.mean, m.std, top_k=10, tta="none")
     for row, top in zip(out["probabilities"], flipped, strict=True):
         assert row == pytest.approx(dict(top), rel=1e-6)
     # the flip changed the served probabilities: the config reached the model
@@ -476,7 +476,7 @@ def serving(uri: str, model: str, log: Path) -> Iterator[str]:
 def test_served_champion_classifies_a_test_image(trained: Trained, champion, tmp_path) -> None:
     m = trained.manifest
     ranked = predict_images(
-        load_model(trained.params.paths.model), trained.test_x, m.mean, m.std, 1
+        load_model(trained.params.paths.model), trained.test_x, m.mean, m.std, 1, "none"
     )
     sure = [
         i

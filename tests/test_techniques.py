@@ -20,8 +20,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
+from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model, read_checkpoint
-from convpipe.models.module import CNNClassifier, predict_logits
+from convpipe.models.module import CNNClassifier
 from convpipe.models.network import build_cnn, regularization_penalty
 from convpipe.models.optim import budget_epochs, build_optimizer, build_scheduler, warmup_decay
 from convpipe.models.tta import tta_logits, tta_views

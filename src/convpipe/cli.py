@@ -101,31 +101,24 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify image files with the trained model; one row per file, errors included."""
-    from convpipe.data.manifest import load_manifest
     from convpipe.errors import ConvpipeError
+    from convpipe.inference.predict import find_images, predict_files
+    from convpipe.inference.trained import load_trained
     from convpipe.io import atomic_path
-    from convpipe.models.checkpoint import load_model
-    from convpipe.models.module import inference_device
-    from convpipe.tools.predict import (
-        check_data_matches,
-        find_images,
-        format_predictions,
-        predict_files,
-    )
+    from convpipe.tools.predict import format_predictions
 
     if args.top_k < 1:
         raise ConvpipeError(f"--top-k must be 1 or more, got {args.top_k}", "on the command line")
     params = load_params(args.params)
-    manifest = load_manifest(params.paths.prepared)
-    model = load_model(params.paths.model)
-    check_data_matches(model, manifest, f"at {params.paths.model} and {params.paths.prepared}")
-    model.to(inference_device(params.train.accelerator))
+    model, manifest = load_trained(
+        params.paths.model, params.paths.prepared, params.train.accelerator
+    )
     files = find_images(args.paths)
     if not files:
         raise ConvpipeError("no image files found", f"in {', '.join(args.paths)}", "")
     tta = params.evaluate.tta  # the served and evaluated model's test-time augmentation
     predictions = predict_files(
-        model, files, manifest.mean, manifest.std, args.top_k, tta=tta, resize=manifest.resize
+        model, files, manifest.mean, manifest.std, args.top_k, tta, resize=manifest.resize
     )
     failed = [p for p in predictions if p.error is not None]
     if len(failed) == len(predictions):
@@ -166,20 +159,18 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     """Draw one image's feature maps through every conv and pooling layer to a PNG."""
     from pathlib import Path
 
-    from convpipe.data.manifest import load_manifest
     from convpipe.evaluation.plots import save_figure
-    from convpipe.models.checkpoint import load_model
+    from convpipe.inference.predict import load_image
+    from convpipe.inference.trained import load_trained
     from convpipe.tools.feature_maps import picture
-    from convpipe.tools.predict import check_data_matches, load_image
 
     params = load_params(args.params)
-    manifest = load_manifest(params.paths.prepared)
-    model = load_model(params.paths.model)
-    check_data_matches(model, manifest, f"at {params.paths.model} and {params.paths.prepared}")
+    model, manifest = load_trained(params.paths.model, params.paths.prepared)
     image = load_image(args.image, manifest.channels, manifest.image_hw, resize=manifest.resize)
     name = Path(args.image).name
     output = args.output or f"{Path(args.image).stem}.feature_maps.png"
-    save_figure(picture(model, image, manifest.mean, manifest.std, name), output)
+    figure = picture(model, image, manifest.mean, manifest.std, name, params.evaluate.tta)
+    save_figure(figure, output)
     stages = model.model_params.stages
     blocks = f" and {sum(s.blocks for s in stages)} residual blocks" if stages else ""
     print(

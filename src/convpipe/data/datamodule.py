@@ -37,7 +37,10 @@ from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-EVAL_BATCH_SIZE = 512
+#: Images per forward pass wherever a model is only run, not trained: validation here, and
+#: evaluate, predict, export's parity check and the served model (:mod:`convpipe.inference`).
+#: Memory-bounded at 224 px on a laptop; the logits do not depend on it.
+EVAL_BATCH_SIZE = 256
 #: ``runtime.batch_transform``: where batches are normalised and augmented.
 Placement: TypeAlias = Literal["auto", "loader", "device"]
 

@@ -12,12 +12,12 @@ import torch
 from torchmetrics.functional import classification as tmf
 
 from convpipe.config.schema import Params
-from convpipe.data.datamodule import EVAL_BATCH_SIZE, ConvDataModule
+from convpipe.data.datamodule import EVAL_BATCH_SIZE
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
+from convpipe.inference.predict import predict_logits, prepared_split
+from convpipe.inference.trained import load_trained
 from convpipe.io import write_json, write_text
-from convpipe.models.checkpoint import load_model
-from convpipe.models.module import inference_device, predict_logits
 from convpipe.models.network import probabilities
 from convpipe.redact import mask
 from convpipe.tracking.provenance import RunInfo
@@ -91,25 +91,8 @@ def evaluate(params: Params) -> dict[str, Any]:
     """
     paths = params.paths
     client, run = open_run(params)
-    model = load_model(paths.model).to(inference_device(params.train.accelerator))
-    datamodule = ConvDataModule(
-        paths.prepared,
-        None,
-        EVAL_BATCH_SIZE,
-        0,
-        False,
-        params.base.seed,
-        batch_transform="loader",
-        resident=False,
-    )
-    manifest = datamodule.manifest
-    if model.num_classes != manifest.num_classes:
-        raise ConvpipeError(
-            f"the checkpoint has {model.num_classes} classes, the data has {manifest.num_classes}",
-            f"at {paths.model}",
-            "retrain with `dvc repro train`",
-        )
-    dataset = datamodule.split("test")
+    model, manifest = load_trained(paths.model, paths.prepared, params.train.accelerator)
+    dataset = prepared_split(paths.prepared, "test", params.base.seed)
     labels = torch.from_numpy(dataset.y)
     logits = predict_logits(model, dataset, EVAL_BATCH_SIZE, params.evaluate.tta)
     probs = probabilities(logits, manifest.num_classes)

@@ -10,9 +10,8 @@ never stored with it.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -26,6 +25,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from convpipe.config.schema import ModelParams, RuntimeParams, TrainParams, describe_error
 from convpipe.errors import ConvpipeError
+from convpipe.hardware import cpu_threads
 from convpipe.models.mixing import mix_batch
 from convpipe.models.network import build_cnn, probabilities, regularization_penalty
 from convpipe.models.optim import (
@@ -36,14 +36,9 @@ from convpipe.models.optim import (
     global_batch,
 )
 from convpipe.models.shapes import check_inputs, is_int
-from convpipe.models.tta import tta_logits
 from convpipe.models.whitening import first_conv, whitening_filters
 
-__all__ = ["CNNClassifier", "cpu_threads"]
-
-# torch's own thread default at import (the cores, or OMP_NUM_THREADS): what runtime.threads
-# "auto" shares out, even after something in this process changed the current setting.
-_DEFAULT_THREADS = torch.get_num_threads()
+__all__ = ["CNNClassifier"]
 
 _Schema = TypeVar("_Schema", bound=BaseModel)
 
@@ -106,26 +101,6 @@ def _accuracy(num_classes: int) -> Metric:
     if num_classes == 2:
         return BinaryAccuracy(validate_args=False)
     return MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
-
-
-def cpu_threads(setting: int | str, processes: int) -> int:
-    """The intra-op CPU threads one training process should use.
-
-    Args:
-        setting: ``runtime.threads``: a number, or ``auto``.
-        processes: Training processes sharing this machine (``train.devices``).
-
-    Returns:
-        ``setting`` itself if it is a number; for ``auto``, torch's default (this machine's
-        cores, or ``OMP_NUM_THREADS``) shared out over ``processes``, at least 1, so DDP
-        processes on one CPU do not oversubscribe it.
-    """
-    if setting != "auto":
-        return int(setting)
-    cores = _DEFAULT_THREADS
-    if hasattr(os, "sched_getaffinity"):  # a container may allow fewer CPUs than torch saw
-        cores = min(cores, len(os.sched_getaffinity(0)))
-    return max(1, cores // max(1, processes))
 
 
 class CNNClassifier(L.LightningModule):
@@ -492,53 +467,3 @@ class CNNClassifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-
-class Batches(Protocol):
-    """What :func:`predict_logits` reads: uint8 batches by index and their transform."""
-
-    @property
-    def transform(self) -> Callable[[Tensor], Tensor] | None: ...
-
-    def __len__(self) -> int: ...
-
-    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]: ...
-
-
-def inference_device(accelerator: str) -> torch.device:
-    """Where evaluate and predict run a model.
-
-    A GPU when ``accelerator`` (``train.accelerator``) allows one (``auto``, ``gpu``,
-    ``cuda``) and one is present, else the CPU.
-    """
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Batches, batch: int, tta: str = "none") -> Tensor:
-    """Logits for every image of ``dataset``, in order: ``(N,)`` (2 classes) or ``(N, K)``.
-
-    Batches cross to the model's device as uint8 and are normalised there, as in training
-    with ``runtime.batch_transform: device``.
-
-    Args:
-        model: A :class:`CNNClassifier` (or its exported twin) in eval mode.
-        dataset: uint8 images ``(N, H, W, C)`` read by index, and the transform to
-            ``(N, C, H, W)`` (an ``ArrayDataset``).
-        batch: Images per forward pass; the logits do not depend on it.
-        tta: ``evaluate.tta``: the test-time augmentation (:func:`convpipe.models.tta.tta_logits`).
-
-    Returns:
-        The logits, on the CPU.
-    """
-    device = next(model.parameters(), torch.empty(0)).device
-    outputs = []
-    for start in range(0, len(dataset), batch):
-        images, _ = dataset.read(range(start, min(start + batch, len(dataset))))
-        x = images.to(device)
-        if dataset.transform is not None:
-            x = dataset.transform(x)
-        outputs.append(tta_logits(model, x, tta).cpu())
-    return torch.cat(outputs)

@@ -38,13 +38,13 @@ from torch import Tensor, nn
 
 from convpipe import __version__
 from convpipe.config.schema import Params
-from convpipe.data.datamodule import EVAL_BATCH_SIZE, ArrayDataset, ConvDataModule
+from convpipe.data.datamodule import EVAL_BATCH_SIZE, ArrayDataset
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
+from convpipe.inference.predict import predict_logits, prepared_split
+from convpipe.inference.trained import load_trained
 from convpipe.io import atomic_path
-from convpipe.models.checkpoint import load_model
-from convpipe.models.module import CNNClassifier, predict_logits
-from convpipe.tools.predict import check_data_matches
+from convpipe.models.module import CNNClassifier
 
 __all__ = [
     "FORMATS",
@@ -430,7 +430,7 @@ def parity(reference: Tensor, exported: Tensor) -> Parity:
 def run_batches(run: Runner, dataset: ArrayDataset, batch: int = EVAL_BATCH_SIZE) -> Tensor:
     """Logits of ``run`` for every image of ``dataset``, in order, ``batch`` images at a time.
 
-    The batching of :func:`convpipe.models.module.predict_logits`: both see the same
+    The batching of :func:`convpipe.inference.predict.predict_logits`: both see the same
     batches.
     """
     outputs = []
@@ -476,19 +476,6 @@ def _check_output(output: Path, checkpoint: Path) -> None:
         )
 
 
-def _check_model_data(model: CNNClassifier, manifest: Manifest, where: str) -> None:
-    check_data_matches(model, manifest, where)
-    names = model.hparams.get("class_names") or manifest.class_names
-    if model.num_classes != manifest.num_classes or list(names) != manifest.class_names:
-        raise ConvpipeError(
-            f"the checkpoint's {model.num_classes} classes ({', '.join(map(str, names))[:80]}) "
-            f"are not the prepared data's {manifest.num_classes} "
-            f"({', '.join(manifest.class_names)[:80]})",
-            where,
-            "re-run `dvc repro` so model and prepared data match",
-        )
-
-
 def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> ExportResult:
     """Export ``params.paths.model``, check it on the test split, then write it atomically.
 
@@ -511,21 +498,8 @@ def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> Ex
     _check_output(target, checkpoint)
     if fmt == "onnx":
         require_onnx()  # before the slow parts, so a missing extra is the first thing said
-    model = load_model(checkpoint)
-    datamodule = ConvDataModule(
-        params.paths.prepared,
-        None,
-        EVAL_BATCH_SIZE,
-        0,
-        False,
-        params.base.seed,
-        batch_transform="loader",
-        resident=False,
-    )
-    manifest = datamodule.manifest
-    where = f"at {checkpoint} and {params.paths.prepared}"
-    _check_model_data(model, manifest, where)
-    dataset = datamodule.split("test")
+    model, manifest = load_trained(checkpoint, params.paths.prepared)
+    dataset = prepared_split(params.paths.prepared, "test", params.base.seed)
     if len(dataset) == 0:
         raise ConvpipeError(
             "the test split is empty: the export cannot be checked",
@@ -535,7 +509,9 @@ def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> Ex
     data = serialize(model, fmt, export_metadata(model, manifest))
     run, _ = load_exported(data, fmt)
     with torch.no_grad():
-        result = parity(predict_logits(model, dataset, EVAL_BATCH_SIZE), run_batches(run, dataset))
+        # "none": an export is the network alone; test-time augmentation is the caller's
+        reference = predict_logits(model, dataset, EVAL_BATCH_SIZE, "none")
+        result = parity(reference, run_batches(run, dataset))
     if not result.ok:
         raise ConvpipeError(
             f"the {fmt} export differs from the checkpoint by up to {result.max_abs_diff:.3g} "

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure, SubFigure
 from torch import Tensor, nn
 
 from convpipe.data.transforms.normalize import normalize_batch
+from convpipe.inference.predict import predict_images
 from convpipe.models.module import CNNClassifier
-from convpipe.tools.predict import predict_images
 from convpipe.tools.summary import receptive_fields
 
 __all__ = [
@@ -217,6 +217,7 @@ def picture(
     mean: Sequence[float],
     std: Sequence[float],
     name: str,
+    tta: str,
 ) -> Figure:
     """The feature-map figure of one image, headed by the model's prediction for it.
 
@@ -226,12 +227,13 @@ def picture(
         mean: Per-channel mean of the training images (from the manifest).
         std: Per-channel standard deviation of the training images.
         name: What to call the image in the heading (e.g. its file name).
+        tta: ``evaluate.tta``: the heading's prediction is the one predict and serving give.
 
     Returns:
         See :func:`plot_feature_maps`.
     """
     batch = torch.from_numpy(np.array(image[None], dtype=np.uint8))
-    ((label, probability),) = predict_images(model, batch.numpy(), mean, std, 1)[0]
+    ((label, probability),) = predict_images(model, batch.numpy(), mean, std, 1, tta)[0]
     layers = feature_maps(model, normalize_batch(batch, mean, std))
     title = f"{name}: predicted {label} (p={probability:.3f})"
     return plot_feature_maps(image, layers, first_layer_filters(model), title)

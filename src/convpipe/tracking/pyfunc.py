@@ -19,9 +19,10 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Map
 
 from convpipe.data.manifest import load_manifest
+from convpipe.inference.predict import predict_images
+from convpipe.inference.trained import check_matches
 from convpipe.models.checkpoint import load_model
 from convpipe.models.tta import TTA_MODES
-from convpipe.tools.predict import check_data_matches, predict_images
 
 
 def model_input(images: np.ndarray) -> np.ndarray:
@@ -57,7 +58,7 @@ def image_signature(channels: int, image_hw: tuple[int, int]) -> ModelSignature:
 def prediction_frame(
     ranked: Sequence[Sequence[tuple[str, float]]], class_names: Sequence[str]
 ) -> pd.DataFrame:
-    """The pyfunc's output from :func:`convpipe.tools.predict.predict_images` with all K classes.
+    """The pyfunc's output from :func:`~convpipe.inference.predict.predict_images`, all K classes.
 
     Args:
         ranked: Per image, every ``(class name, probability)`` pair, most probable first.
@@ -116,7 +117,7 @@ class ImageClassifier(PythonModel):
         checkpoint = context.artifacts["checkpoint"]
         self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
         self.model = load_model(checkpoint)
-        check_data_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
+        check_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
         self.tta = serving_tta(context.artifacts)
 
     def predict(
@@ -130,7 +131,5 @@ class ImageClassifier(PythonModel):
         if images.ndim == 3:
             images = images[..., None]
         m = self.manifest
-        ranked = predict_images(
-            self.model, images, m.mean, m.std, top_k=m.num_classes, tta=self.tta
-        )
+        ranked = predict_images(self.model, images, m.mean, m.std, m.num_classes, self.tta)
         return prediction_frame(ranked, m.class_names)

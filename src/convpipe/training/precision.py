@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from convpipe.config.schema import RuntimeParams, TrainParams
-from convpipe.models.module import CNNClassifier, cpu_threads
+from convpipe.hardware import cpu_threads
+from convpipe.models.module import CNNClassifier
 
 __all__ = ["BF16_FLAGS", "MIN_SPEEDUP", "choose_precision", "resolve_precision"]
 
