@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from common import MNIST, ROOT, Section, fmt, median_spread
 
-from convpipe.config.schema import Params, parse_params, read_yaml, set_dotted
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import Params, parse_params, read_yaml
 from convpipe.data.augment import write_augmented
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import PIPELINE_FILE

@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MNIST, ROOT, Section, fmt, median_spread, print_sections
 
-from convpipe.config.recipes import overlaid
-from convpipe.config.schema import Params, parse_params, set_dotted
+from convpipe.config.edit import overlaid, set_dotted
+from convpipe.config.schema import Params, parse_params
 from convpipe.data.augment import write_augmented
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cifar import project_flops
 from common import MNIST, ROOT, Checkout, Section, print_sections
 
-from convpipe.config.recipes import load_with_recipe
+from convpipe.config.edit import load_with_recipe
 from convpipe.config.schema import load_params
 from convpipe.hardware import cpu_threads
 

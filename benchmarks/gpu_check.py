@@ -256,8 +256,8 @@ def synthetic_params(
     """The recipe's params over ``root``, and synthetic prepared data written by prepare."""
     import numpy as np
 
-    from convpipe.config.recipes import overlaid
-    from convpipe.config.schema import parse_params, set_dotted
+    from convpipe.config.edit import overlaid, set_dotted
+    from convpipe.config.schema import parse_params
     from convpipe.data.augment import write_augmented
     from convpipe.data.prepare import write_prepared
     from convpipe.data.raw import ALL

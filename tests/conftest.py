@@ -17,7 +17,8 @@ from typing import Any
 import lightning as L
 import pytest
 
-from convpipe.config.schema import Params, parse_params, read_yaml, set_dotted
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import Params, parse_params, read_yaml
 from tests.project import ROOT
 
 #: One small conv block (4 filters, same padding, batch norm, 2x2 max pooling): fast tests.

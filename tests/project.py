@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from convpipe.config.schema import set_dotted
+from convpipe.config.edit import set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = [

@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
-from convpipe.config.schema import load_params, set_dotted
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import load_params
 from convpipe.data.manifest import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.readers.base import FileReader

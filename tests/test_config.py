@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from convpipe.config.recipes import apply_recipe, leaves, load_with_recipe
+from convpipe.config.edit import apply_recipe, leaves, load_with_recipe, set_dotted, to_yaml
 from convpipe.config.schema import load_params, parse_params, read_yaml
 from convpipe.errors import ConvpipeError
 from tests.conftest import ROOT
@@ -251,3 +251,39 @@ def test_resident_data_needs_the_transform_on_the_device(make_params):
     for placement in ("auto", "device"):
         params = make_params(**{"runtime.resident": True, "runtime.batch_transform": placement})
         assert params.runtime.resident
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1e-05, "1.0e-05"),
+        (0.003, "0.003"),
+        (2.5e-07, "2.5e-07"),
+        (64, "64"),
+        (True, "true"),
+        ("adam", "adam"),
+        ("yes", '"yes"'),
+        ("Off", '"Off"'),
+        ("32-true", "32-true"),
+    ],
+)
+def test_written_values_read_back_the_same_in_yaml_1_1_and_1_2(value: Any, text: str) -> None:
+    """DVC and convpipe read YAML 1.2 (ruamel); PyYAML, and so many users' scripts, 1.1."""
+    import yaml as pyyaml
+    from ruamel.yaml import YAML
+
+    written = to_yaml({"key": value})
+    assert written == f"key: {text}\n"
+    for loaded in (pyyaml.safe_load(written), YAML(typ="safe", pure=True).load(written)):
+        assert loaded["key"] == value and type(loaded["key"]) is type(value)
+
+
+def test_an_unknown_dotted_key_is_refused_with_the_closest(raw_params) -> None:
+    raw_params = copy.deepcopy(raw_params)
+    with pytest.raises(ConvpipeError) as info:
+        set_dotted(raw_params, "train.lrr", 0.1, "in recipe r.yaml")
+    assert str(info.value) == "unknown key 'train.lrr', in recipe r.yaml, did you mean 'train.lr'?"
+    with pytest.raises(ConvpipeError, match=r"unknown key 'trian\.lr'.*did you mean 'train'"):
+        set_dotted(raw_params, "trian.lr", 0.1)  # a missing parent, even when building
+    set_dotted(raw_params, "train.threads", 2)  # building a tree to validate: a new leaf
+    assert raw_params["train"]["threads"] == 2

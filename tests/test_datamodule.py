@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.config.schema import Params, parse_params, set_dotted
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import Params, parse_params
 from convpipe.data.augment import write_augmented
 from convpipe.data.datamodule import (
+    EVAL_BATCH_SIZE,
     ArrayDataset,
     ConvDataModule,
     ResumableSampler,
@@ -125,7 +127,9 @@ def test_batch_sizes(data: Params, batch_size: int | str) -> None:
         folders = (data.paths.prepared, data.paths.augmented)
         labels = [load_split(path, load_manifest(path), "train")[1] for path in folders]
         assert sorted(batches[0][1].tolist()) == sorted(np.concatenate(labels).tolist())
-        assert len(dm.val_dataloader()) == 1 and len(dm.test_dataloader()) == 1
+        # evaluation batches do not depend on train.batch_size
+        for loader in (dm.val_dataloader(), dm.test_dataloader()):
+            assert len(loader) == math.ceil(len(loader.dataset) / EVAL_BATCH_SIZE)
 
 
 def test_pure_sgd_sees_every_image_once_per_epoch(data: Params) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from convpipe.config.edit import leaves
 from convpipe.config.reference import render
 from convpipe.config.schema import read_yaml
-from convpipe.tracking.params import flatten
 from tests.project import ROOT, documented_pages
 from tests.test_dvc_deps import MAY_IMPORT, SHARED
 
@@ -28,7 +28,7 @@ def test_the_params_reference_is_current() -> None:
 
 def test_the_params_reference_lists_every_key() -> None:
     text = REFERENCE.read_text(encoding="utf-8")
-    keys = [key for key, _ in flatten(read_yaml(ROOT / "params.yaml"))]
+    keys = [key for key, _ in leaves(read_yaml(ROOT / "params.yaml"))]
     # a search dimension is one row: tune.space.<params key>, its type/low/high inline
     keys = [key.rsplit(".", 1)[0] if key.startswith("tune.space.") else key for key in keys]
     assert len(keys) > 100

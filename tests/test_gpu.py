@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.config.schema import Params, parse_params, set_dotted
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import Params, parse_params
 from convpipe.data.augment import write_augmented
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.prepare import write_prepared

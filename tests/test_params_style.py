@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from dvc.utils.hydra import apply_overrides
 
-from convpipe.config.recipes import apply_recipe
+from convpipe.config.edit import apply_recipe
 from convpipe.config.schema import load_params
 from tests.conftest import ROOT
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from convpipe.config.edit import leaves as flatten
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
-from convpipe.tracking.params import flatten, log_params, masked_params, params_for_mlflow
+from convpipe.tracking.params import log_params, masked_params, params_for_mlflow
 from convpipe.tracking.provenance import (
     RunInfo,
     dataset_inputs,

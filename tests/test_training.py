@@ -26,20 +26,20 @@ import torch
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
-from convpipe.config.schema import Params, parse_params, set_dotted
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import Params, parse_params
 from convpipe.data.augment import write_augmented
 from convpipe.data.manifest import load_manifest
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
-from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, report
+from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, Preempted, report
 from convpipe.evaluation.evaluate import evaluate
 from convpipe.models.checkpoint import AtomicCheckpointIO
 from convpipe.tracking.params import masked_params, params_for_mlflow
 from convpipe.tracking.provenance import RunInfo
+from convpipe.tracking.runs import INTERRUPTED_TAG, RunLogger, failed_run_on_error, start_run
 from convpipe.tracking.store import ENV_URI
 from convpipe.training.callbacks import HISTORY_COLUMNS, EpochHistory
-from convpipe.training.mlflow_run import INTERRUPTED_TAG, RunLogger, failed_run_on_error, start_run
-from convpipe.training.preemption import Preempted
 from convpipe.training.resume import fingerprint
 from convpipe.training.run import TrainResult, train
 from convpipe.training.trainer import build_trainer, check_monitor
@@ -241,6 +241,46 @@ def test_history_csv_header_and_rows() -> None:
     lines = hist.to_csv().splitlines()
     assert lines[0] == ",".join(HISTORY_COLUMNS)
     assert lines[1] == "0,0.5,,,0.25,,0.1"
+
+
+def _learning(callbacks: list[Any]) -> list[tuple[str, Any]]:
+    """What in a callback list changes what is learnt: its kinds, in order, with settings."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from convpipe.training.callbacks import EMAWeights, FreezeBackbone
+
+    kinds = (FreezeBackbone, EMAWeights, EarlyStopping)
+    return [
+        (type(c).__name__, getattr(c, "monitor", None), getattr(c, "patience", None))
+        for c in callbacks
+        if isinstance(c, kinds)
+    ]
+
+
+def test_a_tuning_trial_learns_with_the_train_stage_callbacks(make_params, tmp_path) -> None:
+    """Fine-tuning's freeze, the weight average and early stopping: the same in both."""
+    from convpipe.training.trainer import training_callbacks, trial_callbacks
+
+    train = make_params(
+        **{
+            "train.freeze_epochs": 2,
+            "model.init_from": "models/base.ckpt",
+            "train.ema_decay": 0.99,
+            "train.patience": 3,
+        }
+    ).train
+    *_, stage = training_callbacks(train, str(tmp_path))
+    marker = object()
+    history, trial = trial_callbacks(train, marker)  # type: ignore[arg-type]
+    assert _learning(trial) == _learning(stage)
+    assert [name for name, *_ in _learning(trial)] == [
+        "FreezeBackbone",
+        "EMAWeights",
+        "EarlyStopping",
+    ]
+    assert ("EarlyStopping", train.monitor, 3) in _learning(trial)
+    assert trial.index(marker) > 1 and history in trial  # the search's own after the average
+    assert not [c for c in trial if "Checkpoint" in type(c).__name__]
 
 
 def test_build_trainer_unsupported_accelerator(make_params) -> None:

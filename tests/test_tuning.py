@@ -30,7 +30,7 @@ from ruamel.yaml import YAML
 from convpipe.config.schema import CategoricalDim, FloatDim, IntDim, load_params
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
-from convpipe.tuning.apply import apply_best, yaml_scalar
+from convpipe.tuning.apply import apply_best
 from convpipe.tuning.campaign import RUN_ATTR, Campaign
 from convpipe.tuning.launch import check_workers, plan_slots, split_trials
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
@@ -377,26 +377,6 @@ def test_apply_best_refuses_a_result_that_does_not_validate(tmp_path: Path) -> N
     with pytest.raises(ConvpipeError, match=r"train\.batch_size"):
         apply_best(study, target)
     assert target.read_bytes() == (ROOT / "params.yaml").read_bytes()
-
-
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [
-        (1e-05, "1.0e-05"),
-        (0.003, "0.003"),
-        (2.5e-07, "2.5e-07"),
-        (64, "64"),
-        (True, "true"),
-        ("adam", "adam"),
-        ("full", "full"),
-        ("yes", '"yes"'),
-        ("32-true", '"32-true"'),
-    ],
-)
-def test_yaml_scalar_reads_back_the_same(value: Any, text: str) -> None:
-    assert yaml_scalar(value) == text
-    loaded = YAML(typ="safe", pure=True).load(f"key: {text}\n")["key"]
-    assert loaded == value and type(loaded) is type(value)
 
 
 # --------------------------------------------------------------------------- campaigns (CLI)

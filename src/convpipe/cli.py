@@ -31,7 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Write a recipe's values into the params file, keeping everything else in it."""
-    from convpipe.config.recipes import apply_recipe
+    from convpipe.config.edit import apply_recipe
 
     changed = apply_recipe(args.recipe, args.params)
     shown = ", ".join(changed) if changed else "nothing: its values were already there"

@@ -60,6 +60,23 @@ class ConvpipeError(Exception):
         )
 
 
+class Preempted(ConvpipeError):
+    """A training stopped by a preemption signal, its state saved to resume from.
+
+    Raised by :mod:`convpipe.training.preemption`; the MLflow run it stops is marked KILLED
+    and tagged with :attr:`description`.
+
+    Attributes:
+        exit_code: ``128 + signal number``, as a shell reports a process a signal ended.
+        description: where it stopped, for the MLflow run's tag.
+    """
+
+    def __init__(self, what: str, where: str, todo: str, signum: int) -> None:
+        super().__init__(what, where, todo)
+        self.exit_code = 128 + signum
+        self.description = f"{what}; {where}"
+
+
 def debug_enabled(argv: list[str] | None = None) -> bool:
     """Whether tracebacks are wanted (``--debug`` on the command line or ``CONVPIPE_DEBUG``)."""
     args = sys.argv if argv is None else argv

@@ -1,5 +1,6 @@
-"""params.yaml: its typed schema (``schema``) and recipe overlays applied to it (``recipes``).
+"""params.yaml: its typed schema (``schema``) and the one way values are written into it (``edit``).
 
 Every value convpipe uses comes from params.yaml through :func:`convpipe.config.schema.load_params`;
-``tune --apply`` writes into it through :mod:`convpipe.tuning.apply`.
+``convpipe recipe`` and ``tune --apply`` write into it through
+:func:`convpipe.config.edit.write_values`.
 """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -556,15 +555,6 @@ def describe_error(error: Any, source: str) -> ConvpipeError:
     return ConvpipeError(f"'{key}': {msg.lower()}, got {got!r}", f"in {source}", "fix the value")
 
 
-def set_dotted(tree: MutableMapping[str, Any], key: str, value: Any) -> None:
-    """Set ``tree["train"]["lr"] = value`` for ``key="train.lr"`` (any nested mapping)."""
-    *parents, last = key.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[last] = value
-
-
 def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:
     """Validate an already-loaded mapping against the schema.
 
@@ -583,24 +573,34 @@ def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:
         raise describe_error(exc.errors()[0], source) from None
 
 
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Read a YAML file with a safe loader, turning I/O and syntax errors into user errors."""
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as plain YAML data (safe loader, YAML 1.2), a syntax error as one line.
+
+    Raises:
+        ConvpipeError: Naming the line and column of the first syntax error, and ``where``.
+    """
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConvpipeError(
+            f"params file is not valid YAML: {first}", f"in {where}", "fix the syntax at that line"
+        ) from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file with :func:`parse_yaml`; a missing file is one line too."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return YAML(typ="safe", pure=True).load(fh)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConvpipeError(
             f"params file not found: {path}", "", "run from the project root or pass --params"
         ) from None
-    except YAMLError as exc:
-        first = " ".join(str(exc).split())
-        raise ConvpipeError(
-            f"params file is not valid YAML: {first}", f"in {path}", "fix the syntax at that line"
-        ) from None
+    return parse_yaml(text, str(path))
 
 
 def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,18 +14,6 @@ from convpipe.config.schema import Params
 from convpipe.data.datamodule import EVAL_BATCH_SIZE
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
-from convpipe.inference.predict import predict_logits, prepared_split
-from convpipe.inference.trained import load_trained
-from convpipe.io import write_json, write_text
-from convpipe.models.network import probabilities
-from convpipe.redact import mask
-from convpipe.tracking.provenance import RunInfo
-from convpipe.tracking.store import check_reachable, mlflow_error
-from convpipe.tracking.store import tracking_uri as resolve_uri
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
-
 from convpipe.evaluation.metrics import (
     compute_metrics,
     confusion_csv,
@@ -37,10 +24,14 @@ from convpipe.evaluation.metrics import (
     worst_mistakes,
 )
 from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
+from convpipe.inference.predict import predict_logits, prepared_split
+from convpipe.inference.trained import load_trained
+from convpipe.io import write_json, write_text
+from convpipe.models.network import probabilities
+from convpipe.tracking.runs import log_evaluation, open_training_run
+from convpipe.tracking.store import tracking_uri as resolve_uri
 
 EXAMPLE_IMAGES = 2  # test images saved with the registered model as its input example
-
-METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 
 
 def read_history(path: str | Path) -> list[dict[str, str]]:
@@ -58,30 +49,6 @@ def read_history(path: str | Path) -> list[dict[str, str]]:
         ) from None
 
 
-def open_run(params: Params) -> tuple[MlflowClient, RunInfo]:
-    """The client and run of the training, checked to exist before anything is computed.
-
-    Raises:
-        ConvpipeError: If the run record is missing, the server unreachable or the run unknown.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    run = RunInfo.load(params.paths.run_info)
-    uri = resolve_uri(params.mlflow)
-    check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        client.get_run(run.run_id)
-    except (MlflowException, OSError) as exc:
-        raise ConvpipeError(
-            f"MLflow run {run.run_id} of the training not found ({type(exc).__name__})",
-            f"at {mask(uri)} (the training logged to {run.tracking_uri})",
-            "use the tracking URI of the training, or rerun `dvc repro train`",
-        ) from None
-    return client, run
-
-
 def evaluate(params: Params) -> dict[str, Any]:
     """Evaluate the trained model on the test split and write every evaluate-stage output.
 
@@ -90,7 +57,7 @@ def evaluate(params: Params) -> dict[str, Any]:
             tracking store without the training's run.
     """
     paths = params.paths
-    client, run = open_run(params)
+    client, run = open_training_run(params)
     model, manifest = load_trained(paths.model, paths.prepared, params.train.accelerator)
     dataset = prepared_split(paths.prepared, "test", params.base.seed)
     labels = torch.from_numpy(dataset.y)
@@ -120,7 +87,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         paths.misclassified_png,
     )
     save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
-    _log_to_run(client, run.run_id, params, metrics)
+    log_evaluation(client, run.run_id, params, mlflow_metrics(metrics))
     _register(params, run.run_id, manifest, np.asarray(dataset.x[:EXAMPLE_IMAGES]), metrics)
     return metrics
 
@@ -141,22 +108,3 @@ def _register(
         metrics["accuracy"],
         params.evaluate.tta,
     )
-
-
-def _log_to_run(client: MlflowClient, run_id: str, params: Params, metrics: dict[str, Any]) -> None:
-    """Add the test metrics (batched) and pictures to the MLflow run of the training."""
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    paths = params.paths
-    stamp = int(time.time() * 1000)
-    values = [Metric(k, v, stamp, 0) for k, v in mlflow_metrics(metrics).items()]
-    try:
-        for start in range(0, len(values), METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=values[start : start + METRICS_PER_BATCH])
-        for path in (paths.confusion_png, paths.misclassified_png, paths.curves_png):
-            client.log_artifact(run_id, path, "evaluation")
-        client.log_artifact(run_id, paths.eval_metrics, "evaluation")
-        client.log_artifact(run_id, paths.eval_per_class, "evaluation")
-    except (MlflowException, OSError) as exc:
-        raise mlflow_error(exc, resolve_uri(params.mlflow), f"logging to run {run_id}") from None

@@ -6,7 +6,8 @@ tracking URI is always passed explicitly, because MLFlowLogger would otherwise f
 ``file:`` store that MLflow ≥ 3.13 rejects.
 
 Modules: ``store`` (the tracking store: its URI, reachability, errors, the password never
-shown), ``params`` (params.yaml as MLflow params), ``provenance`` (the tags, inputs and
-environment that identify a run) and, for the model registry, ``pyfunc`` (the served model)
-and ``registry`` (versions and the champion alias).
+shown), ``runs`` (the training's run: opened, closed whatever happens, extended by evaluate),
+``init_source`` (what ``model.init_from`` names), ``params`` (params.yaml as MLflow params),
+``provenance`` (the tags, inputs and environment that identify a run) and, for the model
+registry, ``pyfunc`` (the served model) and ``registry`` (versions and the champion alias).
 """

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from convpipe.config.edit import leaves
 from convpipe.config.schema import Params
 
 if TYPE_CHECKING:
@@ -19,16 +20,6 @@ PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield ``("section.key", value)`` for every leaf; lists stay whole values."""
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from flatten(value, f"{name}.")
-        else:
-            yield name, value
-
-
 def params_for_mlflow(params: Params) -> dict[str, str]:
     """Every resolved param as ``{"train.lr": "0.003", ...}``, URIs masked.
 
@@ -36,7 +27,7 @@ def params_for_mlflow(params: Params) -> dict[str, str]:
     MLflow's own limit.
     """
     out = {}
-    for key, value in flatten(masked_params(params)):
+    for key, value in leaves(masked_params(params)):
         out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
 

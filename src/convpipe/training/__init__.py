@@ -16,7 +16,7 @@ RUNNING.
 
 Modules: ``run`` (:func:`~convpipe.training.run.train`, the train stage's work),
 ``trainer`` (the Lightning Trainer and its callbacks from ``train:``), ``callbacks``
-(per-epoch history and learning rate), ``mlflow_run`` (the training's MLflow run: opened,
-tagged, closed whatever happens), ``resume`` (continuing an interrupted training) and
-``preemption`` (scheduler signals: save the batch reached, requeue on SLURM).
+(per-epoch history and learning rate), ``resume`` (continuing an interrupted training) and
+``preemption`` (scheduler signals: save the batch reached, requeue on SLURM). The MLflow run
+itself is :mod:`convpipe.tracking.runs`'.
 """

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from convpipe.errors import ConvpipeError
+from convpipe.errors import Preempted
 from convpipe.training.resume import LAST_CHECKPOINT
 
 log = logging.getLogger("convpipe")
@@ -106,20 +106,6 @@ class Preemption(Callback):
 def threading_is_main() -> bool:
     """Whether signal handlers can be set here (only the main thread may)."""
     return threading.current_thread() is threading.main_thread()
-
-
-class Preempted(ConvpipeError):
-    """A training stopped by a preemption signal, its state saved to resume from.
-
-    Attributes:
-        exit_code: ``128 + signal number``, as a shell reports a process a signal ended.
-        description: where it stopped, for the MLflow run's tag.
-    """
-
-    def __init__(self, what: str, where: str, todo: str, signum: int) -> None:
-        super().__init__(what, where, todo)
-        self.exit_code = 128 + signum
-        self.description = f"{what}; {where}"
 
 
 def requeue_slurm_job() -> str:

@@ -6,23 +6,21 @@ import logging
 import math
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import (
-    ModelCheckpoint,
-)
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from convpipe.config.schema import Params, TrainParams
 from convpipe.data.datamodule import ConvDataModule
-from convpipe.errors import is_disk_full
+from convpipe.errors import Preempted, is_disk_full
 from convpipe.io import atomic_path, write_json, write_text
 from convpipe.models.module import CNNClassifier
 from convpipe.models.optim import budget_epochs, global_batch
@@ -39,11 +37,7 @@ from convpipe.tracking.provenance import (
     init_note,
     pip_freeze,
 )
-from convpipe.tracking.store import (
-    is_tracking_failure,
-)
-from convpipe.tracking.store import tracking_uri as resolve_uri
-from convpipe.training.mlflow_run import (
+from convpipe.tracking.runs import (
     derived_params,
     failed_run_on_error,
     log_artifacts,
@@ -51,11 +45,12 @@ from convpipe.training.mlflow_run import (
     start_run,
     tracking_lost_is_resumable,
 )
-from convpipe.training.precision import resolve_precision
-from convpipe.training.preemption import (
-    Preempted,
-    preemption_is_resumable,
+from convpipe.tracking.store import (
+    is_tracking_failure,
 )
+from convpipe.tracking.store import tracking_uri as resolve_uri
+from convpipe.training.precision import resolve_precision
+from convpipe.training.preemption import preemption_is_resumable
 from convpipe.training.resume import (
     clear_record,
     find_resume_point,
@@ -68,6 +63,7 @@ from convpipe.training.trainer import (
     check_monitor,
     check_strategy,
     training_callbacks,
+    trial_callbacks,
 )
 
 log = logging.getLogger("convpipe")
@@ -194,6 +190,37 @@ def resolved_train(params: Params, model: CNNClassifier, train_size: int) -> Tra
     precision = resolve_precision(train, params.runtime, model, global_batch(train, train_size))
     epochs = budget_epochs(train, train_size)
     return train.model_copy(update={"precision": precision, "max_epochs": epochs})
+
+
+def fit_trial(
+    params: Params, extra: Sequence[Callback], logger: Logger, root: str
+) -> tuple[TrainParams, list[dict[str, float]]]:
+    """Train as the train stage does, without checkpoints or outputs: one tuning trial.
+
+    The same seeding, data, model (``model.init_from`` and whitening included), resolved
+    ``train`` section and learning callbacks (:func:`~convpipe.training.trainer.trial_callbacks`)
+    as :func:`train`; no progress bar, nothing written outside ``root``.
+
+    Args:
+        params: The trial's params (its sampled values applied).
+        extra: The search's callbacks (pruning, rank checks).
+        logger: Where the epochs' metrics go (the trial's MLflow child run).
+        root: Lightning's working folder (a temporary one).
+
+    Returns:
+        The resolved ``train`` section and the per-epoch history rows (empty on spawned DDP
+        ranks, whose history stays in the child processes).
+
+    Raises:
+        ConvpipeError: Bad params for this data, divergence.
+    """
+    L.seed_everything(params.base.seed, workers=True, verbose=False)
+    datamodule, model = build_model(params)
+    cfg = resolved_train(params, model, datamodule.train_size)
+    history, callbacks = trial_callbacks(cfg, *extra)
+    trainer = build_trainer(cfg, callbacks, logger, root, interactive=False)
+    trainer.fit(model, datamodule=datamodule)
+    return cfg, history.rows
 
 
 def whitening_sample(datamodule: ConvDataModule) -> Tensor:

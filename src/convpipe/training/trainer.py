@@ -194,6 +194,37 @@ def check_monitor(train: TrainParams) -> None:
     )
 
 
+def early_stopping(train: TrainParams) -> EarlyStopping:
+    """Stop after ``train.patience`` epochs without improving ``train.monitor``."""
+    return EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
+
+
+def trial_callbacks(train: TrainParams, *extra: Callback) -> tuple[EpochHistory, list[Callback]]:
+    """What a tuning trial trains with: the train stage's callbacks without checkpoints.
+
+    The same fine-tuning freeze, weight average, early stopping and learning-rate log as
+    :func:`training_callbacks`, so a trial learns as ``dvc repro`` would with its values.
+
+    Args:
+        train: The ``train`` section, resolved.
+        *extra: The search's own callbacks (pruning, checks), run after the weight average
+            (they must see the averaged weights' validation) and before early stopping.
+
+    Returns:
+        The per-epoch history (its ``rows`` hold the monitored values) and the full list.
+    """
+    history = EpochHistory()
+    callbacks: list[Callback] = [
+        *fine_tuning(train),
+        *weight_averaging(train),  # first: validation must see the averaged weights
+        *extra,
+        early_stopping(train),
+        EpochLearningRate(),
+        history,
+    ]
+    return history, callbacks
+
+
 def training_callbacks(
     train: TrainParams, checkpoints: str
 ) -> tuple[ModelCheckpoint, EpochHistory, Preemption, list[Callback]]:
@@ -211,7 +242,7 @@ def training_callbacks(
     # the same step, so an unmonitored ModelCheckpoint writes last.ckpt after every epoch.
     last = InterruptCheckpoint(checkpoints, LAST)
     history = EpochHistory()
-    early = EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
+    early = early_stopping(train)
     lr = EpochLearningRate()
     preemption = Preemption()
     # the average first: validation (and so the checkpoints) must see the averaged weights

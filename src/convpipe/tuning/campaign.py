@@ -18,6 +18,7 @@ from convpipe.errors import ConvpipeError
 from convpipe.redact import mask
 from convpipe.tracking.params import log_params, params_for_mlflow
 from convpipe.tracking.provenance import run_tags
+from convpipe.tracking.runs import INPUT_STAGES
 from convpipe.tracking.store import (
     artifact_location,
     check_reachable,
@@ -26,7 +27,6 @@ from convpipe.tracking.store import (
     store_lock,
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
-from convpipe.training.mlflow_run import INPUT_STAGES
 from convpipe.tuning.liveness import REASON_ATTR
 from convpipe.tuning.reports import REPORTS
 from convpipe.tuning.space import COUNTED, direction

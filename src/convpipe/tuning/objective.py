@@ -17,16 +17,14 @@ from typing import Any
 import lightning as L
 import optuna
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback
 from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
-from convpipe.training.callbacks import EpochHistory, weight_averaging
-from convpipe.training.mlflow_run import RunLogger
-from convpipe.training.run import build_model, resolved_train
-from convpipe.training.trainer import build_trainer
+from convpipe.tracking.runs import RunLogger
+from convpipe.training.run import fit_trial
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, heartbeat
 from convpipe.tuning.space import best_value, diverged, make_sampler, suggest, with_values
@@ -103,25 +101,17 @@ class TrialRunner:
         """Train with the sampled ``values``; prune (or fail on nan) on ``train.monitor``."""
         fixed = {"train.max_epochs": self.params.tune.max_epochs, **trial_strategy(self.params)}
         params = with_values(self.params, {**values, **fixed})
-        L.seed_everything(params.base.seed, workers=True, verbose=False)
-        datamodule, model = build_model(params)
-        cfg = resolved_train(params, model, datamodule.train_size)
-        history = EpochHistory()
-        pruning = FinitePruning(trial, monitor=cfg.monitor)
-        early = EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.patience)
-        callbacks: list[Callback] = [*weight_averaging(cfg), pruning, early, history]
-        callbacks.append(SameValuesOnEveryRank(trial))
+        monitor, mode = params.train.monitor, params.train.monitor_mode
+        pruning = FinitePruning(trial, monitor=monitor)
         logger = RunLogger(tracking_uri=self.campaign.uri, run_id=run_id)
         with quiet_lightning(), tempfile.TemporaryDirectory(prefix="convpipe-trial-") as root:
-            trainer = build_trainer(cfg, callbacks, logger, root, interactive=False)
-            trainer.fit(model, datamodule=datamodule)
+            _, rows = fit_trial(params, [pruning, SameValuesOnEveryRank(trial)], logger, root)
         pruning.check_pruned()  # under DDP the prune decision arrives here, not as an exception
-        if history.rows:
-            return best_value(history.rows, cfg.monitor, cfg.monitor_mode)
+        if rows:
+            return best_value(rows, monitor, mode)
         # spawned DDP ranks kept their history; the pruning callback stored every epoch's value
         reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
-        rows = [{cfg.monitor: value} for value in reported.values()]
-        return best_value(rows, cfg.monitor, cfg.monitor_mode)
+        return best_value([{monitor: value} for value in reported.values()], monitor, mode)
 
 
 def trial_strategy(params: Params) -> dict[str, str]:

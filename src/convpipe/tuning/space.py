@@ -10,6 +10,7 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import Trial, TrialState
 
+from convpipe.config.edit import leaves, set_dotted
 from convpipe.config.schema import (
     CategoricalDim,
     FloatDim,
@@ -17,10 +18,8 @@ from convpipe.config.schema import (
     Params,
     TuneParams,
     parse_params,
-    set_dotted,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.tracking.params import flatten
 
 #: Trials that count toward ``tune.n_trials``: a failed trial (diverged, or its worker died)
 #: is reported but does not use up the budget.
@@ -37,10 +36,10 @@ FIXED = {
 }
 
 
-def _space_problem(key: str, dim: Any, leaves: Mapping[str, Any]) -> tuple[str, str] | None:
+def _space_problem(key: str, dim: Any, known: Mapping[str, Any]) -> tuple[str, str] | None:
     """Why ``key`` cannot be searched, and what to do, or None."""
-    if key not in leaves:
-        tunable = [k for k in leaves if k.startswith(TUNABLE) and k not in FIXED]
+    if key not in known:
+        tunable = [k for k in known if k.startswith(TUNABLE) and k not in FIXED]
         close = difflib.get_close_matches(key, tunable, n=1)
         return "is not a params key", f"did you mean '{close[0]}'?" if close else "see params.yaml"
     if key in FIXED:
@@ -51,7 +50,7 @@ def _space_problem(key: str, dim: Any, leaves: Mapping[str, Any]) -> tuple[str, 
             "augment.online, model.* and train.*",
             "remove it from tune.space",
         )
-    current = leaves[key]
+    current = known[key]
     if isinstance(dim, FloatDim) and isinstance(current, int) and not isinstance(current, bool):
         return "holds integers but is searched as type: float", "use type: int"
     return None
@@ -72,9 +71,9 @@ def check_space(params: Params) -> None:
         ConvpipeError: naming the key (and the closest valid one for a typo), or the schema's
             complaint about a value of the range.
     """
-    leaves = dict(flatten(params.model_dump(mode="json")))
+    known = dict(leaves(params.model_dump(mode="json")))
     for key, dim in params.tune.space.items():
-        problem = _space_problem(key, dim, leaves)
+        problem = _space_problem(key, dim, known)
         if problem is not None:
             raise ConvpipeError(
                 f"tune.space key '{key}' {problem[0]}", "in params.yaml", problem[1]
@@ -100,7 +99,7 @@ def with_values(params: Params, values: Mapping[str, Any], source: str = "tune.s
     """
     raw = params.model_dump(mode="json")
     for key, value in values.items():
-        set_dotted(raw, key, value)
+        set_dotted(raw, key, value, f"in {source}")
     return parse_params(raw, source)
 
 

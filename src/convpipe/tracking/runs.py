@@ -1,12 +1,18 @@
-"""The training's MLflow run: opened with its params and tags, closed whatever happens."""
+"""The MLflow run of a training: opened by train, closed whatever happens, extended by evaluate.
+
+Train opens it with its params and tags (:func:`start_run`) and marks it FAILED or KILLED on
+any error (:func:`failed_run_on_error`); evaluate finds it again (:func:`open_training_run`)
+and adds the test metrics and pictures (:func:`log_evaluation`).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
@@ -15,8 +21,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from convpipe.config.schema import Params
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import MANIFEST, PIPELINE_FILE
+from convpipe.errors import ConvpipeError, Preempted
 from convpipe.redact import mask
 from convpipe.tracking.provenance import (
+    RunInfo,
     dataset_inputs,
     run_name,
     run_tags,
@@ -30,10 +38,11 @@ from convpipe.tracking.store import (
     mark_model_training,
     mlflow_error,
     store_lock,
+    tracking_uri,
 )
-from convpipe.training.preemption import (
-    Preempted,
-)
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("convpipe")
 
@@ -48,7 +57,7 @@ BUILTIN_SOURCES = {"digits": "sklearn.datasets.load_digits"}
 
 
 class RunLogger(MLFlowLogger):
-    """MLFlowLogger that leaves params to :func:`train`.
+    """MLFlowLogger that leaves params to the train stage.
 
     Lightning would log the LightningModule's ``hparams`` a second time under other names
     (``train/lr`` beside ``train.lr``) and truncate every value to 250 characters; the run's
@@ -202,3 +211,63 @@ def log_artifacts(logger: MLFlowLogger, params: Params) -> None:
             client.log_artifact(run_id, str(augmented / name), "data/augmented")
     client.log_artifact(run_id, params.paths.model, "model")
     client.log_artifact(run_id, params.paths.train_history, "plots")
+
+
+# --------------------------------------------------------------------------- evaluate's part
+
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
+
+
+def open_training_run(params: Params) -> tuple[MlflowClient, RunInfo]:
+    """The client and run of the training, checked to exist before anything is computed.
+
+    Raises:
+        ConvpipeError: If the run record is missing, the server unreachable or the run unknown.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run = RunInfo.load(params.paths.run_info)
+    uri = tracking_uri(params.mlflow)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run.run_id)
+    except (MlflowException, OSError) as exc:
+        raise ConvpipeError(
+            f"MLflow run {run.run_id} of the training not found ({type(exc).__name__})",
+            f"at {mask(uri)} (the training logged to {run.tracking_uri})",
+            "use the tracking URI of the training, or rerun `dvc repro train`",
+        ) from None
+    return client, run
+
+
+def log_evaluation(
+    client: MlflowClient, run_id: str, params: Params, metrics: Mapping[str, float]
+) -> None:
+    """Add the test metrics (batched) and evaluate's pictures and tables to the training's run.
+
+    Args:
+        client: From :func:`open_training_run`.
+        run_id: The training's run.
+        params: The validated params (``paths.*`` of evaluate's outputs, ``mlflow``).
+        metrics: Flat metric names to values (``test/acc``-style keys allowed).
+
+    Raises:
+        ConvpipeError: If the store refuses them (one line, via :func:`mlflow_error`).
+    """
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    paths = params.paths
+    stamp = int(time.time() * 1000)
+    values = [Metric(k, v, stamp, 0) for k, v in metrics.items()]
+    try:
+        for start in range(0, len(values), METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=values[start : start + METRICS_PER_BATCH])
+        for path in (paths.confusion_png, paths.misclassified_png, paths.curves_png):
+            client.log_artifact(run_id, path, "evaluation")
+        client.log_artifact(run_id, paths.eval_metrics, "evaluation")
+        client.log_artifact(run_id, paths.eval_per_class, "evaluation")
+    except (MlflowException, OSError) as exc:
+        raise mlflow_error(exc, tracking_uri(params.mlflow), f"logging to run {run_id}") from None
