@@ -6,7 +6,7 @@ starts ``mlflow server`` on 127.0.0.1 over the project's ``mlflow.db``, opens it
 runs in Debian's ``chromium`` (through ``chromedriver`` and Selenium) and writes
 ``mlflow_runs.png`` (the runs table: names, datasets) and ``mlflow_val_acc.png`` (the chart
 view filtered to ``val/acc`` per epoch). The README's "Compare experiments" pictures are made
-with it after the commands of that section; ``tests/test_compare.py``
+with it after the commands of that section; ``tests/journeys/test_compare.py``
 (``test_mlflow_ui_shows_every_experiment``) drives the same browser through :func:`browser`
 and :func:`open_runs`.
 """

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers.project import ROOT
+from tests.helpers.servers import free_port
 
 CONVPIPE = str(Path(sys.executable).parent / "convpipe")
 

@@ -13,7 +13,7 @@ import pytest
 from convpipe.config.edit import leaves
 from convpipe.config.reference import render
 from convpipe.config.schema import read_yaml
-from tests.project import ROOT, documented_pages
+from tests.helpers.project import ROOT, documented_pages
 from tests.test_dvc_deps import MAY_IMPORT, SHARED
 
 REFERENCE = ROOT / "docs" / "params.md"

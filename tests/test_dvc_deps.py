@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from tests.conftest import ROOT
+from tests.helpers.project import ROOT
 
 SRC = ROOT / "src"
 PACKAGE = "convpipe"

@@ -29,7 +29,7 @@ from convpipe.data.transforms.batched import tensor_augmentation
 from convpipe.data.transforms.factory import build_augmentation
 from convpipe.inference.predict import predict_logits
 from convpipe.training.run import build_model
-from tests.conftest import quiet_trainer
+from tests.helpers.models import quiet_trainer
 
 DEVICE = os.environ.get("CONVPIPE_TEST_DEVICE", "cuda")
 ACCELERATOR = "gpu" if DEVICE == "cuda" else DEVICE

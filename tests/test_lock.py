@@ -13,7 +13,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from convpipe.tracking.provenance import LOCK_FILE, environment_tags
-from tests.conftest import ROOT
+from tests.helpers.project import ROOT
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 VIA_PROJECT = re.compile(r"#\s+(?:via\s+)?convpipe \(pyproject\.toml\)")

@@ -7,7 +7,7 @@ import pytest
 from convpipe.data.manifest import Manifest, SkippedInfo
 from convpipe.errors import ConvpipeError
 from convpipe.inference.trained import check_matches
-from tests.tiny import HW, classifier, tiny_model
+from tests.helpers.models import HW, classifier, tiny_model
 
 
 def manifest(names: list[str], channels: int = 1, size: tuple[int, int] = HW) -> Manifest:
