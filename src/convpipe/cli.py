@@ -15,6 +15,7 @@ from convpipe import __version__
 from convpipe.config.schema import DEFAULT_PARAMS, load_params
 from convpipe.errors import entrypoint
 from convpipe.stage import setup_logging
+from convpipe.tools.formats import EXPORT_SUFFIXES, PREDICT_FORMATS, SUMMARY_FORMATS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -238,10 +239,10 @@ def _add_inference_arguments(
     summary: argparse.ArgumentParser, predict: argparse.ArgumentParser
 ) -> None:
     """The options of ``summary`` and ``predict``."""
-    summary.add_argument("--format", choices=("table", "json"), default="table")
+    summary.add_argument("--format", choices=SUMMARY_FORMATS, default=SUMMARY_FORMATS[0])
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=1, help="classes shown per image")
-    predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    predict.add_argument("--format", choices=PREDICT_FORMATS, default=PREDICT_FORMATS[0])
     predict.add_argument("--output", help="write to this file (atomically) instead of stdout")
 
 
@@ -250,7 +251,7 @@ def _add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--format",
         required=True,
-        choices=("pt2", "onnx", "torchscript"),
+        choices=tuple(EXPORT_SUFFIXES),
         help="pt2 (torch.export, the successor of TorchScript), onnx (needs: pip install "
         "'convpipe[onnx]') or torchscript (torch.jit, deprecated upstream)",
     )

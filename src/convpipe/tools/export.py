@@ -45,6 +45,7 @@ from convpipe.inference.predict import predict_logits, prepared_split
 from convpipe.inference.trained import load_trained
 from convpipe.io import atomic_path
 from convpipe.models.module import CNNClassifier
+from convpipe.tools.formats import EXPORT_SUFFIXES
 
 __all__ = [
     "FORMATS",
@@ -62,8 +63,8 @@ __all__ = [
     "serialize",
 ]
 
-FORMATS = ("pt2", "onnx", "torchscript")
-SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt"}
+SUFFIXES = EXPORT_SUFFIXES
+FORMATS = tuple(EXPORT_SUFFIXES)
 #: Largest absolute difference allowed between exported and checkpoint logits.
 TOLERANCE = 1e-5
 INPUT_NAME = "images"

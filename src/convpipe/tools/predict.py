@@ -11,9 +11,10 @@ import json
 from collections.abc import Sequence
 
 from convpipe.inference.predict import Prediction
+from convpipe.tools.formats import PREDICT_FORMATS
 from convpipe.tools.summary import render_table
 
-FORMATS = ("table", "csv", "json")
+FORMATS = PREDICT_FORMATS
 
 
 def _csv_text(predictions: Sequence[Prediction], k: int) -> str:
