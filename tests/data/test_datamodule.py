@@ -17,16 +17,11 @@ import torch
 from convpipe.config.edit import set_dotted
 from convpipe.config.schema import Params, parse_params
 from convpipe.data.augment import write_augmented
-from convpipe.data.datamodule import (
-    EVAL_BATCH_SIZE,
-    ArrayDataset,
-    ConvDataModule,
-    ResumableSampler,
-    TrainLoader,
-    collate_batch,
-)
+from convpipe.data.datamodule import EVAL_BATCH_SIZE, ConvDataModule
+from convpipe.data.datasets import ArrayDataset
 from convpipe.data.manifest import MANIFEST, load_manifest, load_split
 from convpipe.data.prepare import write_prepared
+from convpipe.data.sampling import ResumableSampler, TrainLoader, collate_batch
 from convpipe.data.sources import open_source
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, TensorDataset
 
 from convpipe.config.schema import ModelParams, Params, TrainParams, parse_params
-from convpipe.data.datamodule import ArrayDataset
+from convpipe.data.datasets import ArrayDataset
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation.evaluate import evaluate, read_history

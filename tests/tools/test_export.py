@@ -17,7 +17,7 @@ import yaml
 
 from convpipe.cli import build_parser
 from convpipe.config.schema import Params
-from convpipe.data.datamodule import ArrayDataset
+from convpipe.data.datasets import ArrayDataset
 from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from convpipe.config.schema import ModelParams, Params
-from convpipe.data.datamodule import ArrayDataset
+from convpipe.data.datasets import ArrayDataset
 from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.inference.predict import find_images, predict_images, predict_logits

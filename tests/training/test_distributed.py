@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.data.datamodule import ConvDataModule, ShardSampler
+from convpipe.data.datamodule import ConvDataModule
+from convpipe.data.sampling import ShardSampler
 from convpipe.errors import ConvpipeError
 from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model

@@ -1,7 +1,7 @@
 """The LightningDataModule over the prepared (and augmented) memory-mapped arrays.
 
-Batches are fetched whole (``__getitems__``): one fancy-indexing read of the memmap per batch
-instead of one Python call per image, then normalised with the manifest's mean/std (and
+Batches are fetched whole (:mod:`convpipe.data.datasets`), sampled per process and resumable
+mid-epoch (:mod:`convpipe.data.sampling`), then normalised with the manifest's mean/std (and
 augmented online if ``augment.online``) by the transform from
 :mod:`convpipe.data.transforms.normalize`.
 
@@ -16,133 +16,30 @@ with ``runtime.num_workers: 0`` (DataLoader workers each draw their own augmenta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import (
-    ConcatDataset,
     DataLoader,
     Dataset,
-    DistributedSampler,
-    Sampler,
 )
 
+from convpipe.data.datasets import ArrayDataset, Batch, ConcatBatches, IndexDataset
 from convpipe.data.manifest import PIPELINE_FILE, Manifest, load_manifest, load_split
+from convpipe.data.sampling import ResumableSampler, ShardSampler, TrainLoader, collate_batch
 from convpipe.data.transforms.factory import load_augmentation
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 #: Images per forward pass wherever a model is only run, not trained: validation here, and
 #: evaluate, predict, export's parity check and the served model (:mod:`convpipe.inference`).
 #: Memory-bounded at 224 px on a laptop; the logits do not depend on it.
 EVAL_BATCH_SIZE = 256
 #: ``runtime.batch_transform``: where batches are normalised and augmented.
 Placement: TypeAlias = Literal["auto", "loader", "device"]
-
-
-class ArrayDataset(Dataset[Batch]):
-    """Images ``(N, H, W, C)`` uint8 and labels ``(N,)``, served a batch at a time.
-
-    Args:
-        x: uint8 images, usually a read-only memmap.
-        y: int64 labels.
-        transform: maps a uint8 ``(B, H, W, C)`` batch to float ``(B, C, H, W)``; None serves
-            the uint8 batch as it is (the transform then runs on the model's device).
-    """
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, transform: BatchTransform | None) -> None:
-        self.x = x
-        self.y = np.asarray(y, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def __getitem__(self, index: int) -> Batch:
-        images, labels = self.__getitems__([index])
-        return images[0], labels[0]
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        """Fetch and transform a whole batch: float ``(B, C, H, W)``, int64 ``(B,)``."""
-        images, labels = self.read(indices)
-        return (images if self.transform is None else self.transform(images)), labels
-
-    def read(self, indices: Sequence[int]) -> Batch:
-        """Fetch a batch untransformed: uint8 ``(B, H, W, C)``, int64 ``(B,)``."""
-        order = np.asarray(indices, dtype=np.int64)
-        # memmaps read fastest in ascending order; the original order is restored after
-        ascending = np.argsort(order, kind="stable")
-        images = np.empty((order.size, *self.x.shape[1:]), dtype=np.uint8)
-        images[ascending] = self.x[order[ascending]]
-        return torch.from_numpy(images), torch.from_numpy(self.y[order])
-
-
-class IndexDataset(Dataset[Batch]):
-    """The batches of a device-resident dataset: indices into it, and their labels.
-
-    Args:
-        y: int64 labels ``(N,)``.
-    """
-
-    def __init__(self, y: np.ndarray) -> None:
-        self.y = np.asarray(y, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def __getitem__(self, index: int) -> Batch:
-        indices, labels = self.__getitems__([index])
-        return indices[0], labels[0]
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        """int64 indices ``(B,)`` and labels ``(B,)``, in the sampler's order."""
-        order = np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(order), torch.from_numpy(self.y[order])
-
-
-class _ConcatBatches(ConcatDataset[Batch]):
-    """ConcatDataset that keeps whole-batch fetching across its parts.
-
-    The parts' uint8 rows are gathered into one batch and transformed once, so a batch gets
-    the same augmentation draws however its images are split over the parts, and wherever
-    the transform runs (in the loader or on the device).
-
-    Args:
-        parts: the datasets, without transforms of their own.
-        transform: maps the gathered uint8 ``(B, H, W, C)`` batch to float ``(B, C, H, W)``;
-            None serves it as uint8.
-    """
-
-    def __init__(self, parts: list[ArrayDataset], transform: BatchTransform | None) -> None:
-        super().__init__(parts)
-        self.transform = transform
-
-    def __getitem__(self, index: int) -> Batch:
-        images, labels = self.__getitems__([index])
-        return images[0], labels[0]
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        bounds = np.asarray(self.cumulative_sizes)
-        idx = np.asarray(indices, dtype=np.int64)
-        part = np.searchsorted(bounds, idx, side="right")
-        images: torch.Tensor | None = None
-        labels = torch.empty(idx.size, dtype=torch.int64)
-        for p in np.unique(part):
-            rows = torch.from_numpy(np.flatnonzero(part == p))
-            offset = int(bounds[p - 1]) if p > 0 else 0
-            dataset = cast(ArrayDataset, self.datasets[int(p)])
-            x, y = dataset.read((idx[rows.numpy()] - offset).tolist())
-            if images is None:
-                images = torch.empty((idx.size, *x.shape[1:]), dtype=x.dtype)
-            images[rows] = x
-            labels[rows] = y
-        assert images is not None  # indices is never empty: DataLoader batches have >= 1
-        return (images if self.transform is None else self.transform(images)), labels
 
 
 def check_compatible(prepared: Manifest, augmented: Manifest, where: str | Path) -> None:
@@ -163,99 +60,6 @@ def check_compatible(prepared: Manifest, augmented: Manifest, where: str | Path)
                 f"in {where}",
                 "rerun `dvc repro augment` after prepare",
             )
-
-
-class ShardSampler(Sampler[int]):
-    """Rank ``rank``'s contiguous share of ``0..size-1``, without DistributedSampler's padding.
-
-    Over all ranks an evaluation then sees every image exactly once.
-
-    Args:
-        size: number of images.
-        world: number of processes.
-        rank: this process's global rank.
-    """
-
-    def __init__(self, size: int, world: int, rank: int) -> None:
-        bounds = np.linspace(0, size, world + 1).astype(int)
-        self.indices = range(int(bounds[rank]), int(bounds[rank + 1]))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class ResumableSampler(DistributedSampler[int]):
-    """DistributedSampler that can start an epoch part-way, where an interrupted one stopped.
-
-    The order is still a function of ``(seed, epoch)`` only; :meth:`resume_at` drops the
-    images the interrupted epoch already trained on, once, so the rest of that epoch sees
-    exactly the batches it would have seen. ``len()`` stays the full epoch's, as Lightning
-    counts the resumed epoch's batches from where it stopped.
-    """
-
-    def __init__(self, dataset: Dataset[Batch], world: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self._resume: tuple[int, int] | None = None
-
-    def resume_at(self, epoch: int, start: int) -> None:
-        """Make epoch ``epoch``'s next pass begin at its ``start``-th index."""
-        self._resume = (epoch, start)
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        if self._resume is not None:
-            epoch, start = self._resume
-            self._resume = None
-            if epoch == self.epoch:
-                return iter(indices[start:])
-        return iter(indices)
-
-
-class TrainLoader(DataLoader[Batch]):
-    """The training DataLoader, resumable mid-epoch through Lightning's loader state.
-
-    Lightning saves ``state_dict()`` in every checkpoint and hands it back to
-    ``load_state_dict`` on resume (a loader without them restarts the epoch from its first
-    batch). The position is the number of batches the fit loop *completed*, not the number
-    fetched, since workers prefetch ahead of training.
-
-    Args:
-        dataset: the training images.
-        sampler: its :class:`ResumableSampler`.
-        batch_size: images per batch and process.
-        completed: returns how many batches of the current epoch were trained on.
-        **kwargs: further DataLoader arguments.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset[Batch],
-        sampler: ResumableSampler,
-        batch_size: int,
-        completed: Callable[[], int],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
-        self._completed = completed
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch and how many of its batches were trained on."""
-        sampler = cast(ResumableSampler, self.sampler)
-        return {"epoch": int(sampler.epoch), "batches": int(self._completed())}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Resume the saved epoch after its last trained batch."""
-        sampler = cast(ResumableSampler, self.sampler)
-        start = int(state_dict["batches"]) * int(self.batch_size or 1)
-        sampler.resume_at(int(state_dict["epoch"]), start)
-
-
-def collate_batch(batch: Any) -> Any:
-    """The dataset already returns a collated ``(x, y)`` batch; pass it through."""
-    return batch
 
 
 class ConvDataModule(L.LightningDataModule):
@@ -372,7 +176,7 @@ class ConvDataModule(L.LightningDataModule):
             return IndexDataset(np.concatenate([y for _, y in parts]))
         if len(parts) == 1:
             return ArrayDataset(*parts[0], transform)
-        return _ConcatBatches([ArrayDataset(x, y, None) for x, y in parts], transform)
+        return ConcatBatches([ArrayDataset(x, y, None) for x, y in parts], transform)
 
     def _transform_on_device(self) -> bool:
         if self.resident or self.batch_transform == "device":

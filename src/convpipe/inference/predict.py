@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from convpipe.data.datamodule import EVAL_BATCH_SIZE, ArrayDataset, ConvDataModule
+from convpipe.data.datamodule import EVAL_BATCH_SIZE, ConvDataModule
+from convpipe.data.datasets import ArrayDataset
 from convpipe.data.images import is_image_file, normalize, open_image
 from convpipe.data.raw import BadFileError
 from convpipe.data.transforms.normalize import normalize_batch
