@@ -33,3 +33,17 @@ def make_params(raw_params: dict[str, Any]):
         return parse_params(raw)
 
     return build
+
+
+@pytest.fixture
+def params(make_params) -> Params:
+    """The shipped params, validated."""
+    return make_params()
+
+
+@pytest.fixture
+def seeded() -> None:
+    """torch's global RNG seeded (``pytest.mark.usefixtures("seeded")`` for a whole module)."""
+    import torch
+
+    torch.manual_seed(0)

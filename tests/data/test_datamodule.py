@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from convpipe.config.edit import set_dotted
-from convpipe.config.schema import Params, parse_params
+from convpipe.config.schema import Params
 from convpipe.data.augment import write_augmented
 from convpipe.data.datamodule import EVAL_BATCH_SIZE, ConvDataModule
 from convpipe.data.datasets import ArrayDataset
@@ -27,16 +25,12 @@ from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
 from convpipe.training.run import train
 from convpipe.training.trainer import check_batch_size
+from tests.helpers import factories
 
 
 def params_in(raw: dict[str, Any], root: Path, **overrides: Any) -> Params:
-    """The shipped params with every path under ``root`` and dotted-key overrides."""
-    raw = copy.deepcopy(raw)
-    raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
-    raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    return parse_params(raw)
+    """The shipped params with every path and the MLflow store under ``root``."""
+    return factories.params_in(raw, root, mlflow_store=True, overrides=overrides)[1]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.store import ENV_URI
-from tests.helpers.models import TINY_CONV, model_section, quiet_trainer
+from tests.helpers.models import TINY_CONV, fit_and_save, model_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -246,10 +246,8 @@ def checkpoint(raw_params, tmp_path_factory) -> tuple[Path, CNNClassifier]:
         ModelParams.model_validate(SMALL_MODEL), train, 1, (8, 8), 3, 12, ["a", "b", "c"]
     )
     data = TensorDataset(torch.randn(12, 1, 8, 8), torch.arange(12) % 3)
-    trainer = quiet_trainer(root, max_steps=1)
-    trainer.fit(model, DataLoader(data, batch_size=12))
     path = root / "model.ckpt"
-    trainer.save_checkpoint(path)
+    fit_and_save(model, DataLoader(data, batch_size=12), root, path, max_steps=1)
     return path, model
 
 

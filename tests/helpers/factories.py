@@ -15,13 +15,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
+from convpipe.config.edit import set_dotted
 from convpipe.config.schema import Params, TrainParams, parse_params
 from convpipe.data.manifest import Manifest, load_split
 from convpipe.data.prepare import write_prepared
 from convpipe.data.sources import open_source
 from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.models.module import CNNClassifier
-from tests.helpers.models import quiet_trainer
+from tests.helpers.models import fit_and_save
 
 
 def params_in(
@@ -32,6 +33,7 @@ def params_in(
     data: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     mlflow_store: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[Path, Params]:
     """``root/params.yaml``: the shipped params with every ``paths:`` entry under ``root``.
 
@@ -42,6 +44,7 @@ def params_in(
         data: ``data:`` keys to change (``{"source": "imagefolder", "path": ...}``).
         train: ``train:`` keys to change.
         mlflow_store: Track into ``root/mlflow.db`` (sqlite) rather than the shipped URI.
+        overrides: Dotted keys set last (``{"train.batch_size": 8}``).
 
     Returns:
         The params file and its validated params.
@@ -54,6 +57,8 @@ def params_in(
         raw["model"] = model
     if mlflow_store:
         raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, parse_params(raw)
@@ -124,7 +129,6 @@ def tiny_checkpoint(
     else:
         inputs = torch.randn(count, manifest.channels, *manifest.image_hw)
         labels = torch.arange(count) % manifest.num_classes
-    trainer = quiet_trainer(root, max_steps=steps)
-    trainer.fit(model, DataLoader(TensorDataset(inputs, labels), batch_size=count))
-    trainer.save_checkpoint(params.paths.model)
+    data = DataLoader(TensorDataset(inputs, labels), batch_size=count)
+    fit_and_save(model, data, root, params.paths.model, max_steps=steps)
     return model

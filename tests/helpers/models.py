@@ -144,3 +144,15 @@ def quiet_trainer(root: str | Path, **options: Any) -> L.Trainer:
         default_root_dir=root,
         **options,
     )
+
+
+def fit_and_save(
+    module: L.LightningModule, data: DataLoader, root: str | Path, path: str | Path, **options: Any
+) -> None:
+    """Fit ``module`` on ``data`` with a :func:`quiet_trainer` and save a real checkpoint.
+
+    ``options`` are Trainer arguments (``max_steps=1``, ``max_epochs=5``).
+    """
+    trainer = quiet_trainer(root, **options)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(path)

@@ -28,11 +28,6 @@ def manifest(names: list[str], channels: int = 1, size: tuple[int, int] = HW) ->
     )
 
 
-@pytest.fixture
-def params(make_params):
-    return make_params()
-
-
 def named(params, names: list[str] | None, num_classes: int = 3):
     model = classifier(params, num_classes=num_classes, model=tiny_model(params))
     model.hparams["class_names"] = names

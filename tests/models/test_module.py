@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from convpipe.config.schema import Params, load_params
 from convpipe.errors import ConvpipeError
 from convpipe.hardware import cpu_threads
 from convpipe.models.module import CNNClassifier
@@ -33,19 +32,8 @@ from tests.helpers.models import (
     train_variant,
     trainer,
 )
-from tests.helpers.project import ROOT
 
-pytestmark = QUIET_LIGHTNING
-
-
-@pytest.fixture(scope="module")
-def params() -> Params:
-    return load_params(ROOT / "params.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = [*QUIET_LIGHTNING, pytest.mark.usefixtures("seeded")]
 
 
 # --------------------------------------------------------------------------- shapes

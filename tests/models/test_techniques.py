@@ -40,17 +40,7 @@ from tests.helpers.models import (
     trainer,
 )
 
-pytestmark = QUIET_LIGHTNING
-
-
-@pytest.fixture
-def params(make_params) -> Params:
-    return make_params()
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = [*QUIET_LIGHTNING, pytest.mark.usefixtures("seeded")]
 
 
 # --------------------------------------------------------------------------- label smoothing

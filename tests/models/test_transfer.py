@@ -22,6 +22,7 @@ from tests.helpers.models import (
     QUIET_LIGHTNING,
     TINY_CONV,
     TINY_RESIDUAL,
+    fit_and_save,
     loader,
     model_section,
     quiet_trainer,
@@ -57,10 +58,8 @@ def trained(raw_params, tmp_path) -> tuple[Path, CNNClassifier]:
     """A checkpoint of the tiny residual network after two optimiser steps."""
     torch.manual_seed(1)
     model = _classifier(raw_params)
-    trainer = quiet_trainer(tmp_path, max_steps=2)
-    trainer.fit(model, loader(3, 16))
     path = tmp_path / "source.ckpt"
-    trainer.save_checkpoint(path)
+    fit_and_save(model, loader(3, 16), tmp_path, path, max_steps=2)
     return path, model
 
 

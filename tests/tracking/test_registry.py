@@ -49,7 +49,7 @@ from convpipe.tracking.registry import (
 )
 from convpipe.tracking.store import store_lock
 from tests.helpers.factories import classifier_for, params_in, prepared
-from tests.helpers.models import TINY_CONV, model_section, quiet_trainer
+from tests.helpers.models import TINY_CONV, fit_and_save, model_section
 from tests.helpers.project import make_project
 from tests.helpers.servers import free_port, stop_server, wait_for_http
 
@@ -148,10 +148,8 @@ def _train(params: Params, manifest: Manifest, root: Path) -> None:
     torch.manual_seed(0)
     model = classifier_for(params, manifest, len(y), max_epochs=5, reg_lambda=0.0)
     inputs = normalize_batch(torch.from_numpy(np.array(x)), manifest.mean, manifest.std)
-    trainer = quiet_trainer(root, max_epochs=5)
     loader = DataLoader(TensorDataset(inputs, torch.from_numpy(y)), batch_size=64, shuffle=True)
-    trainer.fit(model, loader)
-    trainer.save_checkpoint(params.paths.model)
+    fit_and_save(model, loader, root, params.paths.model, max_epochs=5)
 
 
 @pytest.fixture(scope="module")

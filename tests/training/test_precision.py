@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from convpipe.config.schema import Params
 from convpipe.training import precision
 from convpipe.training.precision import (
     BF16_FLAGS,
@@ -17,11 +16,6 @@ from convpipe.training.precision import (
     resolve_precision,
 )
 from tests.helpers.models import classifier, loader, train_variant, trainer
-
-
-@pytest.fixture
-def params(make_params) -> Params:
-    return make_params()
 
 
 def _cpuinfo(tmp_path: Path, flags: str) -> Path:

@@ -10,11 +10,6 @@ from tests.helpers.models import QUIET_LIGHTNING, classifier, loader, trainer
 pytestmark = QUIET_LIGHTNING
 
 
-@pytest.fixture
-def params(make_params):
-    return make_params()
-
-
 def test_the_monitors_are_exactly_the_epoch_metrics_a_fit_logs(params) -> None:
     module = classifier(params, num_classes=3)
     fit = trainer(max_steps=-1, max_epochs=1)
