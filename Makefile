@@ -29,8 +29,9 @@ lock: setup
 run: setup
 	dvc repro
 
+# --durations: the slowest tests in every run's log, to keep `make test` within its ~25 min
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 # The edit loop (< 2 min): unit tests, no end-to-end runs and no subprocess-heavy CLI tests.
 test-fast: setup
