@@ -9,6 +9,7 @@ in the project's own sqlite store, so nothing is written into the repository.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import shutil
@@ -27,7 +28,16 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState, create_trial
 from ruamel.yaml import YAML
 
-from convpipe.config.schema import CategoricalDim, FloatDim, IntDim, load_params
+from convpipe.config.edit import set_dotted
+from convpipe.config.schema import (
+    CategoricalDim,
+    FloatDim,
+    IntDim,
+    Params,
+    load_params,
+    parse_params,
+    read_yaml,
+)
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
 from convpipe.tuning.apply import apply_best
@@ -171,6 +181,81 @@ def test_samplers_and_pruners(make_params) -> None:
     }
     for name, kind in kinds.items():
         assert isinstance(make_pruner(make_params(**{"tune.pruner": name}).tune), kind)
+
+
+def load_params_with(overrides: dict[str, Any]) -> Params:
+    """The shipped params with dotted-key overrides (for helpers outside a fixture)."""
+    raw = read_yaml(ROOT / "params.yaml")
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return parse_params(raw)
+
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "gp": optuna.samplers.GPSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "nsgaii": optuna.samplers.NSGAIISampler,
+    "qmc": optuna.samplers.QMCSampler,
+}
+#: a float and an int dimension: every sampler can search it (CMA-ES has no categorical)
+NUMERIC_SPACE = {
+    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "train.batch_size": {"type": "int", "low": 16, "high": 128, "log": False},
+}
+
+
+def _drive(sampler: str, trials: int, seed: int = 3) -> list[dict[str, Any]]:
+    """Sample ``trials`` trials as ``run_trial`` does: the sampler reseeded per trial number."""
+    tune = load_params_with(
+        {"tune.sampler": sampler, "tune.startup_trials": 3, "tune.space": NUMERIC_SPACE}
+    ).tune
+    study = optuna.create_study(sampler=make_sampler(tune, seed))
+    for _ in range(trials):
+        trial = study.ask()
+        study.sampler = make_sampler(tune, seed, trial.number)
+        values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
+        study.tell(
+            trial, (math.log10(values["train.lr"]) + 2) ** 2 + values["train.batch_size"] / 1e3
+        )
+    return [t.params for t in study.trials]
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_is_seeded_and_searches_the_space(name: str) -> None:
+    assert isinstance(
+        make_sampler(load_params_with({"tune.sampler": name}).tune, 1), SAMPLERS[name]
+    )
+    first, again = _drive(name, 7), _drive(name, 7)
+    assert first == again  # the same seed: the same trials, model-based ones included
+    assert len({tuple(sorted(p.items())) for p in first}) >= 5  # it moves through the space
+    for values in first:
+        assert 1e-4 <= values["train.lr"] <= 1e-1 and 16 <= values["train.batch_size"] <= 128
+    assert _drive(name, 7, seed=4) != first
+
+
+def test_qmc_points_are_one_sequence_whatever_the_trial_seeds() -> None:
+    """Reseeding per trial (parallel workers) must not restart the scrambled Sobol sequence."""
+    tune = load_params_with({"tune.sampler": "qmc", "tune.space": NUMERIC_SPACE}).tune
+    one_sampler = optuna.create_study(sampler=make_sampler(tune, 3))
+    for _ in range(5):
+        trial = one_sampler.ask()
+        for key, dim in tune.space.items():
+            suggest(trial, key, dim)
+        one_sampler.tell(trial, 0.0)
+    assert [t.params for t in one_sampler.trials] == _drive("qmc", 5)
+
+
+def test_cmaes_with_a_categorical_dimension_is_refused_in_one_line() -> None:
+    space = {
+        **NUMERIC_SPACE,
+        "train.optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+    }
+    with pytest.raises(ConvpipeError) as info:
+        load_params_with({"tune.sampler": "cmaes", "tune.space": space})
+    assert "tune.sampler cmaes searches float and int dimensions only" in str(info.value)
+    assert "'train.optimizer' is categorical" in str(info.value)
 
 
 # --------------------------------------------------------------------------- storages

@@ -455,12 +455,28 @@ class TuneParams(Section):
     storage: str
     n_trials: PositiveInt
     max_epochs: PositiveInt
-    sampler: Literal["tpe", "random"]
+    sampler: Literal["tpe", "random", "gp", "cmaes", "nsgaii", "qmc"]
+    """tpe | random | gp (Gaussian process) | cmaes (continuous and integer spaces only) |
+    nsgaii (a genetic algorithm, population ``startup_trials``) | qmc (scrambled Sobol points);
+    every one seeded from ``base.seed``."""
     startup_trials: NonNegInt
     pruner: Literal["median", "hyperband", "none"]
     warmup_epochs: NonNegInt
     heartbeat_seconds: PositiveInt
     space: dict[str, SearchDim] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sampler_fits_the_space(self) -> TuneParams:
+        # CMA-ES models float and int dimensions only; Optuna would draw the others at random
+        # without a word, which is not the search the user asked for
+        categorical = [key for key, dim in self.space.items() if isinstance(dim, CategoricalDim)]
+        if self.sampler == "cmaes" and categorical:
+            raise ValueError(
+                f"tune.sampler cmaes searches float and int dimensions only, but tune.space "
+                f"'{categorical[0]}' is categorical: use tune.sampler tpe or gp, or search it "
+                "as an int or float"
+            )
+        return self
 
 
 class Params(Section):

@@ -178,7 +178,7 @@ def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
     """
     trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, worker_identity())
-    study.sampler = make_sampler(runner.params.tune, runner.params.base.seed + trial.number)
+    study.sampler = make_sampler(runner.params.tune, runner.params.base.seed, trial.number)
     value: float | None = None
     try:
         value = runner(trial)

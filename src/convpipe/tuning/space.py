@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -133,11 +134,36 @@ def diverged(monitor: str, value: float, epoch: int) -> ConvpipeError:
     )
 
 
-def make_sampler(tune: TuneParams, seed: int) -> optuna.samplers.BaseSampler:
-    """A seeded TPE or random sampler."""
+def make_sampler(tune: TuneParams, seed: int, trial: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler of ``tune.sampler``, seeded.
+
+    Args:
+        tune: The ``tune`` section.
+        seed: ``base.seed``.
+        trial: The number of the trial about to be sampled: workers sampling at the same time
+            then draw different values (``seed + trial``). QMC ignores it: its points are one
+            scrambled Sobol sequence over the whole study, which every worker must share.
+
+    Returns:
+        TPE, random, GP and CMA-ES begin with ``tune.startup_trials`` random trials; NSGA-II
+        breeds generations of ``tune.startup_trials`` (at least 2) trials.
+    """
+    samplers = optuna.samplers
+    own = seed + trial
+    startup = tune.startup_trials
     if tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials)
+        return samplers.RandomSampler(seed=own)
+    if tune.sampler == "gp":
+        return samplers.GPSampler(seed=own, n_startup_trials=startup)
+    if tune.sampler == "cmaes":
+        return samplers.CmaEsSampler(seed=own, n_startup_trials=startup)
+    if tune.sampler == "nsgaii":
+        return samplers.NSGAIISampler(seed=own, population_size=max(2, startup))
+    if tune.sampler == "qmc":
+        with warnings.catch_warnings():  # "experimental since 3.0": asked for by name, no news
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return samplers.QMCSampler(seed=seed, scramble=True, qmc_type="sobol")
+    return samplers.TPESampler(seed=own, n_startup_trials=startup)
 
 
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
