@@ -142,7 +142,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export the trained model as TorchScript or ONNX, checked against it on the test split."""
+    """Export the trained model as pt2, ONNX or TorchScript, checked on the test split."""
     from convpipe.tools.export import TOLERANCE, export_checkpoint
 
     params = load_params(args.params)
@@ -188,7 +188,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "tune": (cmd_tune, "run or continue the Optuna tuning campaign of params.yaml's tune:"),
     "summary": (cmd_summary, "per-layer shapes, parameters and receptive fields of the model"),
     "predict": (cmd_predict, "classify image files or folders with the trained model"),
-    "export": (cmd_export, "export the trained model as TorchScript or ONNX, checked for parity"),
+    "export": (cmd_export, "export the trained model as pt2, ONNX or TorchScript, checked"),
     "feature-maps": (cmd_feature_maps, "picture of one image's feature maps through every layer"),
 }
 
