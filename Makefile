@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui bench bench-cifar bench-photos lint tune gpu-check gpu-bundle docs docs-serve
+.PHONY: setup lock run test test-fast ui tune-ui bench bench-cifar bench-photos lint tune gpu-check gpu-bundle docs docs-serve
 
 LOCK := requirements.lock
 
@@ -38,7 +38,11 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not subprocess"
 
 ui: setup
-	convpipe ui
+	$(VENV)/bin/convpipe ui
+
+# optuna-dashboard over the campaign of params.yaml's tune: (http://127.0.0.1:8080/dashboard)
+tune-ui: setup
+	$(VENV)/bin/convpipe tune-ui
 
 # The documentation site (site/): the params reference regenerated from the schema and
 # params.yaml's comments, then MkDocs with --strict (broken links fail the build).
@@ -51,7 +55,7 @@ docs-serve: docs
 	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 tune: setup
-	convpipe tune
+	$(VENV)/bin/convpipe tune
 
 # Every benchmark in one run (< 30 min on 2 cores): rewrites benchmarks/RESULTS.md at the end.
 # bench_tuning.py (two 12-trial tuning campaigns, too long for that budget) runs on its own:

@@ -54,6 +54,38 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def cmd_tune_ui(args: argparse.Namespace) -> int:
+    """Serve optuna-dashboard over the campaign's storage (127.0.0.1 unless told)."""
+    import errno
+
+    import optuna
+    from optuna_dashboard import run_server
+
+    from convpipe.errors import ConvpipeError
+    from convpipe.redact import mask
+    from convpipe.tuning.storage import open_storage
+
+    tune = load_params(args.params).tune
+    storage = open_storage(tune.storage)  # journal files, sqlite, PostgreSQL: as `tune` opens it
+    url = f"http://{args.host}:{args.port}/dashboard"
+    known = optuna.get_all_study_names(storage)
+    study = (
+        f"study {tune.study_name}"
+        if tune.study_name in known
+        else (f"no study {tune.study_name} yet: `convpipe tune` starts it")
+    )
+    print(f"optuna-dashboard for {mask(tune.storage)} ({study}) on {url}", flush=True)
+    try:
+        run_server(storage, host=args.host, port=args.port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConvpipeError(
+            f"port {args.port} is in use", f"on {args.host}", "pass another --port"
+        ) from None
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run or continue the Optuna campaign of ``tune:``; optionally apply its best values."""
     from collections import Counter
@@ -186,6 +218,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "recipe": (cmd_recipe, "apply a recipe overlay (params/<name>.yaml) to the params file"),
     "ui": (cmd_ui, "open the MLflow UI (binds 127.0.0.1 by default)"),
     "tune": (cmd_tune, "run or continue the Optuna tuning campaign of params.yaml's tune:"),
+    "tune-ui": (cmd_tune_ui, "serve optuna-dashboard over the campaign (127.0.0.1 by default)"),
     "summary": (cmd_summary, "per-layer shapes, parameters and receptive fields of the model"),
     "predict": (cmd_predict, "classify image files or folders with the trained model"),
     "export": (cmd_export, "export the trained model as pt2, ONNX or TorchScript, checked"),
@@ -208,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.choices["ui"]
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     ui.add_argument("--port", type=int, default=5000)
+    dashboard = sub.choices["tune-ui"]
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: loopback only)"
+    )
+    dashboard.add_argument("--port", type=int, default=8080)
     tune = sub.choices["tune"]
     tune.add_argument(
         "--n-trials",
