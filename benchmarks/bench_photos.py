@@ -339,8 +339,8 @@ def _by_source(records: list[dict], source: str) -> list[dict]:
     return [r for r in records if r.get("source", _source(OLD_PRETRAIN)) == source]
 
 
-def _paired(tuned: list[dict]) -> tuple[float, float, int] | None:
-    """Fine-tuned minus from-scratch accuracy per seed: mean, 95 % half-width, seeds."""
+def _paired(tuned: list[dict]) -> tuple[float, float, list[float]] | None:
+    """Fine-tuned minus from-scratch accuracy per seed: mean, 95 % half-width, the differences."""
     arms = {(r["arm"], r["seed"]): r["accuracy"] for r in tuned}
     seeds = sorted({seed for arm, seed in arms if ("from scratch", seed) in arms})
     diffs = [
@@ -351,7 +351,7 @@ def _paired(tuned: list[dict]) -> tuple[float, float, int] | None:
     if not diffs:
         return None
     mean, half = _interval(diffs)
-    return mean, half, len(diffs)
+    return mean, half, diffs
 
 
 def _source_note(records: list[dict], source: str) -> str:
@@ -376,11 +376,12 @@ def _earlier_note(records: list[dict]) -> str:
     pre = [r for r in records if r["part"] == "pretrain" and "source" not in r]
     if paired is None or not pre:
         return ""
-    mean, half, n = paired
+    mean, half, diffs = paired
+    each = ", ".join(f"{100 * d:+.2f}" for d in diffs)
     return (
         f"\n\nFirst tried with a weaker source (500 photos a class, {100 * pre[0]['accuracy']:.1f} "
         f"% on its test photos): fine-tuned minus from scratch {100 * mean:+.2f} ± "
-        f"{100 * half:.2f} points over {n} paired seeds"
+        f"{100 * half:.2f} points over {len(diffs)} paired seeds ({each})"
         + (", an interval that includes 0" if mean - half <= 0 else "")
         + ". A source that reaches 64 % on its own classes gives features only a little "
         "better than random ones, so the source now trains on 2,500 photos a class."
@@ -404,7 +405,8 @@ def _finetune_section(records: list[dict], quick: bool) -> Section | None:
     met = None
     summary = "incomplete"
     if paired is not None:
-        mean, half, n = paired
+        mean, half, diffs = paired
+        n = len(diffs)
         met = None if quick or n < 3 else mean - half > 0
         summary = (
             f"fine-tuned minus from scratch: {100 * mean:+.2f} ± {100 * half:.2f} points "
@@ -471,8 +473,12 @@ def report(log: Path, quick: bool) -> list[Section]:
             f"(identical initial weights: {c['identical']}; per-epoch losses equal: {c['equal']}, "
             f"largest difference {c['worst']:.1e})."
         )
-        met = None if quick else ratio >= 0.95
-        summary = f"convpipe / plain loop throughput: {ratio:.3f} (median of {len(c['ratios'])})"
+        lowest = min(c["ratios"])
+        met = None if quick else lowest >= 0.95  # every round, not only the median
+        summary = (
+            f"convpipe / plain loop throughput: {ratio:.3f} (median of {len(c['ratios'])} "
+            f"rounds, lowest {lowest:.3f})"
+        )
         sections.append(
             Section("Training cost: ResNet-18 at 64 px", "ratio >= 0.95", met, summary, body)
         )
