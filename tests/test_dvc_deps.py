@@ -177,7 +177,7 @@ MAY_IMPORT = {
     "tracking": {"config", "data", "models", "inference"},
     "evaluation": {"config", "data", "models", "inference", "tracking"},
     "training": {"config", "data", "models", "tracking"},
-    "tuning": {"config", "training", "tracking"},
+    "tuning": {"config", "inference", "models", "training", "tracking"},
 }
 
 

@@ -95,6 +95,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from convpipe.tuning.launch import check_workers
     from convpipe.tuning.worker import tune, tune_in_workers
 
+    if args.trial is not None and not args.apply:
+        raise ConvpipeError(
+            "--trial chooses what --apply writes", "on the command line", "add --apply"
+        )
     if args.n_trials is not None and args.n_trials < 0:
         raise ConvpipeError(
             f"--n-trials must be 0 or more, got {args.n_trials}", "on the command line", ""
@@ -110,9 +114,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     reports = params.paths.tuning_reports
     print(f"study {study.study_name}: {shown or 'no trials'}; reports in {reports}/")
     if args.apply:
-        values = apply_best(study, args.params)
+        trial, values = apply_best(study, args.params, args.trial)
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        print(f"{args.params}: applied best trial {study.best_trial.number}: {shown}")
+        print(f"{args.params}: applied trial {trial.number}: {shown}")
     return 0
 
 
@@ -261,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the CPU cores); with --n-trials, the N trials are shared out",
     )
     tune.add_argument(
-        "--apply", action="store_true", help="write the best values into the params file"
+        "--apply",
+        action="store_true",
+        help="write a trial's values into the params file: the complete trial meeting "
+        "tune.constraints that is best on the first objective, unless --trial says which",
     )
+    tune.add_argument("--trial", type=int, help="with --apply: the trial number to write")
     _add_inference_arguments(sub.choices["summary"], sub.choices["predict"])
     _add_export_arguments(sub.choices["export"])
     maps = sub.choices["feature-maps"]

@@ -45,10 +45,10 @@ from convpipe.tuning.campaign import RUN_ATTR, Campaign
 from convpipe.tuning.launch import check_workers, plan_slots, split_trials
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
 from convpipe.tuning.objective import WORKER_ATTR
+from convpipe.tuning.objectives import directions
 from convpipe.tuning.space import (
     best_value,
     check_space,
-    direction,
     make_pruner,
     make_sampler,
     suggest,
@@ -154,10 +154,9 @@ def test_suggest_each_kind_of_dimension() -> None:
 
 
 def test_direction_and_best_value(make_params) -> None:
-    assert direction(make_params()) == "minimize"
-    assert direction(make_params(**{"train.monitor": "val/acc", "train.monitor_mode": "max"})) == (
-        "maximize"
-    )
+    assert directions(make_params()) == ["minimize"]
+    flipped = make_params(**{"train.monitor": "val/acc", "train.monitor_mode": "max"})
+    assert directions(flipped) == ["maximize"]
     rows = [{"epoch": 0.0, "val/loss": 0.5, "val/acc": 0.7}, {"epoch": 1.0, "val/loss": 0.3}]
     rows.append({"epoch": 2.0, "val/loss": 0.4, "val/acc": 0.9})
     assert best_value(rows, "val/loss", "min") == 0.3
@@ -415,7 +414,8 @@ def test_apply_best_changes_only_the_values(tmp_path: Path) -> None:
         "train.batch_size": 128,
     }
     study = study_with([(best, TrialState.COMPLETE)])
-    assert apply_best(study, target) == {
+    trial, values = apply_best(study, target)
+    assert trial.number == 0 and values == {
         "train.lr": 0.000123457,
         "model.dropout": 0.333333,
         "train.optimizer": "sgd",
@@ -804,11 +804,18 @@ def test_workers_need_single_device_trials(make_params) -> None:
 def test_workers_flag_runs_the_exact_budget_in_parallel_pinned_processes(
     project: Project,
 ) -> None:
+    """Also the accuracy-against-cost question: two objectives, a latency bound, --apply."""
     # trials long enough (~10 s) that the second worker starts before the first ends them all
-    params = write_params(project, "tw", **{"tune.n_trials": 4, "tune.max_epochs": 10})
+    overrides = {
+        "tune.n_trials": 4,
+        "tune.max_epochs": 10,
+        "tune.objectives": ["val/acc", "latency_ms"],
+        "tune.constraints": ["latency_ms <= 10000"],
+    }
+    params = write_params(project, "tw", **overrides)
     env = {k: v for k, v in project.env.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run(
-        ["convpipe", "--params", params, "tune", "--workers", "2"],
+        ["convpipe", "--params", params, "tune", "--workers", "2", "--apply"],
         cwd=project.root,
         env=env,
         capture_output=True,
@@ -824,6 +831,25 @@ def test_workers_flag_runs_the_exact_budget_in_parallel_pinned_processes(
     assert len({w["pid"] for w in workers}) == 2  # both workers ran trials
     assert re.search(r"worker 0 \(pid \d+\): CPU", done.stderr)
     assert re.search(r"worker 1 \(pid \d+\): CPU", done.stderr)
-    assert done.stdout.splitlines()[-1] == "study tw: 4 complete; reports in reports/tw/"
+    assert done.stdout.splitlines()[-2] == "study tw: 4 complete; reports in reports/tw/"
+    # two objectives: a Pareto front among trials meeting the bound, each trial's costs stored
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val/acc", "latency_ms"]
+    for trial in study.trials:
+        assert trial.values[1] == trial.user_attrs["costs"]["latency_ms"] > 0
+        assert trial.user_attrs["constraints"] == [pytest.approx(trial.values[1] - 10000)]
+    front = (project.root / "reports" / "tw" / "pareto_front.csv").read_text().splitlines()
+    assert front[0].startswith("trial,val/acc,latency_ms,feasible,pareto") and len(front) == 5
+    assert (project.root / "reports" / "tw" / "pareto_front.png").is_file()
+    best = max(study.trials, key=lambda t: (t.values[0], -t.number))  # all feasible here
+    applied = f"{params}: applied trial {best.number}: train.lr="
+    assert done.stdout.splitlines()[-1].startswith(applied)
+    assert load_params(project.root / params).train.lr == pytest.approx(
+        best.params["train.lr"], rel=1e-5
+    )
     parent, children = mlflow_runs(project, "tw")
     assert parent.info.status == "FINISHED" and len(children) == 4
+    assert parent.data.params["objectives"] == "val/acc, latency_ms"
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert {int(n) for n in parent.data.tags["pareto_front"].split(", ")} <= {0, 1, 2, 3}
+    assert all("objective/latency_ms" in child.data.metrics for child in children)

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from convpipe.errors import ConvpipeError
 
@@ -448,6 +457,41 @@ def _check_range(low: float, high: float, log: bool) -> None:
 SearchDim = Annotated[FloatDim | IntDim | CategoricalDim, Field(discriminator="type")]
 
 
+_CONSTRAINT = re.compile(r"\s*([A-Za-z_][\w/]*)\s*(<=|>=)\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*")
+
+
+class Constraint(Section):
+    """One ``tune.constraints`` entry, written ``"latency_ms <= 10"`` in params.yaml."""
+
+    metric: str
+    op: Literal["<=", ">="]
+    bound: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        found = _CONSTRAINT.fullmatch(value)
+        if found is None:
+            raise ValueError(
+                f"tune.constraints entry {value!r} is not '<metric> <= <number>' or "
+                "'<metric> >= <number>' (e.g. 'latency_ms <= 10')"
+            )
+        return {"metric": found[1], "op": found[2], "bound": float(found[3])}
+
+    @model_serializer
+    def _to_text(self) -> str:
+        return str(self)
+
+    def violation(self, value: float) -> float:
+        """How far ``value`` is outside the bound: <= 0 when it is met (Optuna's convention)."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
 class TuneParams(Section):
     """``convpipe tune``: an Optuna study over any params keys, on the validation split."""
 
@@ -463,6 +507,13 @@ class TuneParams(Section):
     pruner: Literal["median", "hyperband", "none"]
     warmup_epochs: NonNegInt
     heartbeat_seconds: PositiveInt
+    objectives: list[str] = Field(default_factory=list)
+    """What a trial is scored on: validation metrics (``val/acc``, ``val/loss``, ...) and measured
+    costs (``params``, ``flops``, ``latency_ms``, ``batch_latency_ms``); empty: ``train.monitor``
+    alone. Two or more make a multi-objective study (a Pareto front, no pruning)."""
+    constraints: list[Constraint] = Field(default_factory=list)
+    """Bounds a trial must meet to count (``latency_ms <= 10``, ``params <= 1e6``): on the same
+    metrics as ``objectives``; infeasible trials are kept, marked, and never applied."""
     space: dict[str, SearchDim] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -25,10 +25,12 @@ import torch
 from convpipe.models.module import CNNClassifier
 from convpipe.models.shapes import layer_shapes
 
-__all__ = ["WARMUP", "Costs", "measure_costs", "median_latency_ms"]
+__all__ = ["COST_METRICS", "WARMUP", "Costs", "measure_costs", "median_latency_ms"]
 
 #: untimed forward passes before the timed ones
 WARMUP = 3
+#: the cost figures a campaign may optimise or bound (all go down), :class:`Costs` fields
+COST_METRICS = ("params", "flops", "latency_ms", "batch_latency_ms")
 
 
 class Costs(NamedTuple):

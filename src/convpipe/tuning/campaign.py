@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import FrozenTrial, Trial
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
@@ -28,8 +28,9 @@ from convpipe.tracking.store import (
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
 from convpipe.tuning.liveness import REASON_ATTR
+from convpipe.tuning.objectives import best_feasible, directions, objective_names, pareto_front
 from convpipe.tuning.reports import REPORTS
-from convpipe.tuning.space import COUNTED, direction
+from convpipe.tuning.space import COUNTED
 from convpipe.tuning.storage import storage_file
 
 log = logging.getLogger("convpipe")
@@ -133,7 +134,9 @@ class Campaign:
             "tune.storage": mask(tune.storage),
             "study_name": tune.study_name,
             "storage": mask(tune.storage),
-            "direction": direction(self.params),
+            "objectives": ", ".join(objective_names(self.params)),
+            "directions": ", ".join(directions(self.params)),
+            "constraints": ", ".join(map(str, tune.constraints)) or "none",
             "monitor": self.params.train.monitor,
             "search_space": json.dumps(space),
         }
@@ -188,12 +191,16 @@ class Campaign:
         """Summarise the study on the parent run, attach the reports, mark it FINISHED."""
         counted = self.study.get_trials(deepcopy=False, states=COUNTED)
         self.client.log_metric(self.parent_id, "trials_finished", float(len(counted)))
-        if any(t.state == TrialState.COMPLETE for t in counted):
-            best = self.study.best_trial
-            self.client.log_metric(self.parent_id, "best_value", float(best.value or 0.0))
+        best = best_feasible(self.study)
+        if best is not None:  # on the first objective, among trials meeting the constraints
+            self.client.log_metric(self.parent_id, "best_value", float(best.values[0]))
             self.client.set_tag(self.parent_id, "best_trial", str(best.number))
             for key, value in best.params.items():
                 self.client.set_tag(self.parent_id, f"best.{key}", str(value))
+        if len(self.study.directions) > 1:
+            front = [t.number for t in pareto_front(self.study)]
+            self.client.log_metric(self.parent_id, "pareto_trials", float(len(front)))
+            self.client.set_tag(self.parent_id, "pareto_front", ", ".join(map(str, front)))
         for path in sorted(report_dir.glob("*")):
             if path.name in REPORTS:
                 self.client.log_artifact(self.parent_id, str(path), "tuning")

@@ -12,7 +12,7 @@ import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import optuna
@@ -23,10 +23,20 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
+from convpipe.inference.cost import COST_METRICS, measure_costs
+from convpipe.models.module import CNNClassifier
 from convpipe.tracking.runs import RunLogger
 from convpipe.training.run import fit_trial
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, heartbeat
+from convpipe.tuning.objectives import (
+    CONSTRAINTS_ATTR,
+    COSTS_ATTR,
+    directions,
+    needs_costs,
+    objective_names,
+    trial_scores,
+)
 from convpipe.tuning.space import best_value, diverged, make_sampler, suggest, with_values
 
 log = logging.getLogger("convpipe")
@@ -42,6 +52,40 @@ def quiet_lightning() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+class FiniteCheck(Callback):
+    """A multi-objective trial's guard: no pruner, but a nan/inf ``monitor`` still fails it."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop with an error on a non-finite monitor."""
+        score = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and score is not None and not math.isfinite(float(score)):
+            raise diverged(self.monitor, float(score), pl_module.current_epoch)
+
+
+class CostProbe(Callback):
+    """Measure the trial's network (:func:`convpipe.inference.cost.measure_costs`) at fit start.
+
+    The costs do not depend on the weights, so they are known before training, and stored on
+    the trial (:data:`~convpipe.tuning.objectives.COSTS_ATTR`) even if it is pruned or fails.
+    Rank 0 measures; the model is timed in fp32 in eval mode, as an exported model runs.
+    """
+
+    def __init__(self, trial: Trial) -> None:
+        self.trial = trial
+        self.costs: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure and store the costs."""
+        if not trainer.is_global_zero:
+            return
+        measured = measure_costs(cast(CNNClassifier, pl_module))
+        self.costs = {name: float(getattr(measured, name)) for name in COST_METRICS}
+        self.trial.set_user_attr(COSTS_ATTR, self.costs)
 
 
 class FinitePruning(PyTorchLightningPruningCallback):
@@ -71,7 +115,7 @@ class TrialRunner:
     params: Params
     campaign: Campaign
 
-    def __call__(self, trial: Trial) -> float:
+    def __call__(self, trial: Trial) -> float | list[float]:
         """Run one trial (a heartbeat covers all of it).
 
         Raises:
@@ -93,25 +137,50 @@ class TrialRunner:
             except Exception as exc:
                 campaign.end_trial(run_id, "FAIL", _reason(exc))
                 raise
-            campaign.client.log_metric(run_id, "objective", value)
+            names = objective_names(self.params)
+            scores = value if isinstance(value, list) else [value]
+            for name, score in zip(names, scores, strict=True):
+                campaign.client.log_metric(run_id, f"objective/{name}", score)
+            campaign.client.log_metric(run_id, "objective", scores[0])
             campaign.end_trial(run_id, "COMPLETE")
         return value
 
-    def fit(self, trial: Trial, values: Mapping[str, Any], run_id: str) -> float:
-        """Train with the sampled ``values``; prune (or fail on nan) on ``train.monitor``."""
+    def fit(self, trial: Trial, values: Mapping[str, Any], run_id: str) -> float | list[float]:
+        """Train with the sampled ``values``; score the trial on ``tune.objectives``.
+
+        One objective: pruned (or failed on nan) on ``train.monitor`` as before. Several: no
+        pruning, a nan still fails it. Costs are measured when an objective or a constraint
+        names one; the constraints' violations are stored on the trial.
+        """
         fixed = {"train.max_epochs": self.params.tune.max_epochs, **trial_strategy(self.params)}
         params = with_values(self.params, {**values, **fixed})
-        monitor, mode = params.train.monitor, params.train.monitor_mode
-        pruning = FinitePruning(trial, monitor=monitor)
+        monitor = params.train.monitor
+        names = objective_names(params)
+        single = len(names) == 1
+        pruning = FinitePruning(trial, monitor=monitor) if single else None
+        guard: Callback = pruning if pruning is not None else FiniteCheck(monitor)
+        probe = CostProbe(trial) if needs_costs(params) else None
+        extra = [guard, SameValuesOnEveryRank(trial), *([probe] if probe else [])]
         logger = RunLogger(tracking_uri=self.campaign.uri, run_id=run_id)
         with quiet_lightning(), tempfile.TemporaryDirectory(prefix="convpipe-trial-") as root:
-            _, rows = fit_trial(params, [pruning, SameValuesOnEveryRank(trial)], logger, root)
-        pruning.check_pruned()  # under DDP the prune decision arrives here, not as an exception
-        if rows:
-            return best_value(rows, monitor, mode)
-        # spawned DDP ranks kept their history; the pruning callback stored every epoch's value
-        reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
-        return best_value([{monitor: value} for value in reported.values()], monitor, mode)
+            _, rows = fit_trial(params, extra, logger, root)
+        if pruning is not None:
+            pruning.check_pruned()  # under DDP the decision arrives here, not as an exception
+        if not rows:
+            # spawned DDP ranks kept their history; the pruning callback stored every epoch's
+            # value of the monitor (the only metric a DDP trial can be scored on)
+            reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
+            rows = [{monitor: value} for value in reported.values()]
+        best = {
+            name: best_value(rows, name, "min" if direction == "minimize" else "max")
+            for name, direction in zip(names, directions(params), strict=True)
+            if name not in COST_METRICS
+        }
+        costs = trial.study._storage.get_trial(trial._trial_id).user_attrs.get(COSTS_ATTR, {})
+        scores, violations = trial_scores(best, costs, params)
+        if params.tune.constraints:
+            trial.set_user_attr(CONSTRAINTS_ATTR, violations)
+        return scores[0] if single else scores
 
 
 def trial_strategy(params: Params) -> dict[str, str]:
@@ -179,7 +248,7 @@ def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
     trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, worker_identity())
     study.sampler = make_sampler(runner.params.tune, runner.params.base.seed, trial.number)
-    value: float | None = None
+    value: float | list[float] | None = None
     try:
         value = runner(trial)
         state = TrialState.COMPLETE

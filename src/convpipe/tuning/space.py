@@ -6,7 +6,7 @@ import difflib
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import optuna
 from optuna.trial import Trial, TrialState
@@ -21,6 +21,7 @@ from convpipe.config.schema import (
     parse_params,
 )
 from convpipe.errors import ConvpipeError
+from convpipe.tuning.objectives import constraints_func
 
 #: Trials that count toward ``tune.n_trials``: a failed trial (diverged, or its worker died)
 #: is reported but does not use up the budget.
@@ -104,11 +105,6 @@ def with_values(params: Params, values: Mapping[str, Any], source: str = "tune.s
     return parse_params(raw, source)
 
 
-def direction(params: Params) -> Literal["minimize", "maximize"]:
-    """Optuna's direction for ``train.monitor_mode``."""
-    return "minimize" if params.train.monitor_mode == "min" else "maximize"
-
-
 def best_value(rows: list[dict[str, float]], monitor: str, mode: str) -> float:
     """The best ``monitor`` value over per-epoch history rows.
 
@@ -151,23 +147,34 @@ def make_sampler(tune: TuneParams, seed: int, trial: int = 0) -> optuna.samplers
     samplers = optuna.samplers
     own = seed + trial
     startup = tune.startup_trials
+    # the samplers that model constraints see each trial's violations; the others (random,
+    # QMC, CMA-ES) draw as before, and reports still choose among feasible trials only
+    bounds = constraints_func(len(tune.constraints)) if tune.constraints else None
     if tune.sampler == "random":
         return samplers.RandomSampler(seed=own)
     if tune.sampler == "gp":
-        return samplers.GPSampler(seed=own, n_startup_trials=startup)
+        return samplers.GPSampler(seed=own, n_startup_trials=startup, constraints_func=bounds)
     if tune.sampler == "cmaes":
         return samplers.CmaEsSampler(seed=own, n_startup_trials=startup)
     if tune.sampler == "nsgaii":
-        return samplers.NSGAIISampler(seed=own, population_size=max(2, startup))
+        return samplers.NSGAIISampler(
+            seed=own, population_size=max(2, startup), constraints_func=bounds
+        )
     if tune.sampler == "qmc":
         with warnings.catch_warnings():  # "experimental since 3.0": asked for by name, no news
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return samplers.QMCSampler(seed=seed, scramble=True, qmc_type="sobol")
-    return samplers.TPESampler(seed=own, n_startup_trials=startup)
+    return samplers.TPESampler(seed=own, n_startup_trials=startup, constraints_func=bounds)
 
 
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
-    """The pruner of ``tune.pruner``; epochs are its steps."""
+    """The pruner of ``tune.pruner``; epochs are its steps.
+
+    None for several objectives: Optuna's pruners compare one intermediate value per epoch,
+    which a multi-objective trial does not report (its diverging trials still fail).
+    """
+    if len(tune.objectives) > 1:
+        return optuna.pruners.NopPruner()
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs

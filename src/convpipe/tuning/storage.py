@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from convpipe.config.schema import Params
 from convpipe.errors import ConvpipeError
 from convpipe.redact import mask
 from convpipe.tracking.store import store_lock
-from convpipe.tuning.space import direction, make_pruner, make_sampler
+from convpipe.tuning.objectives import directions, objective_names
+from convpipe.tuning.space import make_pruner, make_sampler
 
 SCHEMA_ATTEMPTS = 4
 
@@ -110,15 +112,22 @@ def load_study(params: Params) -> optuna.Study:
             storage=open_storage(tune.storage),
             sampler=make_sampler(tune, params.base.seed),
             pruner=make_pruner(tune),
-            direction=direction(params),
+            directions=directions(params),
             load_if_exists=True,
         )
+    names, wanted = objective_names(params), directions(params)
     stored = [d.name.lower() for d in study.directions]
-    if stored != [direction(params)]:
+    stored_names = study.metric_names  # None for a study made before objectives had names
+    if stored != wanted or (stored_names is not None and list(stored_names) != names):
+        made = f" ({', '.join(stored_names)})" if stored_names else ""
         raise ConvpipeError(
-            f"study '{tune.study_name}' was created to {' and '.join(stored)}, but "
-            f"train.monitor_mode '{params.train.monitor_mode}' asks to {direction(params)}",
+            f"study '{tune.study_name}' was created to {' and '.join(stored)}{made}, but "
+            f"the objectives ({', '.join(names)}) ask to {' and '.join(wanted)}",
             f"in {mask(tune.storage)}",
             "use a new tune.study_name",
         )
+    if stored_names is None:
+        with warnings.catch_warnings():  # "experimental since 3.2": the names are what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)  # the reports and the dashboard show them
     return study

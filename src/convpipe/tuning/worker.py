@@ -18,6 +18,7 @@ from convpipe.training.trainer import check_monitor
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, fail_stale_trials, last_beat
 from convpipe.tuning.objective import TrialRunner, run_trial
+from convpipe.tuning.objectives import check_objectives
 from convpipe.tuning.reports import write_reports
 from convpipe.tuning.space import COUNTED, check_space
 from convpipe.tuning.storage import load_study
@@ -44,7 +45,7 @@ def _report_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.datetime_complete and trial.datetime_start
         else 0.0
     )
-    value = f"{trial.value:.5f}" if trial.value is not None else "-"
+    value = "/".join(f"{v:.5g}" for v in trial.values) if trial.values else "-"
     done = len(study.get_trials(deepcopy=False, states=COUNTED))
     extra = f" ({trial.user_attrs[REASON_ATTR]})" if REASON_ATTR in trial.user_attrs else ""
     log.info(
@@ -140,6 +141,7 @@ def preflight(params: Params) -> None:
         ConvpipeError: from the space, the monitor, the storage or the prepared data.
     """
     check_space(params)
+    check_objectives(params)
     check_monitor(params.train)
     check_distributed_storage(params)
     build_datamodule(params)  # reads both manifests: says which `dvc repro` is missing
