@@ -226,12 +226,12 @@ def test_every_sampler_is_seeded_and_searches_the_space(name: str) -> None:
     assert isinstance(
         make_sampler(load_params_with({"tune.sampler": name}).tune, 1), SAMPLERS[name]
     )
-    first, again = _drive(name, 7), _drive(name, 7)
+    first, again = _drive(name, 5), _drive(name, 5)  # 3 random, then 2 from the model
     assert first == again  # the same seed: the same trials, model-based ones included
-    assert len({tuple(sorted(p.items())) for p in first}) >= 5  # it moves through the space
+    assert len({tuple(sorted(p.items())) for p in first}) >= 4  # it moves through the space
     for values in first:
         assert 1e-4 <= values["train.lr"] <= 1e-1 and 16 <= values["train.batch_size"] <= 128
-    assert _drive(name, 7, seed=4) != first
+    assert _drive(name, 5, seed=4) != first
 
 
 def test_qmc_points_are_one_sequence_whatever_the_trial_seeds() -> None:
