@@ -715,7 +715,7 @@ def test_apply_writes_the_best_values_and_train_must_rerun(project: Project) -> 
     assert (project.root / "optuna.db").is_file()
     assert (project.root / "params.yaml").read_text(encoding="utf-8") == before
     out = project.run("convpipe", "tune", "--n-trials", "0", "--apply")
-    assert "params.yaml: applied best trial" in out.stdout
+    assert "params.yaml: applied trial 0: train.lr=" in out.stdout
     after = (project.root / "params.yaml").read_text(encoding="utf-8")
     assert after != before and comments(after) == comments(before)
     study = optuna.load_study(
