@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import re
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -79,9 +80,12 @@ def test_the_environment_is_exactly_the_lock() -> None:
 
     A `.venv` made before the lock existed fails here: `rm -rf .venv && make setup`.
     """
+    # the environment's own site-packages only: sys.path may also hold copies a library
+    # vendors (setuptools/_vendor adds its packaging, wheel, zipp... once something imports it)
+    paths = sysconfig.get_paths()
     installed = {
         canonicalize_name(dist.metadata["Name"]): Version(dist.version)
-        for dist in importlib.metadata.distributions()
+        for dist in importlib.metadata.distributions(path=[paths["purelib"], paths["platlib"]])
     }
     pins = {name: version for name, (version, _, _) in locked().items()}
     wrong = {n: (str(v), str(installed.get(n))) for n, v in pins.items() if installed.get(n) != v}
