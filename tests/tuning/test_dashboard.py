@@ -91,6 +91,7 @@ def test_a_port_in_use_is_one_line(campaign: Path, dashboard: str) -> None:
 
 
 @pytest.mark.browser
+@pytest.mark.subprocess
 def test_a_browser_finds_the_study_and_its_trials(dashboard: str, tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from docs import screenshots
