@@ -51,6 +51,10 @@ BAD = {
         f"tune.constraints 'latency' {NOT_A_METRIC} 'latency_ms'?",
     ),
     "twice": ({"tune.objectives": ["val/acc", "val/acc"]}, "lists 'val/acc' twice"),
+    "ddp-metric": (
+        {"tune.objectives": ["val/acc", "latency_ms"], "train.devices": 2},
+        "a multi-process trial (train.devices 2) reports only train.monitor back",
+    ),
     "cmaes-several": (
         {"tune.objectives": ["val/acc", "params"], "tune.sampler": "cmaes"},
         "tune.sampler cmaes optimises one objective, tune.objectives has 2",

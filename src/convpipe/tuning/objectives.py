@@ -93,6 +93,17 @@ def check_objectives(params: Params) -> None:
         raise ConvpipeError(
             f"tune.objectives lists '{repeated[0]}' twice", "in params.yaml", "list it once"
         )
+    devices = params.train.devices
+    spawned = devices == "auto" or int(devices) > 1 or params.train.num_nodes > 1
+    wanted = [*names, *(c.metric for c in params.tune.constraints)]
+    unreported = [n for n in wanted if n not in COST_METRICS and n != params.train.monitor]
+    if spawned and unreported:
+        raise ConvpipeError(
+            f"a multi-process trial (train.devices {devices}) reports only train.monitor back "
+            f"to the campaign, not '{unreported[0]}'",
+            "in params.yaml",
+            f"score such trials on {params.train.monitor} and costs, or tune with train.devices 1",
+        )
     if len(names) > 1 and params.tune.sampler == "cmaes":
         raise ConvpipeError(
             f"tune.sampler cmaes optimises one objective, tune.objectives has {len(names)}",
