@@ -32,7 +32,7 @@ from convpipe.tuning.liveness import REASON_ATTR, heartbeat
 from convpipe.tuning.objectives import (
     CONSTRAINTS_ATTR,
     COSTS_ATTR,
-    directions,
+    direction_of,
     needs_costs,
     objective_names,
     trial_scores,
@@ -171,9 +171,12 @@ class TrialRunner:
             # value of the monitor (the only metric a DDP trial can be scored on)
             reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
             rows = [{monitor: value} for value in reported.values()]
-        best = {
-            name: best_value(rows, name, "min" if direction == "minimize" else "max")
-            for name, direction in zip(names, directions(params), strict=True)
+        wanted = [*names, *(c.metric for c in params.tune.constraints)]
+        best = {  # each validation metric an objective or a constraint names: its best epoch
+            name: best_value(
+                rows, name, "min" if direction_of(name, params) == "minimize" else "max"
+            )
+            for name in dict.fromkeys(wanted)
             if name not in COST_METRICS
         }
         costs = trial.study._storage.get_trial(trial._trial_id).user_attrs.get(COSTS_ATTR, {})

@@ -34,6 +34,7 @@ __all__ = [
     "best_feasible",
     "check_objectives",
     "constraints_func",
+    "direction_of",
     "directions",
     "feasible",
     "needs_costs",
@@ -55,7 +56,8 @@ def objective_names(params: Params) -> list[str]:
     return list(params.tune.objectives) or [params.train.monitor]
 
 
-def _direction(name: str, params: Params) -> Direction:
+def direction_of(name: str, params: Params) -> Direction:
+    """The way ``name`` improves: costs down, metrics their monitor mode."""
     if name in COST_METRICS:
         return "minimize"
     mode = params.train.monitor_mode if name == params.train.monitor else MONITOR_MODES[name]
@@ -64,7 +66,7 @@ def _direction(name: str, params: Params) -> Direction:
 
 def directions(params: Params) -> list[Direction]:
     """Optuna's direction of each objective, in order."""
-    return [_direction(name, params) for name in objective_names(params)]
+    return [direction_of(name, params) for name in objective_names(params)]
 
 
 def _unknown(name: str, where: str) -> ConvpipeError:
