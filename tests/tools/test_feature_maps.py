@@ -23,21 +23,12 @@ from convpipe.tools.feature_maps import (
 )
 from tests.helpers.cli import run_cli
 from tests.helpers.factories import params_in, prepared, tiny_checkpoint
-from tests.helpers.models import model_section, residual_stage
+from tests.helpers.models import TINY_CONV, model_section, residual_stage
 
 # 8x8 digits: conv 3x3 same 1->4 + max pool 2 (4x4), then conv 3x3 valid 4->6 without pooling
 # (2x2). Receptive fields by hand: 3, 3 + 1*1 = 4, 4 + 2*2 = 8.
 CONV = [
-    {
-        "filters": 4,
-        "kernel": 3,
-        "stride": 1,
-        "padding": "same",
-        "activation": "relu",
-        "batch_norm": True,
-        "pool": "max",
-        "pool_size": 2,
-    },
+    *TINY_CONV,
     {
         "filters": 6,
         "kernel": 3,
