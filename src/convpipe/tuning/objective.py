@@ -33,6 +33,7 @@ from convpipe.tuning.objectives import (
     CONSTRAINTS_ATTR,
     COSTS_ATTR,
     direction_of,
+    named_metrics,
     needs_costs,
     objective_names,
     trial_scores,
@@ -166,20 +167,19 @@ class TrialRunner:
             _, rows = fit_trial(params, extra, logger, root)
         if pruning is not None:
             pruning.check_pruned()  # under DDP the decision arrives here, not as an exception
+        stored = trial.study._storage.get_trial(trial._trial_id)  # what spawned ranks wrote
         if not rows:
             # spawned DDP ranks kept their history; the pruning callback stored every epoch's
             # value of the monitor (the only metric a DDP trial can be scored on)
-            reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
-            rows = [{monitor: value} for value in reported.values()]
-        wanted = [*names, *(c.metric for c in params.tune.constraints)]
+            rows = [{monitor: value} for value in stored.intermediate_values.values()]
         best = {  # each validation metric an objective or a constraint names: its best epoch
             name: best_value(
                 rows, name, "min" if direction_of(name, params) == "minimize" else "max"
             )
-            for name in dict.fromkeys(wanted)
+            for name in named_metrics(params)
             if name not in COST_METRICS
         }
-        costs = trial.study._storage.get_trial(trial._trial_id).user_attrs.get(COSTS_ATTR, {})
+        costs = stored.user_attrs.get(COSTS_ATTR, {})
         scores, violations = trial_scores(best, costs, params)
         if params.tune.constraints:
             trial.set_user_attr(CONSTRAINTS_ATTR, violations)

@@ -37,6 +37,7 @@ __all__ = [
     "direction_of",
     "directions",
     "feasible",
+    "named_metrics",
     "needs_costs",
     "objective_names",
     "pareto_front",
@@ -54,6 +55,13 @@ Direction = Literal["minimize", "maximize"]
 def objective_names(params: Params) -> list[str]:
     """``tune.objectives``, or ``[train.monitor]`` when it is empty."""
     return list(params.tune.objectives) or [params.train.monitor]
+
+
+def named_metrics(params: Params) -> list[str]:
+    """Every metric the objectives and constraints name, each once, objectives first."""
+    return list(
+        dict.fromkeys([*objective_names(params), *(c.metric for c in params.tune.constraints)])
+    )
 
 
 def direction_of(name: str, params: Params) -> Direction:
@@ -97,8 +105,9 @@ def check_objectives(params: Params) -> None:
         )
     devices = params.train.devices
     spawned = devices == "auto" or int(devices) > 1 or params.train.num_nodes > 1
-    wanted = [*names, *(c.metric for c in params.tune.constraints)]
-    unreported = [n for n in wanted if n not in COST_METRICS and n != params.train.monitor]
+    unreported = [
+        n for n in named_metrics(params) if n not in COST_METRICS and n != params.train.monitor
+    ]
     if spawned and unreported:
         raise ConvpipeError(
             f"a multi-process trial (train.devices {devices}) reports only train.monitor back "
@@ -116,8 +125,7 @@ def check_objectives(params: Params) -> None:
 
 def needs_costs(params: Params) -> bool:
     """Whether an objective or a constraint is a cost (measuring latency takes a few seconds)."""
-    wanted = {*objective_names(params), *(c.metric for c in params.tune.constraints)}
-    return bool(wanted & set(COST_METRICS))
+    return bool(set(named_metrics(params)) & set(COST_METRICS))
 
 
 def trial_scores(
