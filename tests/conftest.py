@@ -7,6 +7,8 @@ Helpers (factories, tiny models, data generators, servers, project copies) live 
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +16,23 @@ import pytest
 from convpipe.config.edit import set_dotted
 from convpipe.config.schema import Params, parse_params, read_yaml
 from tests.helpers.project import ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_precision_cache(tmp_path_factory) -> Iterator[None]:
+    """Measured precision verdicts go to a folder of this session, never the user's cache.
+
+    Set in the environment, so the pipelines tests start as subprocesses use it too.
+    """
+    from convpipe.training.precision import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("precision-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from convpipe.training import precision
 from convpipe.training.precision import (
     BF16_FLAGS,
+    CACHE_ENV,
     MIN_SPEEDUP,
+    cache_path,
     choose_precision,
     cpu_flags,
     resolve_precision,
@@ -57,6 +60,7 @@ def test_several_cpu_processes_keep_fp32(params, tmp_path, monkeypatch):
 
 def test_measuring_touches_neither_the_model_nor_the_random_state(params, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path, " ".join(BF16_FLAGS)))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     module = classifier(params)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     rng = torch.get_rng_state()
@@ -87,3 +91,34 @@ def test_a_bf16_training_tests_in_fp32_as_evaluate_does(params):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model.data_loss(model(x), y).item()
     assert bf16 != pytest.approx(fp32, rel=1e-6)
+
+
+def test_a_measured_verdict_is_kept_and_reused_so_a_busy_machine_cannot_flip_it(
+    params, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path, " ".join(BF16_FLAGS)))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    measured: list[int] = []
+    real = precision.step_seconds
+
+    def counted(model, batch):
+        measured.append(batch)
+        return real(model, batch)
+
+    monkeypatch.setattr(precision, "step_seconds", counted)
+    auto = train_variant(params, precision="auto")
+    first = resolve_precision(auto, params.runtime, classifier(params), 32)
+    assert measured == [32] and cache_path() == tmp_path / "cache" / "precision.json"
+    # the same layers on this machine: the kept verdict, whatever the load is now
+    for _ in range(3):
+        assert resolve_precision(auto, params.runtime, classifier(params), 32) == first
+    assert measured == [32]
+    # another network, or another batch, is measured on its own
+    resolve_precision(auto, params.runtime, classifier(params, num_classes=7), 32)
+    resolve_precision(auto, params.runtime, classifier(params), 16)
+    assert measured == [32, 32, 16]
+    # a damaged cache is measured again and rewritten, not trusted
+    cache_path().write_text("{not json")
+    resolve_precision(auto, params.runtime, classifier(params), 32)
+    assert len(measured) == 4
+    assert json.loads(cache_path().read_text())

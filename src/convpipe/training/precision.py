@@ -14,6 +14,12 @@ So ``auto`` measures instead of assuming:
 - anything else (no native bf16, several CPU processes that would each measure alone, MPS):
   ``32-true``.
 
+A measured verdict is kept in a per-user cache (:func:`cache_path`), keyed by the CPU, torch,
+the threads, the probe batch and the network's layers, and reused: the same params on the same
+machine then always train in the same precision. Measured afresh each run, a busy machine (two
+tuning workers sharing two cores) could flip the verdict and change the result of a run with
+the same seed. Delete the file to measure again.
+
 The choice is logged and recorded on the MLflow run (``derived.precision``).
 """
 
@@ -21,7 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +40,10 @@ import torch
 
 from convpipe.config.schema import RuntimeParams, TrainParams
 from convpipe.hardware import cpu_threads
+from convpipe.io import write_json
 from convpipe.models.module import CNNClassifier
 
-__all__ = ["BF16_FLAGS", "MIN_SPEEDUP", "choose_precision", "resolve_precision"]
+__all__ = ["BF16_FLAGS", "MIN_SPEEDUP", "cache_path", "choose_precision", "resolve_precision"]
 
 log = logging.getLogger("convpipe")
 
@@ -48,18 +59,72 @@ PROBE_BATCH = 256
 
 
 CPUINFO = Path("/proc/cpuinfo")
+#: Overrides the folder of the measured-verdict cache (tests point it at a temp folder).
+CACHE_ENV = "CONVPIPE_CACHE_DIR"
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith(name):
+            return line.partition(":")[2].strip()
+    return ""
 
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (empty where ``/proc/cpuinfo`` is missing, e.g. macOS)."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cache_path() -> Path:
+    """The file that keeps measured verdicts: ``$CONVPIPE_CACHE_DIR``, else the XDG cache."""
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = str(Path(base) / "convpipe")
+    return Path(folder) / "precision.json"
+
+
+def _cache_key(model: CNNClassifier, batch: int, threads: int) -> str:
+    """What the verdict depends on: the CPU, torch, the threads, the batch, the layers."""
+    parts = [
+        _cpuinfo_field("model name") or platform.processor(),
+        " ".join(sorted(cpu_flags() & BF16_FLAGS)),
+        torch.__version__,
+        str(threads),
+        str(batch),
+        str(tuple(model.input_shape)),
+        str(model),  # the layers and their sizes, not the weights
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _cached(key: str) -> str | None:
     try:
-        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+        verdicts = json.loads(cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no cache yet, or a damaged one: measure (and rewrite it)
+    chosen = verdicts.get(key) if isinstance(verdicts, dict) else None
+    return chosen if chosen in ("32-true", "bf16-mixed") else None
+
+
+def _remember(key: str, chosen: str) -> None:
+    path = cache_path()
+    try:
+        verdicts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        verdicts = {}
+    if not isinstance(verdicts, dict):
+        verdicts = {}
+    verdicts[key] = chosen
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, verdicts)  # temp file + rename: a concurrent reader sees old or new
+    except OSError as error:  # a read-only home: measure again next time, train now
+        log.warning("train.precision auto: could not keep the verdict in %s (%s)", path, error)
 
 
 def choose_precision(fp32_seconds: float, bf16_seconds: float) -> str:
@@ -142,10 +207,19 @@ def resolve_precision(
     if train.accelerator == "mps" or processes > 1 or not cpu_flags() & BF16_FLAGS:
         return "32-true"
     size = max(1, min(batch, PROBE_BATCH))
-    with torch.random.fork_rng(devices=[]), _threads(cpu_threads(runtime.threads, 1)):
+    threads = cpu_threads(runtime.threads, 1)
+    key = _cache_key(model, size, threads)
+    chosen = _cached(key)
+    if chosen is not None:
+        log.info(
+            "train.precision auto: %s (measured before on this machine: %s)", chosen, cache_path()
+        )
+        return chosen
+    with torch.random.fork_rng(devices=[]), _threads(threads):
         best = step_seconds(model, size)
     fp32, bf16 = best["32-true"], best["bf16-mixed"]
     chosen = choose_precision(fp32, bf16)
+    _remember(key, chosen)
     log.info(
         "train.precision auto: %s (a bf16 training step takes %.2fx the time of an fp32 one)",
         chosen,
