@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from convpipe.config.schema import ModelParams, parse_params
+from convpipe.config.schema import ModelParams, parse_params, scaled_model
 from convpipe.errors import ConvpipeError
 from convpipe.models.module import CNNClassifier
 from convpipe.models.network import build_cnn, count_parameters, regularization_penalty
@@ -246,3 +246,36 @@ def test_a_residual_classifier_learns_a_separable_problem(make_params) -> None:
     module.eval()
     after = float(module.data_loss(module(x), y).detach())
     assert after < 0.5 * before
+
+
+@pytest.mark.parametrize("width", [0.5, 1.5, 3.0])
+def test_model_width_scales_every_layer_and_the_shapes_agree_with_the_network(width) -> None:
+    stages = [residual_stage(12, 1, 2, block="bottleneck"), residual_stage(10, 1, 1)]
+    model = ModelParams.model_validate(
+        model_section(TINY_CONV, [20], 0.0, stages=stages, width=width)
+    )
+    wide = scaled_model(model)
+    assert [b.filters for b in wide.conv] == [max(1, round(b.filters * width)) for b in model.conv]
+    assert wide.stages[0].filters % 4 == 0  # a bottleneck's inner width stays whole
+    assert wide.stages[0].filters == max(4, 4 * round(12 * width / 4))
+    assert wide.stages[1].filters == round(10 * width) and wide.hidden == [round(20 * width)]
+    assert scaled_model(wide) == wide and wide.width == 1.0  # applied once
+    net = build_cnn(model, 3, (16, 16), 5)
+    rows = layer_shapes(model, 3, (16, 16), 5)
+    assert sum(row.parameters for row in rows) == count_parameters(net)
+    assert count_parameters(net) != count_parameters(
+        build_cnn(_model(stages=stages), 3, (16, 16), 5)
+    )
+    # the summary (receptive fields, dense equivalents) reads the same widths
+    fields = receptive_fields(model, 3, (16, 16), 5)
+    assert [f.name for f in fields] == [r.name for r in rows]
+
+
+def test_model_width_keeps_a_whitening_first_conv_and_old_checkpoints_mean_one() -> None:
+    conv = [dict(TINY_CONV[0], filters=2 * 3 * 2 * 2, kernel=2)]
+    model = ModelParams.model_validate(model_section(conv, [8], 0.0, whiten=True, width=2.0))
+    assert scaled_model(model).conv[0].filters == 24  # 2 * C * k^2: whitening's fixed count
+    build_cnn(model, 3, (8, 8), 3)  # the whitening check passes
+    section = _model().model_dump(mode="json")
+    del section["width"]  # as written before the key existed
+    assert ModelParams.model_validate(section).width == 1.0

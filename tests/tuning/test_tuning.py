@@ -46,6 +46,7 @@ from convpipe.tuning.launch import check_workers, plan_slots, split_trials
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
 from convpipe.tuning.objective import WORKER_ATTR
 from convpipe.tuning.objectives import directions
+from convpipe.tuning.retry import FAILED_TRIAL, RESTARTED_ATTR, RETRY_HISTORY, requeue
 from convpipe.tuning.space import (
     best_value,
     check_space,
@@ -333,6 +334,44 @@ def test_fail_stale_trials_fails_only_silent_ones(tmp_path: Path) -> None:
     assert fail_stale_trials(study, 3.0, seen.append) == []
 
 
+def test_a_stopped_trial_is_queued_again_with_its_params_until_retries_or_budget_run_out(
+    make_params, tmp_path: Path
+) -> None:
+    params = make_params(**{"tune.n_trials": 3, "tune.retries": 2})
+    study = optuna.create_study(storage=journal(tmp_path / "retry.journal"))
+    folder = tmp_path / "trial-0"
+    first = study.ask()
+    first.suggest_float("train.lr", 1e-3, 1e-1, log=True)
+    first.set_user_attr(RUN_ATTR, "run-0")
+    first.set_user_attr(HEARTBEAT_ATTR, time.time() - 100)
+    first.set_user_attr(REASON_ATTR, "worker stopped")
+    frozen = study.tell(first, state=TrialState.FAIL)
+    assert requeue(study, frozen, params, folder)
+    waiting = study.trials[-1]
+    assert waiting.state == TrialState.WAITING and waiting.params == frozen.params
+    # the run goes on; neither the old beat (it would look dead) nor the old reason
+    assert waiting.user_attrs == {RUN_ATTR: "run-0"}
+    assert waiting.system_attrs[FAILED_TRIAL] == 0 and waiting.system_attrs[RETRY_HISTORY] == [0]
+    # optuna's own reader agrees
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(waiting) == 0
+    second = study.ask()  # a queued retry is what the next worker gets
+    assert second.number == waiting.number and second.params == frozen.params
+    frozen = study.tell(second, state=TrialState.FAIL)
+    assert requeue(study, frozen, params, folder)
+    third = study.ask()
+    assert study.trials[third.number].system_attrs[RETRY_HISTORY] == [0, 1]
+    frozen = study.tell(third, state=TrialState.FAIL)
+    folder.mkdir()
+    assert not requeue(study, frozen, params, folder)  # tried 1 + 2 retries: given up
+    assert not folder.exists()  # its checkpoint is never used: removed
+    for _ in range(3):  # the budget met: nothing queued
+        study.tell(study.ask(), 1.0)
+    again = study.tell(study.ask(), state=TrialState.FAIL)
+    assert not requeue(study, again, params, folder)
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+
+
 # --------------------------------------------------------------------------- MLflow nesting
 
 
@@ -609,52 +648,87 @@ def test_campaign_prunes_and_nests_one_child_run_per_trial(project: Project) -> 
     assert best["trial"] == study.best_trial.number and best["params"] == study.best_params
 
 
+def _start(project: Project, cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w", encoding="utf-8") as fh:
+        return subprocess.Popen(
+            cmd,
+            cwd=project.root,
+            env=project.env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _when_running_with(project: Project, name: str, proc: subprocess.Popen, epochs: int) -> int:
+    """The number of the running trial once it has reported ``epochs`` epochs."""
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if not (project.root / f"{name}.journal").exists():
+            continue
+        for trial in stored_study(project, name).trials:
+            if trial.state == TrialState.RUNNING and len(trial.intermediate_values) >= epochs:
+                return trial.number
+    raise AssertionError(f"never saw a running trial with {epochs} epochs (exit {proc.poll()})")
+
+
 @pytest.mark.slow
-def test_killed_campaign_resumes_to_its_total(project: Project) -> None:
-    params = write_params(project, "t2", **{"tune.n_trials": 5})
+def test_a_preempted_then_killed_trial_goes_on_from_its_checkpoint_and_counts_once(
+    project: Project, tmp_path: Path
+) -> None:
+    """SIGTERM, then kill -9 of the next worker: the one trial ends in one MLflow run."""
+    params = write_params(project, "t2", **{"tune.n_trials": 2, "tune.max_epochs": 12})
     cmd = ["convpipe", "--params", params, "tune"]
-    first = subprocess.Popen(
-        cmd,
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    victim = None
+    first = _start(project, cmd, tmp_path / "first.log")
     try:
-        deadline = time.monotonic() + 150
-        while victim is None and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.1)
-            if not (project.root / "t2.journal").exists():
-                continue
-            trials = stored_study(project, "t2").trials
-            running = [
-                t for t in trials if t.state == TrialState.RUNNING and RUN_ATTR in t.user_attrs
-            ]
-            if counted(trials) >= 2 and running:
-                victim = running[0]
+        victim = _when_running_with(project, "t2", first, 2)
+        first.send_signal(signal.SIGTERM)  # a scheduler's preemption notice
+        code = first.wait(timeout=60)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    assert victim is not None, "never saw a running trial after two finished ones"
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    said = (tmp_path / "first.log").read_text()
+    assert code == 128 + signal.SIGTERM, said
+    assert "convpipe: error: stopped by SIGTERM at epoch" in said and "Traceback" not in said
+    assert "rerun `convpipe tune`" in said
+    second = _start(project, cmd, tmp_path / "second.log")
+    try:
+        retry = _when_running_with(project, "t2", second, 6)
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)  # a worker that dies without a word
+        second.wait()
     out = project.run(*cmd)
-    assert f"trial {victim.number} marked FAIL: worker stopped" in out.stderr
+    assert f"trial {retry} marked FAIL: worker stopped" in out.stderr
+    assert f"goes on with trial {victim} from" in (tmp_path / "second.log").read_text()
+    assert f"goes on with trial {victim} from" in out.stderr
     study = stored_study(project, "t2")
-    states = [t.state for t in study.trials]
-    assert counted(study.trials) == 5 and TrialState.RUNNING not in states, states
-    killed = study.trials[victim.number]
-    assert killed.state == TrialState.FAIL
-    assert killed.user_attrs[REASON_ATTR].startswith("worker stopped: no heartbeat for")
+    trials = study.trials
+    assert counted(trials) == 2
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert trials[victim].state == trials[retry].state == TrialState.FAIL
+    assert trials[victim].user_attrs[REASON_ATTR].startswith("stopped by SIGTERM at epoch")
+    (last,) = [t for t in trials if t.system_attrs.get(FAILED_TRIAL) == victim and t.number > retry]
+    assert last.state == TrialState.COMPLETE
+    assert last.system_attrs[RETRY_HISTORY] == [victim, retry]
+    assert RESTARTED_ATTR not in last.user_attrs
+    assert sorted(last.intermediate_values) == list(range(12))  # every epoch, once
+    # one MLflow child run for the three attempts, and one for the other trial
     parent, children = mlflow_runs(project, "t2")
     assert parent.info.status == "FINISHED"
-    by_id = {r.info.run_id: r for r in children}
-    assert len(children) == len(study.trials)
-    assert by_id[killed.user_attrs[RUN_ATTR]].info.status == "FAILED"
-    tags = by_id[killed.user_attrs[RUN_ATTR]].data.tags
-    assert tags["optuna.state"] == "FAIL"
-    assert tags["optuna.fail_reason"] == killed.user_attrs[REASON_ATTR]
-    assert all(r.info.status != "RUNNING" for r in children)
+    assert len(children) == 2
+    run_id = trials[victim].user_attrs[RUN_ATTR]
+    assert trials[retry].user_attrs[RUN_ATTR] == last.user_attrs[RUN_ATTR] == run_id
+    run = {r.info.run_id: r for r in children}[run_id]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["optuna.attempts"] == f"{victim}, {retry}, {last.number}"
+    assert run.data.tags["optuna.state"] == "COMPLETE"
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(run_id, "val/loss")]
+    assert sorted(set(steps)) == list(range(12))
+    assert steps.count(0) == steps.count(1) == 1  # resumed, not trained again from the start
+    assert len(steps) < 16
+    assert not list((project.root / "tuning-checkpoints").rglob("*.ckpt"))  # cleaned up
 
 
 @pytest.mark.slow

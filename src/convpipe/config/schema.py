@@ -69,6 +69,7 @@ class PathsParams(Section):
     misclassified_png: str
     curves_png: str
     tuning_reports: str
+    tuning_checkpoints: str
     init_source: str
 
 
@@ -284,6 +285,10 @@ class ModelParams(Section):
     output_scale: Annotated[float, Field(gt=0.0)]
     whiten: bool
     init_from: str | None
+    width: Annotated[float, Field(gt=0.0, le=16.0)] = 1.0
+    """multiplies every conv block's and stage's filters and every hidden width (rounded; a
+    bottleneck stage to a multiple of 4; a whitening first conv keeps its fixed count): one
+    number that scales the network, for ``tune.space`` (1.0 in checkpoints written before it)"""
 
     @field_validator("init_from")
     @classmethod
@@ -294,6 +299,39 @@ class ModelParams(Section):
                 "or be empty (null)"
             )
         return value
+
+
+def _widened(count: int, width: float, multiple: int = 1) -> int:
+    return max(multiple, multiple * round(count * width / multiple))
+
+
+def scaled_model(model: ModelParams) -> ModelParams:
+    """``model`` with ``width`` applied to its filters and hidden widths (and set to 1).
+
+    The network's builder and the shape arithmetic both start here, so they always agree;
+    applying it twice changes nothing.
+    """
+    if model.width == 1.0:
+        return model
+    width = model.width
+    conv = [
+        block
+        if i == 0 and model.whiten  # whitening fixes the first conv's filter count
+        else block.model_copy(update={"filters": _widened(block.filters, width)})
+        for i, block in enumerate(model.conv)
+    ]
+    stages = [
+        stage.model_copy(
+            update={
+                "filters": _widened(
+                    stage.filters, width, BOTTLENECK_EXPANSION if stage.block == "bottleneck" else 1
+                )
+            }
+        )
+        for stage in model.stages
+    ]
+    hidden = [_widened(units, width) for units in model.hidden]
+    return model.model_copy(update={"conv": conv, "stages": stages, "hidden": hidden, "width": 1.0})
 
 
 class TrainParams(Section):
@@ -507,6 +545,9 @@ class TuneParams(Section):
     pruner: Literal["median", "hyperband", "none"]
     warmup_epochs: NonNegInt
     heartbeat_seconds: PositiveInt
+    retries: NonNegInt
+    """How many times a trial whose worker died, was preempted or interrupted is run again from
+    its last checkpoint (``paths.tuning_checkpoints``); 0: never, it stays FAIL."""
     objectives: list[str] = Field(default_factory=list)
     """What a trial is scored on: validation metrics (``val/acc``, ``val/loss``, ...) and measured
     costs (``params``, ``flops``, ``latency_ms``, ``batch_latency_ms``); empty: ``train.monitor``

@@ -30,7 +30,7 @@ from typing import get_args
 import torch
 from torch import Tensor, nn
 
-from convpipe.config.schema import ConvBlock, ModelParams, RegType
+from convpipe.config.schema import ConvBlock, ModelParams, RegType, scaled_model
 from convpipe.errors import ConvpipeError
 from convpipe.io import memory_bytes
 from convpipe.models.residual import build_stage
@@ -216,6 +216,7 @@ def build_cnn(
             1x1 (see :func:`layer_shapes`), ``model.whiten`` has the wrong filter count, or
             the weights would not fit in memory (:func:`check_size`).
     """
+    params = scaled_model(params)  # model.width applied, as layer_shapes does
     rows = layer_shapes(params, in_channels, image_hw, num_classes)
     check_size(rows)
     image = hw = check_inputs(in_channels, image_hw, num_classes)

@@ -12,7 +12,13 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from convpipe.config.schema import BOTTLENECK_EXPANSION, ConvBlock, ModelParams, ResidualStage
+from convpipe.config.schema import (
+    BOTTLENECK_EXPANSION,
+    ConvBlock,
+    ModelParams,
+    ResidualStage,
+    scaled_model,
+)
 from convpipe.errors import ConvpipeError
 
 __all__ = [
@@ -222,6 +228,7 @@ def layer_shapes(
             feature map smaller than 1x1 (naming the layer, e.g. ``model.conv[2].pool``, and
             the size it receives and would produce).
     """
+    params = scaled_model(params)  # model.width applied, as the builder does
     image = hw = check_inputs(in_channels, image_hw, num_classes)
     channels = in_channels
     rows: list[LayerShape] = []

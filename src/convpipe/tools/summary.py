@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from convpipe.config.schema import ModelParams
+from convpipe.config.schema import ModelParams, scaled_model
 from convpipe.data.manifest import Manifest
 from convpipe.models.shapes import conv_output_size, layer_shapes, residual_convs
 
@@ -66,6 +66,7 @@ def _windows(
     params: ModelParams, in_channels: int, image_hw: tuple[int, int]
 ) -> dict[str, _Window]:
     """Every conv, pooling and residual layer by name, with its steps and dense equivalent."""
+    params = scaled_model(params)  # the widths layer_shapes reports
     windows: dict[str, _Window] = {}
     channels, hw = in_channels, image_hw
     for row in layer_shapes(params, in_channels, image_hw, 2):

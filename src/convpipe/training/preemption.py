@@ -126,21 +126,30 @@ def requeue_slurm_job() -> str:
     return f"SLURM job {job} is requeued and resumes from there"
 
 
+#: What the user does after a preempted train stage.
+RERUN_TRAIN = "rerun `dvc repro train` to resume from there"
+
+
 @contextmanager
 def preemption_is_resumable(
-    trainer: L.Trainer, preemption: Preemption, folder: str
+    trainer: L.Trainer, preemption: Preemption, folder: str, todo: str = RERUN_TRAIN
 ) -> Iterator[None]:
     """Turn Lightning's ``SIGTERMException`` into :class:`Preempted`, requeueing on SLURM.
 
     By then :class:`InterruptCheckpoint` has saved ``last.ckpt``. On SLURM, the requeue
     signal makes global rank 0 requeue the job, whose rerun finds the resume record.
+
+    Args:
+        trainer: The Trainer whose fit this covers.
+        preemption: Its :class:`Preemption` callback (which signal came).
+        folder: Where ``last.ckpt`` was saved.
+        todo: What resumes it (said in the error unless SLURM requeues the job).
     """
     try:
         yield
     except SIGTERMException:
         received = preemption.received()
         loop = trainer.fit_loop.epoch_loop.batch_progress.current
-        todo = "rerun `dvc repro train` to resume from there"
         if SLURMEnvironment.detect() and received == REQUEUE_SIGNAL:
             todo = requeue_slurm_job() if trainer.is_global_zero else "rank 0 requeues the job"
         raise Preempted(

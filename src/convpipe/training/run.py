@@ -50,14 +50,21 @@ from convpipe.tracking.store import (
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
 from convpipe.training.precision import resolve_precision
-from convpipe.training.preemption import preemption_is_resumable
+from convpipe.training.preemption import (
+    RERUN_TRAIN,
+    InterruptCheckpoint,
+    Preemption,
+    preemption_is_resumable,
+)
 from convpipe.training.resume import (
+    RngState,
     clear_record,
     find_resume_point,
     fingerprint,
     start_record,
 )
 from convpipe.training.trainer import (
+    LAST,
     build_trainer,
     check_batch_size,
     check_monitor,
@@ -193,33 +200,47 @@ def resolved_train(params: Params, model: CNNClassifier, train_size: int) -> Tra
 
 
 def fit_trial(
-    params: Params, extra: Sequence[Callback], logger: Logger, root: str
+    params: Params,
+    extra: Sequence[Callback],
+    logger: Logger,
+    folder: str,
+    resume: str | None = None,
+    todo: str = RERUN_TRAIN,
 ) -> tuple[TrainParams, list[dict[str, float]]]:
-    """Train as the train stage does, without checkpoints or outputs: one tuning trial.
+    """Train as the train stage does, without outputs: one tuning trial.
 
     The same seeding, data, model (``model.init_from`` and whitening included), resolved
     ``train`` section and learning callbacks (:func:`~convpipe.training.trainer.trial_callbacks`)
-    as :func:`train`; no progress bar, nothing written outside ``root``.
+    as :func:`train`; no progress bar, nothing written outside ``folder``. ``last.ckpt`` there
+    is rewritten after every epoch and on a preemption signal (with the random states), so a
+    trial whose worker died can go on from it.
 
     Args:
         params: The trial's params (its sampled values applied).
         extra: The search's callbacks (pruning, rank checks).
         logger: Where the epochs' metrics go (the trial's MLflow child run).
-        root: Lightning's working folder (a temporary one).
+        folder: Lightning's working folder and the trial's ``last.ckpt``.
+        resume: A ``last.ckpt`` of this same trial to continue from (None: from scratch).
+        todo: What resumes the trial if a preemption signal stops it.
 
     Returns:
-        The resolved ``train`` section and the per-epoch history rows (empty on spawned DDP
-        ranks, whose history stays in the child processes).
+        The resolved ``train`` section and the per-epoch history rows, those before a resume
+        included (empty on spawned DDP ranks, whose history stays in the child processes).
 
     Raises:
         ConvpipeError: Bad params for this data, divergence.
+        Preempted: SIGTERM or SIGUSR1 stopped it; ``last.ckpt`` holds the batch reached.
     """
     L.seed_everything(params.base.seed, workers=True, verbose=False)
     datamodule, model = build_model(params)
     cfg = resolved_train(params, model, datamodule.train_size)
-    history, callbacks = trial_callbacks(cfg, *extra)
-    trainer = build_trainer(cfg, callbacks, logger, root, interactive=False)
-    trainer.fit(model, datamodule=datamodule)
+    preemption = Preemption()
+    keep = [InterruptCheckpoint(folder, LAST), RngState(), preemption]
+    history, callbacks = trial_callbacks(cfg, *extra, resumable=keep)
+    trainer = build_trainer(cfg, callbacks, logger, folder, interactive=False)
+    with preemption_is_resumable(trainer, preemption, folder, todo), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     return cfg, history.rows
 
 

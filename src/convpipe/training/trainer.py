@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -199,8 +200,10 @@ def early_stopping(train: TrainParams) -> EarlyStopping:
     return EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience)
 
 
-def trial_callbacks(train: TrainParams, *extra: Callback) -> tuple[EpochHistory, list[Callback]]:
-    """What a tuning trial trains with: the train stage's callbacks without checkpoints.
+def trial_callbacks(
+    train: TrainParams, *extra: Callback, resumable: Sequence[Callback] = ()
+) -> tuple[EpochHistory, list[Callback]]:
+    """What a tuning trial trains with: the train stage's callbacks without the best checkpoint.
 
     The same fine-tuning freeze, weight average, early stopping and learning-rate log as
     :func:`training_callbacks`, so a trial learns as ``dvc repro`` would with its values.
@@ -209,6 +212,8 @@ def trial_callbacks(train: TrainParams, *extra: Callback) -> tuple[EpochHistory,
         train: The ``train`` section, resolved.
         *extra: The search's own callbacks (pruning, checks), run after the weight average
             (they must see the averaged weights' validation) and before early stopping.
+        resumable: What makes the trial resumable (its ``last.ckpt`` writer, the random
+            states, the preemption signal), last.
 
     Returns:
         The per-epoch history (its ``rows`` hold the monitored values) and the full list.
@@ -221,6 +226,7 @@ def trial_callbacks(train: TrainParams, *extra: Callback) -> tuple[EpochHistory,
         early_stopping(train),
         EpochLearningRate(),
         history,
+        *resumable,
     ]
     return history, callbacks
 

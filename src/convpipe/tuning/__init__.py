@@ -1,7 +1,8 @@
 """Optuna tuning campaigns over params keys, on the validation split only.
 
 Modules: ``space`` (what a trial samples, the sampler and pruner), ``storage`` (opening the
-study's storage), ``liveness`` (heartbeats; failing the trials of dead workers), ``campaign``
+study's storage), ``liveness`` (heartbeats; failing the trials of dead workers), ``retry`` (a
+stopped trial queued again, to go on from its checkpoint), ``campaign``
 (the MLflow parent and child runs), ``objective`` (training one trial), ``reports`` (the
 files and plots of a study), ``worker`` (:func:`~convpipe.tuning.worker.tune`, the loop one
 worker runs) and ``apply`` (``convpipe tune --apply``: the best values into params.yaml).
@@ -17,7 +18,9 @@ test split is never evaluated. Trials are driven with ``study.ask``/``study.tell
   ``n_trials=N`` runs exactly N more trials in this worker, whatever the study holds.
 * Every running trial beats a heartbeat into its user attrs; a trial silent for three beats
   is marked FAIL (and its MLflow run closed) by the next worker that looks: at start, before
-  each trial, and while it waits at its end.
+  each trial, and while it waits at its end. Such a trial, and one stopped by a preemption
+  signal or Ctrl+C, is queued again and goes on from its ``last.ckpt`` in the same child run
+  (:mod:`~convpipe.tuning.retry`).
 * Trial *n* samples with a sampler seeded by ``base.seed + n``: a campaign is reproducible, a
   resumed one does not replay its points, and workers started at once never draw the same
   random start-up points.

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +143,30 @@ class Campaign:
         log_params(self.client, run_id, values)
         return run_id
 
-    def start_trial(self, trial: Trial, values: Mapping[str, Any]) -> str:
-        """Open the child run of ``trial`` with its sampled values as params."""
+    def start_trial(
+        self,
+        trial: Trial,
+        values: Mapping[str, Any],
+        resumed: str | None = None,
+        attempts: Sequence[int] = (),
+    ) -> str:
+        """Open the child run of ``trial`` with its sampled values as params.
+
+        Args:
+            trial: The trial starting.
+            values: Its sampled values.
+            resumed: The child run of the attempt it goes on from (a retry resumed from a
+                checkpoint): reopened, and the epochs continue in it.
+            attempts: The numbers of the attempts before it, first first (a retry).
+        """
+        if resumed is not None:
+            self.client.update_run(resumed, status="RUNNING")
+            self.client.set_tag(resumed, "optuna.trial_number", str(trial.number))
+            self.client.set_tag(resumed, "optuna.state", "RUNNING")
+            self.client.set_tag(resumed, "optuna.fail_reason", "")
+            tried = ", ".join(map(str, [*attempts, trial.number]))
+            self.client.set_tag(resumed, "optuna.attempts", tried)
+            return resumed
         tags = {
             "mlflow.parentRunId": self.parent_id,
             "convpipe.kind": "trial",

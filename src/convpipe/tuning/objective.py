@@ -8,10 +8,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
@@ -22,11 +23,12 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from convpipe.config.schema import Params
-from convpipe.errors import ConvpipeError
+from convpipe.errors import ConvpipeError, Preempted
 from convpipe.inference.cost import COST_METRICS, measure_costs
 from convpipe.models.module import CNNClassifier
 from convpipe.tracking.runs import RunLogger
-from convpipe.training.run import fit_trial
+from convpipe.training.resume import ResumePoint, find_resume_point, fingerprint, start_record
+from convpipe.training.run import build_datamodule, fit_trial
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, heartbeat
 from convpipe.tuning.objectives import (
@@ -37,6 +39,14 @@ from convpipe.tuning.objectives import (
     needs_costs,
     objective_names,
     trial_scores,
+)
+from convpipe.tuning.retry import (
+    RESTARTED_ATTR,
+    attempts,
+    code_digest,
+    first_number,
+    requeue,
+    trial_folder,
 )
 from convpipe.tuning.space import best_value, diverged, make_sampler, suggest, with_values
 
@@ -105,38 +115,61 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())[:2000]
 
 
+#: What resumes a preempted trial (said in its error line).
+RERUN_TUNE = "rerun `convpipe tune`: the trial goes on from there"
+
+
 @dataclass
 class TrialRunner:
     """The objective: sample, train on train/val, return the best monitored value.
 
     Each trial's MLflow child run ends with the outcome: COMPLETE, PRUNED, or FAIL with the
-    reason (KILLED on an interrupt).
+    reason (KILLED on an interrupt or a preemption, which :mod:`~convpipe.tuning.retry`
+    resumes in the same run).
     """
 
     params: Params
     campaign: Campaign
 
     def __call__(self, trial: Trial) -> float | list[float]:
-        """Run one trial (a heartbeat covers all of it).
+        """Run one trial, or go on with a retried one (a heartbeat covers all of it).
 
         Raises:
             optuna.TrialPruned: the pruner stopped it.
-            Exception: whatever failed it (a ConvpipeError for divergence).
+            Exception: whatever failed it (a ConvpipeError for divergence, Preempted).
         """
         tune, campaign = self.params.tune, self.campaign
         with heartbeat(campaign.study, trial._trial_id, tune.heartbeat_seconds):
             values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
-            run_id = campaign.start_trial(trial, values)
+            params = self.trial_params(values)
+            stored = trial.study._storage.get_trial(trial._trial_id)
+            folder = trial_folder(self.params, campaign.key, stored)
+            current = {
+                **fingerprint(params, *self._data(params)),
+                "code": code_digest(),
+            }
+            resume = self._resume_point(trial, stored, folder, current)
+            run_id = campaign.start_trial(
+                trial, values, resume.run_id if resume else None, attempts(stored)
+            )
+            if resume is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                start_record(folder, run_id, current)
+            else:
+                self._carry_over(trial, stored)
             try:
-                value = self.fit(trial, values, run_id)
+                value = self.fit(trial, params, run_id, folder, resume)
             except optuna.TrialPruned:
                 campaign.end_trial(run_id, "PRUNED")
+                shutil.rmtree(folder, ignore_errors=True)
                 raise
-            except (KeyboardInterrupt, SystemExit):
-                campaign.end_trial(run_id, "FAIL", "interrupted", status="KILLED")
+            except (KeyboardInterrupt, SystemExit, Preempted) as exc:  # resumable: keep folder
+                reason = _reason(exc) if isinstance(exc, Preempted) else "interrupted"
+                campaign.end_trial(run_id, "FAIL", reason, status="KILLED")
                 raise
             except Exception as exc:
                 campaign.end_trial(run_id, "FAIL", _reason(exc))
+                shutil.rmtree(folder, ignore_errors=True)
                 raise
             names = objective_names(self.params)
             scores = value if isinstance(value, list) else [value]
@@ -144,17 +177,74 @@ class TrialRunner:
                 campaign.client.log_metric(run_id, f"objective/{name}", score)
             campaign.client.log_metric(run_id, "objective", scores[0])
             campaign.end_trial(run_id, "COMPLETE")
+            shutil.rmtree(folder, ignore_errors=True)
         return value
 
-    def fit(self, trial: Trial, values: Mapping[str, Any], run_id: str) -> float | list[float]:
-        """Train with the sampled ``values``; score the trial on ``tune.objectives``.
+    def dead(self, trial: FrozenTrial) -> None:
+        """A trial whose worker went silent, marked FAIL: close its run, queue it to go on."""
+        self.campaign.end_stale(trial)
+        self.retry(trial)
+
+    def retry(self, trial: FrozenTrial) -> bool:
+        """Queue ``trial`` (FAIL: its worker died, was preempted or interrupted) to go on."""
+        folder = trial_folder(self.params, self.campaign.key, trial)
+        return requeue(self.campaign.study, trial, self.params, folder)
+
+    def trial_params(self, values: Mapping[str, Any]) -> Params:
+        """The params a trial trains with: its values, ``tune.max_epochs``, its strategy."""
+        fixed = {"train.max_epochs": self.params.tune.max_epochs, **trial_strategy(self.params)}
+        return with_values(self.params, {**values, **fixed})
+
+    @staticmethod
+    def _data(params: Params) -> tuple[str, int]:
+        datamodule = build_datamodule(params)
+        return datamodule.manifest.content_hash, datamodule.train_size
+
+    @staticmethod
+    def _resume_point(
+        trial: Trial, stored: FrozenTrial, folder: Path, current: dict[str, Any]
+    ) -> ResumePoint | None:
+        """Where a retried trial goes on from; None for a new one, or one that starts over."""
+        if not attempts(stored):
+            return None
+        first = first_number(stored)
+        why = "no checkpoint was saved"
+        try:
+            point = find_resume_point(folder, current)
+        except ConvpipeError as exc:  # other params, data or code since: never mixed
+            point, why = None, exc.what
+        if point is None:
+            log.warning("trial %d (a retry of trial %d) starts over: %s", trial.number, first, why)
+            trial.set_user_attr(RESTARTED_ATTR, why)
+            return None
+        log.info("trial %d goes on with trial %d from %s", trial.number, first, point.checkpoint)
+        return point
+
+    @staticmethod
+    def _carry_over(trial: Trial, stored: FrozenTrial) -> None:
+        """Report the earlier attempt's epochs again: the pruner judges the whole history."""
+        before = trial.study._storage.get_trial_id_from_study_id_trial_number(
+            trial.study._study_id, attempts(stored)[-1]
+        )
+        earlier = trial.study._storage.get_trial(before).intermediate_values
+        if len(trial.study.directions) == 1:
+            for step, value in sorted(earlier.items()):
+                trial.report(value, step)
+
+    def fit(
+        self,
+        trial: Trial,
+        params: Params,
+        run_id: str,
+        folder: Path,
+        resume: ResumePoint | None,
+    ) -> float | list[float]:
+        """Train with the trial's ``params``; score the trial on ``tune.objectives``.
 
         One objective: pruned (or failed on nan) on ``train.monitor`` as before. Several: no
         pruning, a nan still fails it. Costs are measured when an objective or a constraint
         names one; the constraints' violations are stored on the trial.
         """
-        fixed = {"train.max_epochs": self.params.tune.max_epochs, **trial_strategy(self.params)}
-        params = with_values(self.params, {**values, **fixed})
         monitor = params.train.monitor
         names = objective_names(params)
         single = len(names) == 1
@@ -163,8 +253,9 @@ class TrialRunner:
         probe = CostProbe(trial) if needs_costs(params) else None
         extra = [guard, SameValuesOnEveryRank(trial), *([probe] if probe else [])]
         logger = RunLogger(tracking_uri=self.campaign.uri, run_id=run_id)
-        with quiet_lightning(), tempfile.TemporaryDirectory(prefix="convpipe-trial-") as root:
-            _, rows = fit_trial(params, extra, logger, root)
+        checkpoint = resume.checkpoint if resume else None
+        with quiet_lightning():
+            _, rows = fit_trial(params, extra, logger, str(folder), checkpoint, RERUN_TUNE)
         if pruning is not None:
             pruning.check_pruned()  # under DDP the decision arrives here, not as an exception
         stored = trial.study._storage.get_trial(trial._trial_id)  # what spawned ranks wrote
@@ -243,10 +334,12 @@ def worker_identity() -> dict[str, Any]:
 
 
 def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
-    """Ask for a trial, run it, tell its outcome; returns it as stored.
+    """Ask for a trial (a queued retry first), run it, tell its outcome; returns it as stored.
 
     Raises:
-        KeyboardInterrupt: after recording the trial FAIL (also for Lightning's exit on Ctrl+C).
+        KeyboardInterrupt: after recording the trial FAIL and queueing it to run again (also
+            for Lightning's exit on Ctrl+C).
+        Preempted: likewise, for SIGTERM or SIGUSR1 (its exit code says which).
     """
     trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, worker_identity())
@@ -257,10 +350,11 @@ def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
         state = TrialState.COMPLETE
     except optuna.TrialPruned:
         state = TrialState.PRUNED
+    except Preempted as exc:
+        _stopped(study, trial, runner, _reason(exc))
+        raise
     except (KeyboardInterrupt, SystemExit) as exc:
-        with contextlib.suppress(Exception):
-            trial.set_user_attr(REASON_ATTR, "interrupted")
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        _stopped(study, trial, runner, "interrupted")
         raise KeyboardInterrupt from exc
     except Exception as exc:
         log.debug("trial %d failed", trial.number, exc_info=True)
@@ -271,3 +365,12 @@ def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
     if frozen.state != state:  # another worker marked it FAIL meanwhile: MLflow must agree
         runner.campaign.end_stale(frozen)
     return frozen
+
+
+def _stopped(study: optuna.Study, trial: Trial, runner: TrialRunner, reason: str) -> None:
+    """A trial stopped from outside: FAIL, and queued to go on from its checkpoint."""
+    with contextlib.suppress(Exception):  # already stopping: the stop is what to report
+        trial.set_user_attr(REASON_ATTR, reason)
+        frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        if frozen.state == TrialState.FAIL and frozen.user_attrs.get(REASON_ATTR) == reason:
+            runner.retry(frozen)

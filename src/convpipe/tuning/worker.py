@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from convpipe.config.schema import Params
-from convpipe.errors import ConvpipeError
+from convpipe.errors import ConvpipeError, Preempted
 from convpipe.redact import mask
 from convpipe.training.run import build_datamodule
 from convpipe.training.trainer import check_monitor
@@ -82,7 +82,7 @@ def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int | None) ->
     grace = STALE_BEATS * tune.heartbeat_seconds
     ran = failed = 0
     while True:
-        fail_stale_trials(study, grace, runner.campaign.end_stale)
+        fail_stale_trials(study, grace, runner.dead)
         if n_trials is not None:
             step = "run" if ran < n_trials else "done"
         else:
@@ -104,13 +104,13 @@ def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int | None) ->
             )
 
 
-def _wait_for_dead_trials(study: optuna.Study, campaign: Campaign) -> None:
+def _wait_for_dead_trials(study: optuna.Study, runner: TrialRunner) -> None:
     """Before leaving, let trials of dead workers run out their grace and mark them FAIL."""
-    beat = campaign.params.tune.heartbeat_seconds
+    beat = runner.params.tune.heartbeat_seconds
     grace = STALE_BEATS * beat
     deadline = time.time() + grace + beat
     while time.time() < deadline:
-        fail_stale_trials(study, grace, campaign.end_stale)
+        fail_stale_trials(study, grace, runner.dead)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not any(time.time() - last_beat(t) > LATE_BEATS * beat for t in running):
             return
@@ -198,11 +198,12 @@ def tune(params: Params, n_trials: int | None) -> optuna.Study:
     if n_trials is None:
         done = len(study.get_trials(deepcopy=False, states=COUNTED))
         log.info("study %s: %d of %d trials done", study.study_name, done, params.tune.n_trials)
+    runner = TrialRunner(params, campaign)
     try:
-        _optimize(study, TrialRunner(params, campaign), n_trials)
-        _wait_for_dead_trials(study, campaign)
+        _optimize(study, runner, n_trials)
+        _wait_for_dead_trials(study, runner)
         report_dir = write_reports(study, params.paths.tuning_reports)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted):
         campaign.close("KILLED")
         raise
     except BaseException:
