@@ -365,10 +365,12 @@ def _source_note(records: list[dict], source: str) -> str:
         "classes, 2 frozen epochs, backbone at 0.3x the rate). The 2 new classes (ship, "
         "truck): 100 training photos each, 200 test photos each. The seeds pair the arms "
         "(same photos, batch order and augmentation draws), so the goal is judged on the "
-        "per-seed differences. Caveat: `train.precision: auto` times bf16 against fp32 before "
-        "training, and on cores shared with other work it may choose differently from run to "
-        "run, so a seed is not bit-identical across runs made under different loads; compare "
-        "arms run in the same conditions (pin `train.precision` to rule it out)."
+        "per-seed differences. Caveat on seeds 0 and 1: `train.precision: auto` then timed "
+        "bf16 against fp32 before every training, and on cores shared with other work chose "
+        "differently from run to run (seed 0 from scratch gave 85.5 % in one run and 87.25 % "
+        "in another), so those seeds were not bit-identical across runs. Since then the "
+        "measured verdict is kept per machine and network (`~/.cache/convpipe/precision.json`) "
+        "and every later training of these arms uses the same one."
     )
 
 

@@ -18,7 +18,7 @@ from convpipe.training.precision import (
     cpu_flags,
     resolve_precision,
 )
-from tests.helpers.models import classifier, loader, train_variant, trainer
+from tests.helpers.models import classifier, loader, tiny_model, train_variant, trainer
 
 
 def _cpuinfo(tmp_path: Path, flags: str) -> Path:
@@ -112,6 +112,9 @@ def test_a_measured_verdict_is_kept_and_reused_so_a_busy_machine_cannot_flip_it(
     # the same layers on this machine: the kept verdict, whatever the load is now
     for _ in range(3):
         assert resolve_precision(auto, params.runtime, classifier(params), 32) == first
+    # a campaign's dropout or batch-norm momentum changes no layer: no new measurement
+    calmer = tiny_model(params).model_copy(update={"dropout": 0.5, "batch_norm_momentum": 0.3})
+    assert resolve_precision(auto, params.runtime, classifier(params, model=calmer), 32) == first
     assert measured == [32]
     # another network, or another batch, is measured on its own
     resolve_precision(auto, params.runtime, classifier(params, num_classes=7), 32)

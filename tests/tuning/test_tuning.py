@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -44,7 +45,7 @@ from convpipe.tuning.apply import apply_best
 from convpipe.tuning.campaign import RUN_ATTR, Campaign
 from convpipe.tuning.launch import check_workers, plan_slots, split_trials
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
-from convpipe.tuning.objective import WORKER_ATTR
+from convpipe.tuning.objective import WORKER_ATTR, Abandoned
 from convpipe.tuning.objectives import directions
 from convpipe.tuning.retry import FAILED_TRIAL, RESTARTED_ATTR, RETRY_HISTORY, requeue
 from convpipe.tuning.space import (
@@ -309,6 +310,22 @@ def test_heartbeat_updates_the_trial_until_it_ends(tmp_path: Path) -> None:
     assert time.time() - 2 < first < later
     time.sleep(0.4)
     assert study.trials[0].user_attrs[HEARTBEAT_ATTR] == later  # stopped with the context
+
+
+def test_a_trial_failed_by_another_worker_is_lost_to_its_own_and_stops(tmp_path: Path) -> None:
+    """A paused worker, taken for dead, must not touch the trial its retry now owns."""
+    study = optuna.create_study(storage=journal(tmp_path / "lost.journal"))
+    trial = study.ask()
+    with heartbeat(study, trial._trial_id, 0.1) as lost:
+        time.sleep(0.3)
+        assert not lost.is_set()
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # the other one
+        assert lost.wait(2.0)
+    stop = Abandoned(trial, lost)
+    with pytest.raises(ConvpipeError, match=f"trial {trial.number} was taken for dead"):
+        stop.on_train_batch_end(None, None, None, None, 0)  # type: ignore[arg-type]
+    spawned = pickle.loads(pickle.dumps(stop))  # a ddp_spawn rank gets no event
+    spawned.on_train_batch_end(None, None, None, None, 0)  # type: ignore[arg-type]
 
 
 def test_fail_stale_trials_fails_only_silent_ones(tmp_path: Path) -> None:

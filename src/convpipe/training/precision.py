@@ -88,8 +88,22 @@ def cache_path() -> Path:
     return Path(folder) / "precision.json"
 
 
+def _layers(model: CNNClassifier) -> str:
+    """The network's structure: each layer's kind and weight shapes.
+
+    Not ``str(model)``, which also holds dropout rates and batch-norm momenta: values a
+    campaign tunes that change nothing of the speed, and would re-measure (and so re-roll
+    the verdict) on every trial.
+    """
+    return "\n".join(
+        f"{name}:{type(module).__name__}:{[tuple(p.shape) for p in module.parameters(False)]}"
+        for name, module in model.net.named_modules()
+    )
+
+
 def _cache_key(model: CNNClassifier, batch: int, threads: int) -> str:
-    """What the verdict depends on: the CPU, torch, the threads, the batch, the layers."""
+    """What the verdict depends on: CPU, torch, threads, batch, memory layout and layers."""
+    runtime = model.runtime
     parts = [
         _cpuinfo_field("model name") or platform.processor(),
         " ".join(sorted(cpu_flags() & BF16_FLAGS)),
@@ -97,34 +111,59 @@ def _cache_key(model: CNNClassifier, batch: int, threads: int) -> str:
         str(threads),
         str(batch),
         str(tuple(model.input_shape)),
-        str(model),  # the layers and their sizes, not the weights
+        f"channels_last={runtime.channels_last if runtime is not None else False}",
+        _layers(model),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def _cached(key: str) -> str | None:
-    try:
-        verdicts = json.loads(cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # no cache yet, or a damaged one: measure (and rewrite it)
-    chosen = verdicts.get(key) if isinstance(verdicts, dict) else None
-    return chosen if chosen in ("32-true", "bf16-mixed") else None
-
-
-def _remember(key: str, chosen: str) -> None:
-    path = cache_path()
+def _read_verdicts(path: Path) -> dict[str, str]:
     try:
         verdicts = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        verdicts = {}
-    if not isinstance(verdicts, dict):
-        verdicts = {}
-    verdicts[key] = chosen
+        return {}  # no cache yet, or a damaged one: measure (and rewrite it)
+    return verdicts if isinstance(verdicts, dict) else {}
+
+
+def _cached(key: str) -> str | None:
+    chosen = _read_verdicts(cache_path()).get(key)
+    return chosen if chosen in ("32-true", "bf16-mixed") else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``path`` (where ``fcntl`` exists: POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename alone
+        yield
+        return
+    with open(path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remember(key: str, chosen: str) -> str:
+    """Keep ``chosen`` unless a verdict for ``key`` was kept meanwhile; return the kept one.
+
+    Two processes that measured at once (two tuning workers) thus both train in the first
+    one's verdict, not each in its own.
+    """
+    path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, verdicts)  # temp file + rename: a concurrent reader sees old or new
+        with _locked(path):
+            verdicts = _read_verdicts(path)
+            if verdicts.get(key) in ("32-true", "bf16-mixed"):
+                return verdicts[key]
+            verdicts[key] = chosen
+            write_json(path, verdicts)  # temp file + rename: a reader sees old or new
     except OSError as error:  # a read-only home: measure again next time, train now
         log.warning("train.precision auto: could not keep the verdict in %s (%s)", path, error)
+    return chosen
 
 
 def choose_precision(fp32_seconds: float, bf16_seconds: float) -> str:
@@ -218,8 +257,7 @@ def resolve_precision(
     with torch.random.fork_rng(devices=[]), _threads(threads):
         best = step_seconds(model, size)
     fp32, bf16 = best["32-true"], best["bf16-mixed"]
-    chosen = choose_precision(fp32, bf16)
-    _remember(key, chosen)
+    chosen = _remember(key, choose_precision(fp32, bf16))
     log.info(
         "train.precision auto: %s (a bf16 training step takes %.2fx the time of an fp32 one)",
         chosen,

@@ -19,20 +19,29 @@ REASON_ATTR = "fail_reason"
 
 
 @contextlib.contextmanager
-def heartbeat(study: optuna.Study, trial_id: int, seconds: float) -> Iterator[None]:
-    """Beat ``time.time()`` into the trial's user attrs now and every ``seconds`` until exit."""
-    stop = threading.Event()
+def heartbeat(study: optuna.Study, trial_id: int, seconds: float) -> Iterator[threading.Event]:
+    """Beat ``time.time()`` into the trial's user attrs now and every ``seconds`` until exit.
+
+    Yields:
+        An event set when the trial is found no longer RUNNING at a beat: a worker took this
+        one for dead (a pause longer than the grace) and marked it FAIL, and its retry may
+        already train on from the checkpoint, so this worker must stop touching it.
+    """
+    stop, lost = threading.Event(), threading.Event()
 
     def beat() -> None:
         while not stop.wait(seconds):
             with contextlib.suppress(Exception):  # a missed beat only delays stale detection
+                if study._storage.get_trial(trial_id).state != TrialState.RUNNING:
+                    lost.set()
+                    return
                 study._storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
     study._storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
     thread = threading.Thread(target=beat, name="convpipe-heartbeat", daemon=True)
     thread.start()
     try:
-        yield
+        yield lost
     finally:
         stop.set()
         thread.join()

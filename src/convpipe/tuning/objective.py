@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,34 @@ class CostProbe(Callback):
         self.trial.set_user_attr(COSTS_ATTR, self.costs)
 
 
+class Abandoned(Callback):
+    """Stop the trial at the next batch once a worker took this one for dead.
+
+    The heartbeat sets ``lost`` when it finds the trial no longer RUNNING: its retry may be
+    training on from the same checkpoint folder already. Spawned DDP ranks get no event (it
+    cannot be pickled); the campaign process still leaves the run and folder alone.
+    """
+
+    def __init__(self, trial: Trial, lost: threading.Event) -> None:
+        self.number = trial.number
+        self.lost: threading.Event | None = lost
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"number": self.number, "lost": None}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        """Raise once the trial is lost (no checkpoint is written for it)."""
+        if self.lost is not None and self.lost.is_set():
+            raise ConvpipeError(
+                f"trial {self.number} was taken for dead by another worker and queued to run again",
+                "this worker was silent for longer than 3 heartbeats",
+                "nothing to do: its retry goes on from the checkpoint (raise "
+                "tune.heartbeat_seconds if such pauses are normal here)",
+            )
+
+
 class FinitePruning(PyTorchLightningPruningCallback):
     """Optuna's pruning callback, but a nan/inf monitor fails the trial instead of pruning it."""
 
@@ -139,46 +168,53 @@ class TrialRunner:
             Exception: whatever failed it (a ConvpipeError for divergence, Preempted).
         """
         tune, campaign = self.params.tune, self.campaign
-        with heartbeat(campaign.study, trial._trial_id, tune.heartbeat_seconds):
+        with heartbeat(campaign.study, trial._trial_id, tune.heartbeat_seconds) as lost:
             values = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
             params = self.trial_params(values)
             stored = trial.study._storage.get_trial(trial._trial_id)
             folder = trial_folder(self.params, campaign.key, stored)
-            current = {
-                **fingerprint(params, *self._data(params)),
-                "code": code_digest(),
-            }
+            current = {**fingerprint(params, *self._data(params)), "code": code_digest()}
             resume = self._resume_point(trial, stored, folder, current)
             run_id = campaign.start_trial(
                 trial, values, resume.run_id if resume else None, attempts(stored)
             )
-            if resume is None:
-                shutil.rmtree(folder, ignore_errors=True)
-                start_record(folder, run_id, current)
-            else:
-                self._carry_over(trial, stored)
             try:
-                value = self.fit(trial, params, run_id, folder, resume)
-            except optuna.TrialPruned:
-                campaign.end_trial(run_id, "PRUNED")
+                if resume is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    start_record(folder, run_id, current)
+                else:
+                    self._carry_over(trial, stored)
+                value = self.fit(trial, params, run_id, folder, resume, Abandoned(trial, lost))
+            except BaseException as exc:
+                self._ended(trial, exc, run_id, folder)
+                raise
+            if _ours(trial):  # else a worker took this one for dead: its retry owns them now
+                names = objective_names(self.params)
+                scores = value if isinstance(value, list) else [value]
+                for name, score in zip(names, scores, strict=True):
+                    campaign.client.log_metric(run_id, f"objective/{name}", score)
+                campaign.client.log_metric(run_id, "objective", scores[0])
+                campaign.end_trial(run_id, "COMPLETE")
                 shutil.rmtree(folder, ignore_errors=True)
-                raise
-            except (KeyboardInterrupt, SystemExit, Preempted) as exc:  # resumable: keep folder
-                reason = _reason(exc) if isinstance(exc, Preempted) else "interrupted"
-                campaign.end_trial(run_id, "FAIL", reason, status="KILLED")
-                raise
-            except Exception as exc:
-                campaign.end_trial(run_id, "FAIL", _reason(exc))
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            names = objective_names(self.params)
-            scores = value if isinstance(value, list) else [value]
-            for name, score in zip(names, scores, strict=True):
-                campaign.client.log_metric(run_id, f"objective/{name}", score)
-            campaign.client.log_metric(run_id, "objective", scores[0])
-            campaign.end_trial(run_id, "COMPLETE")
-            shutil.rmtree(folder, ignore_errors=True)
         return value
+
+    def _ended(self, trial: Trial, exc: BaseException, run_id: str, folder: Path) -> None:
+        """Close the child run as ``exc`` ended the trial; keep the folder if it may go on.
+
+        Nothing is touched for a trial another worker took for dead: its retry may already
+        train on in that run and from that folder.
+        """
+        if not _ours(trial):
+            return
+        if isinstance(exc, optuna.TrialPruned):
+            self.campaign.end_trial(run_id, "PRUNED")
+        elif isinstance(exc, (KeyboardInterrupt, SystemExit, Preempted)):  # resumable
+            reason = _reason(exc) if isinstance(exc, Preempted) else "interrupted"
+            self.campaign.end_trial(run_id, "FAIL", reason, status="KILLED")
+            return
+        else:
+            self.campaign.end_trial(run_id, "FAIL", _reason(exc))
+        shutil.rmtree(folder, ignore_errors=True)
 
     def dead(self, trial: FrozenTrial) -> None:
         """A trial whose worker went silent, marked FAIL: close its run, queue it to go on."""
@@ -222,14 +258,21 @@ class TrialRunner:
 
     @staticmethod
     def _carry_over(trial: Trial, stored: FrozenTrial) -> None:
-        """Report the earlier attempt's epochs again: the pruner judges the whole history."""
-        before = trial.study._storage.get_trial_id_from_study_id_trial_number(
-            trial.study._study_id, attempts(stored)[-1]
-        )
-        earlier = trial.study._storage.get_trial(before).intermediate_values
-        if len(trial.study.directions) == 1:
-            for step, value in sorted(earlier.items()):
-                trial.report(value, step)
+        """Report the earlier attempts' epochs again: the pruner judges the whole history.
+
+        Every attempt's values, later ones winning: an attempt killed before it re-reported
+        holds none of the epochs its checkpoint has.
+        """
+        if len(trial.study.directions) > 1:  # no pruning, no intermediate values
+            return
+        storage, earlier = trial.study._storage, {}
+        for number in attempts(stored):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(
+                trial.study._study_id, number
+            )
+            earlier.update(storage.get_trial(trial_id).intermediate_values)
+        for step, value in sorted(earlier.items()):
+            trial.report(value, step)
 
     def fit(
         self,
@@ -238,6 +281,7 @@ class TrialRunner:
         run_id: str,
         folder: Path,
         resume: ResumePoint | None,
+        abandoned: Callback,
     ) -> float | list[float]:
         """Train with the trial's ``params``; score the trial on ``tune.objectives``.
 
@@ -251,7 +295,7 @@ class TrialRunner:
         pruning = FinitePruning(trial, monitor=monitor) if single else None
         guard: Callback = pruning if pruning is not None else FiniteCheck(monitor)
         probe = CostProbe(trial) if needs_costs(params) else None
-        extra = [guard, SameValuesOnEveryRank(trial), *([probe] if probe else [])]
+        extra = [guard, SameValuesOnEveryRank(trial), abandoned, *([probe] if probe else [])]
         logger = RunLogger(tracking_uri=self.campaign.uri, run_id=run_id)
         checkpoint = resume.checkpoint if resume else None
         with quiet_lightning():
@@ -361,16 +405,28 @@ def run_trial(study: optuna.Study, runner: TrialRunner) -> FrozenTrial:
         with contextlib.suppress(Exception):  # failed by a worker that took this one for dead
             trial.set_user_attr(REASON_ATTR, _reason(exc))
         state = TrialState.FAIL
-    frozen = study.tell(trial, value, state=state, skip_if_finished=True)
-    if frozen.state != state:  # another worker marked it FAIL meanwhile: MLflow must agree
-        runner.campaign.end_stale(frozen)
-    return frozen
+    # skip_if_finished: a worker that took this one for dead failed it (and queued its retry)
+    return study.tell(trial, value, state=state, skip_if_finished=True)
+
+
+def _ours(trial: Trial) -> bool:
+    """Whether ``trial`` is still RUNNING, i.e. no worker took this one for dead meanwhile."""
+    return trial.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
 
 
 def _stopped(study: optuna.Study, trial: Trial, runner: TrialRunner, reason: str) -> None:
-    """A trial stopped from outside: FAIL, and queued to go on from its checkpoint."""
-    with contextlib.suppress(Exception):  # already stopping: the stop is what to report
-        trial.set_user_attr(REASON_ATTR, reason)
-        frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        if frozen.state == TrialState.FAIL and frozen.user_attrs.get(REASON_ATTR) == reason:
-            runner.retry(frozen)
+    """A trial stopped from outside: FAIL, and queued to go on from its checkpoint.
+
+    Only the process whose change to FAIL succeeds queues the retry, so a worker that is
+    stopped just as another takes it for dead never queues it twice (nor not at all).
+    """
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except Exception:  # finished meanwhile: the worker that failed it queued the retry
+        return
+    try:
+        runner.retry(storage.get_trial(trial._trial_id))
+    except Exception as exc:  # already stopping: say it, the stop is what to report
+        log.warning("trial %d could not be queued to run again: %s", trial.number, exc)
