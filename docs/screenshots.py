@@ -1,12 +1,15 @@
 """Screenshots of the MLflow UI over a project's store, taken with headless Chromium.
 
     python docs/screenshots.py [--project DIR] [--out docs]
+    python docs/screenshots.py --dashboard http://127.0.0.1:8080 [--study NAME] [--out docs]
 
 starts ``mlflow server`` on 127.0.0.1 over the project's ``mlflow.db``, opens its training
 runs in Debian's ``chromium`` (through ``chromedriver`` and Selenium) and writes
 ``mlflow_runs.png`` (the runs table: names, datasets) and ``mlflow_val_acc.png`` (the chart
 view filtered to ``val/acc`` per epoch). The README's "Compare experiments" pictures are made
-with it after the commands of that section; ``tests/journeys/test_compare.py``
+with it after the commands of that section; with ``--dashboard`` it writes
+``tune_dashboard.png``, optuna-dashboard's page of a study that ``convpipe tune-ui`` serves
+(docs/tuning.md). ``tests/journeys/test_compare.py``
 (``test_mlflow_ui_shows_every_experiment``) drives the same browser through :func:`browser`
 and :func:`open_runs`.
 """
@@ -126,7 +129,7 @@ def wait_until(driver: Any, found: Callable[[Any], Any], what: str) -> Any:
             if value:
                 return value
         time.sleep(0.5)
-    raise RuntimeError(f"the MLflow UI never showed {what} at {driver.current_url}")
+    raise RuntimeError(f"the page never showed {what} at {driver.current_url}")
 
 
 def _close_assistant(driver: Any) -> None:
@@ -205,13 +208,33 @@ def training_run_names(store: Path, experiment: str) -> list[str]:
     return [r.info.run_name for r in runs if "convpipe.kind" not in r.data.tags]
 
 
+def dashboard_shot(driver: Any, url: str, study: str, out: Path) -> None:
+    """Screenshot optuna-dashboard's page of ``study`` (``convpipe tune-ui`` at ``url``)."""
+    import json
+
+    with urllib.request.urlopen(f"{url}/api/studies", timeout=30) as response:
+        summaries = json.loads(response.read())["study_summaries"]
+    study_id = next(s["study_id"] for s in summaries if s["study_name"] == study)
+    driver.get(f"{url}/dashboard/studies/{study_id}")
+    wait_until(driver, lambda d: "History" in d.find_element("tag name", "body").text, "history")
+    time.sleep(3)  # the plots draw after the page's text
+    driver.save_screenshot(str(out))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Write the runs-table and ``val/acc`` chart screenshots of a project's MLflow store."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--project", type=Path, default=Path("."), help="folder with mlflow.db")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the PNGs go")
     parser.add_argument("--experiment", default="convpipe", help="MLflow experiment name")
+    parser.add_argument("--dashboard", help="instead: the URL `convpipe tune-ui` serves")
+    parser.add_argument("--study", default="convpipe", help="with --dashboard: the study")
     args = parser.parse_args(argv)
+    if args.dashboard:
+        with browser() as driver:
+            dashboard_shot(driver, args.dashboard, args.study, args.out / "tune_dashboard.png")
+        print(f"{args.out}/tune_dashboard.png: study {args.study}")
+        return
     store = args.project / "mlflow.db"
     exp = experiment_id(store, args.experiment)
     names = training_run_names(store, exp)

@@ -295,7 +295,7 @@ def _epoch_logged(root) -> int:
 
 def _kill_at_a_random_moment(project, moments: random.Random) -> None:
     """Start the training and SIGKILL it during start-up (3 in 10) or after 0-30 more epochs
-    and a fraction of the next: bounded progress, so 10 kills never reach the end."""
+    and a fraction of the next: bounded progress, so 6 kills never reach the 240 epochs."""
     proc = subprocess.Popen(
         ["python", "pipelines/train.py"],
         cwd=project.root,
@@ -316,13 +316,16 @@ def _kill_at_a_random_moment(project, moments: random.Random) -> None:
     proc.wait()
 
 
-def test_soak_ten_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp_path):
-    """10x the shipped digits epochs (40), SIGKILLed at 10 random moments, start-up included."""
+def test_soak_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp_path):
+    """6x the shipped digits epochs (40), SIGKILLed at 6 random moments, start-up included.
+
+    (10 kills of 400 epochs before: the same faults, 40 % more of ``make test``'s budget.)
+    """
     from tests.helpers.models import TINY_CONV
 
-    epochs = 400
+    epochs, kills = 240, 6
     project = make_project(tmp_path / "soak")
-    # the tiny CNN and fewer, larger batches keep 400 epochs near a minute: the faults
+    # the tiny CNN and fewer, larger batches keep 240 epochs well under a minute: the faults
     # concern epochs and checkpoints, not what is learnt
     project.set_params(
         **{"model.conv": TINY_CONV, "model.hidden": [16], "train.batch_size": 256},
@@ -331,7 +334,7 @@ def test_soak_ten_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp
     project.run("dvc", "repro", "augment")
     moments = random.Random(20261202)
     lost = []
-    for _ in range(10):
+    for _ in range(kills):
         _kill_at_a_random_moment(project, moments)
         lost.append(_epoch_logged(project.root) - _epochs_checkpointed(project.root))
     assert max(lost) <= 1, lost  # an epoch MLflow saw end but last.ckpt missed, at most
@@ -339,7 +342,7 @@ def test_soak_ten_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp
     project.run("python", "pipelines/train.py")
     assert [int(row["epoch"]) for row in _history(project.root)] == list(range(epochs))
     runs, _ = _run_status_and_tags(project.root)
-    assert [status for _, status in runs] == ["FINISHED"]  # one run, continued 10 times
+    assert [status for _, status in runs] == ["FINISHED"]  # one run, continued 6 times
 
 
 def test_a_full_disk_mid_training_ends_in_one_line_then_it_resumes(tmp_path, reference):
