@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", default="convpipe", help="with --dashboard: the study")
     args = parser.parse_args(argv)
     if args.dashboard:
+        args.out.mkdir(parents=True, exist_ok=True)
         with browser() as driver:
             dashboard_shot(driver, args.dashboard, args.study, args.out / "tune_dashboard.png")
         print(f"{args.out}/tune_dashboard.png: study {args.study}")

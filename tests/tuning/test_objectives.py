@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import warnings
 from pathlib import Path
@@ -16,15 +15,15 @@ from convpipe.config.schema import load_params
 from convpipe.errors import ConvpipeError
 from convpipe.tuning.apply import apply_best, chosen_trial
 from convpipe.tuning.objectives import (
-    CONSTRAINTS_ATTR,
     best_feasible,
     check_objectives,
-    constraints_func,
     directions,
+    feasible,
     needs_costs,
     objective_names,
     pareto_front,
     trial_scores,
+    violations,
 )
 from convpipe.tuning.reports import write_reports
 from convpipe.tuning.space import make_pruner
@@ -81,10 +80,12 @@ def test_scores_and_violations(make_params) -> None:
             "tune.constraints": ["latency_ms <= 10", "val/acc >= 0.9"],
         }
     )
-    values, violations = trial_scores({"val/acc": 0.95}, {"latency_ms": 12.5}, params)
+    values, broken = trial_scores({"val/acc": 0.95}, {"latency_ms": 12.5}, params)
     assert values == [0.95, 12.5]
-    assert violations == pytest.approx([2.5, -0.05])  # > 0: broken, <= 0: met
-    assert constraints_func(2)(create_trial(value=1.0)) == [math.inf, math.inf]  # none stored
+    assert broken == pytest.approx([2.5, -0.05])  # > 0: broken, <= 0: met
+    assert violations(create_trial(value=1.0)) == {}  # none stored
+    stored = create_trial(value=1.0, constraints={"latency_ms <= 10": 2.5})
+    assert violations(stored) == {"latency_ms <= 10": 2.5} and not feasible(stored)
 
 
 def _study(rows: list[tuple[float, float, list[float] | None]]) -> optuna.Study:
@@ -94,13 +95,13 @@ def _study(rows: list[tuple[float, float, list[float] | None]]) -> optuna.Study:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val/acc", "latency_ms"])
     for number, (acc, latency, broken) in enumerate(rows):
-        attrs = {} if broken is None else {CONSTRAINTS_ATTR: broken}
+        bounds = None if broken is None else {f"bound {i}": v for i, v in enumerate(broken)}
         study.add_trial(
             create_trial(
                 values=[acc, latency],
                 params={"train.lr": 0.001 * (number + 1)},
                 distributions={"train.lr": LR},
-                user_attrs=attrs,
+                constraints=bounds,
             )
         )
     return study

@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from convpipe.config.edit import write_values
 from convpipe.errors import ConvpipeError
-from convpipe.tuning.objectives import CONSTRAINTS_ATTR, best_feasible, feasible
+from convpipe.tuning.objectives import best_feasible, feasible, violations
 
 
 def chosen_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
@@ -52,7 +52,7 @@ def chosen_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
             f"--trial {number} is {trial.state.name}, not COMPLETE", where, "pick a complete trial"
         )
     if not feasible(trial):
-        broken = trial.user_attrs.get(CONSTRAINTS_ATTR)
+        broken = {k: v for k, v in violations(trial).items() if v > 0}
         raise ConvpipeError(
             f"--trial {number} breaks tune.constraints (violations {broken})",
             where,

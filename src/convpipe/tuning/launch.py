@@ -175,8 +175,10 @@ def launch_workers(params: Params, params_file: str, slots: Sequence[Slot], debu
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for index, slot in enumerate(slots):
-            proc = subprocess.Popen(
-                _worker_argv(params_file, slot, debug), env=slot.env(os.environ)
+            proc = subprocess.Popen(  # stdout: the summary line, which this process prints once
+                _worker_argv(params_file, slot, debug),
+                env=slot.env(os.environ),
+                stdout=subprocess.DEVNULL,
             )
             _pin(proc, slot.cpus)
             procs.append(proc)

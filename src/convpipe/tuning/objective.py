@@ -33,7 +33,6 @@ from convpipe.training.run import build_datamodule, fit_trial
 from convpipe.tuning.campaign import Campaign
 from convpipe.tuning.liveness import REASON_ATTR, heartbeat
 from convpipe.tuning.objectives import (
-    CONSTRAINTS_ATTR,
     COSTS_ATTR,
     direction_of,
     named_metrics,
@@ -316,8 +315,8 @@ class TrialRunner:
         }
         costs = stored.user_attrs.get(COSTS_ATTR, {})
         scores, violations = trial_scores(best, costs, params)
-        if params.tune.constraints:
-            trial.set_user_attr(CONSTRAINTS_ATTR, violations)
+        for bound, violation in zip(params.tune.constraints, violations, strict=True):
+            trial.set_constraint(str(bound), violation)  # what the samplers read
         return scores[0] if single else scores
 
 

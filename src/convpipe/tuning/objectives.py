@@ -8,16 +8,16 @@ way, ``train.monitor`` its ``train.monitor_mode``, and every cost down. No objec
 ``train.monitor`` alone, the single-objective study of before.
 
 A constraint bounds one of the same metrics (``latency_ms <= 10``); its violation (<= 0 when
-met) is stored on the trial (:data:`CONSTRAINTS_ATTR`) and handed to the samplers that model
-constraints (TPE, GP, NSGA-II) through :func:`constraints_func`. An infeasible trial stays in the
+met) is stored on the trial with Optuna's ``Trial.set_constraint``, keyed by the constraint's
+text, which the samplers that model constraints (TPE, GP, NSGA-II) read, and optuna-dashboard
+shows (:func:`violations`). An infeasible trial stays in the
 study, marked; reports and ``--apply`` only choose among feasible ones.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import optuna
@@ -29,11 +29,9 @@ from convpipe.inference.cost import COST_METRICS
 from convpipe.training.trainer import MONITOR_MODES
 
 __all__ = [
-    "CONSTRAINTS_ATTR",
     "COSTS_ATTR",
     "best_feasible",
     "check_objectives",
-    "constraints_func",
     "direction_of",
     "directions",
     "feasible",
@@ -42,10 +40,9 @@ __all__ = [
     "objective_names",
     "pareto_front",
     "trial_scores",
+    "violations",
 ]
 
-#: Trial user attribute: each constraint's violation, <= 0 when met
-CONSTRAINTS_ATTR = "constraints"
 #: Trial user attribute: the measured costs of the trial's network
 COSTS_ATTR = "costs"
 
@@ -147,22 +144,18 @@ def trial_scores(
     return values, violations
 
 
-def constraints_func(count: int) -> Callable[[FrozenTrial], Sequence[float]]:
-    """The samplers' ``constraints_func`` for ``count`` constraints: the stored violations.
+def violations(trial: FrozenTrial) -> dict[str, float]:
+    """The violation of each of ``tune.constraints`` by ``trial``, by the constraint's text.
 
-    A trial that stored none (pruned or failed before they were known) counts as infeasible.
+    Stored with Optuna's ``Trial.set_constraint`` (which the samplers read), so a trial that
+    stored none (pruned or failed before they were known) has none.
     """
-
-    def violations(trial: FrozenTrial) -> Sequence[float]:
-        stored = trial.user_attrs.get(CONSTRAINTS_ATTR)
-        return [math.inf] * count if stored is None else [float(v) for v in stored]
-
-    return violations
+    return {key: float(value) for key, value in trial.constraints.items()}
 
 
 def feasible(trial: FrozenTrial) -> bool:
     """Whether every constraint holds for ``trial`` (true for a study without constraints)."""
-    return all(float(v) <= 0 for v in trial.user_attrs.get(CONSTRAINTS_ATTR, []))
+    return all(value <= 0 for value in violations(trial).values())
 
 
 def _complete_feasible(study: optuna.Study) -> list[FrozenTrial]:

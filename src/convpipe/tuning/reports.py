@@ -20,11 +20,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from convpipe.io import atomic_path, write_text
 from convpipe.tuning.objectives import (
-    CONSTRAINTS_ATTR,
     best_feasible,
-    constraints_func,
     feasible,
     pareto_front,
+    violations,
 )
 
 log = logging.getLogger("convpipe")
@@ -82,8 +81,8 @@ def _write_best(study: optuna.Study, best: FrozenTrial, path: Path) -> None:
         "values": dict(zip(_names(study), best.values, strict=True)),
         "params": dict(best.params),
     }
-    if CONSTRAINTS_ATTR in best.user_attrs:
-        doc["constraint_violations"] = list(best.user_attrs[CONSTRAINTS_ATTR])
+    if best.constraints:
+        doc["constraint_violations"] = violations(best)
     buf = io.StringIO()
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
@@ -148,12 +147,8 @@ def _pareto_plot(study: optuna.Study) -> Any:
     """Optuna's front plot of the first two objectives, infeasible trials apart."""
     from optuna.visualization import matplotlib as vis
 
-    count = max((len(t.user_attrs.get(CONSTRAINTS_ATTR, [])) for t in study.trials), default=0)
-    bounds = constraints_func(count) if count else None
-    names = _names(study)[:2]
-    return vis.plot_pareto_front(
-        study, targets=lambda t: tuple(t.values[:2]), target_names=names, constraints_func=bounds
-    )
+    names = _names(study)[:2]  # feasibility: the constraints the trials stored
+    return vis.plot_pareto_front(study, targets=lambda t: tuple(t.values[:2]), target_names=names)
 
 
 @contextlib.contextmanager

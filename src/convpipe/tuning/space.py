@@ -21,7 +21,6 @@ from convpipe.config.schema import (
     parse_params,
 )
 from convpipe.errors import ConvpipeError
-from convpipe.tuning.objectives import constraints_func
 
 #: Trials that count toward ``tune.n_trials``: a failed trial (diverged, or its worker died)
 #: is reported but does not use up the budget.
@@ -147,24 +146,22 @@ def make_sampler(tune: TuneParams, seed: int, trial: int = 0) -> optuna.samplers
     samplers = optuna.samplers
     own = seed + trial
     startup = tune.startup_trials
-    # the samplers that model constraints see each trial's violations; the others (random,
+    # the samplers that model constraints read the violations each trial stored with
+    # Trial.set_constraint; the others (random,
     # QMC, CMA-ES) draw as before, and reports still choose among feasible trials only
-    bounds = constraints_func(len(tune.constraints)) if tune.constraints else None
     if tune.sampler == "random":
         return samplers.RandomSampler(seed=own)
     if tune.sampler == "gp":
-        return samplers.GPSampler(seed=own, n_startup_trials=startup, constraints_func=bounds)
+        return samplers.GPSampler(seed=own, n_startup_trials=startup)
     if tune.sampler == "cmaes":
         return samplers.CmaEsSampler(seed=own, n_startup_trials=startup)
     if tune.sampler == "nsgaii":
-        return samplers.NSGAIISampler(
-            seed=own, population_size=max(2, startup), constraints_func=bounds
-        )
+        return samplers.NSGAIISampler(seed=own, population_size=max(2, startup))
     if tune.sampler == "qmc":
         with warnings.catch_warnings():  # "experimental since 3.0": asked for by name, no news
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return samplers.QMCSampler(seed=seed, scramble=True, qmc_type="sobol")
-    return samplers.TPESampler(seed=own, n_startup_trials=startup, constraints_func=bounds)
+    return samplers.TPESampler(seed=own, n_startup_trials=startup)
 
 
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
