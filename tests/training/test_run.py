@@ -35,13 +35,16 @@ from convpipe.data.sources import open_source
 from convpipe.errors import EXIT_USER_ERROR, ConvpipeError, Preempted, report
 from convpipe.evaluation.evaluate import evaluate
 from convpipe.models.checkpoint import AtomicCheckpointIO
+from convpipe.models.module import CNNClassifier
+from convpipe.models.shapes import layer_shapes
 from convpipe.tracking.params import masked_params, params_for_mlflow
 from convpipe.tracking.provenance import RunInfo
 from convpipe.tracking.runs import INTERRUPTED_TAG, RunLogger, failed_run_on_error, start_run
 from convpipe.tracking.store import ENV_URI
 from convpipe.training.callbacks import HISTORY_COLUMNS, EpochHistory
+from convpipe.training.cost import PER_EPOCH
 from convpipe.training.resume import fingerprint
-from convpipe.training.run import TrainResult, train
+from convpipe.training.run import TrainResult, build_datamodule, train
 from convpipe.training.trainer import build_trainer, check_monitor
 from tests.helpers.models import TINY_CONV, fp32
 from tests.helpers.project import ROOT, make_project
@@ -389,6 +392,39 @@ def test_unreachable_server_fails_fast(small: Params, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- outputs
 
 
+COST_KEYS = (
+    "cost/train_seconds",
+    "cost/train_images",
+    "cost/images_per_s",
+    "cost/train_tflops",
+    "cost/gflops_per_s",
+    "cost/precision",
+)
+
+
+@pytest.mark.slow
+def test_train_json_and_the_run_put_what_training_cost_beside_accuracy(trained: Trained) -> None:
+    """dvc exp show and MLflow's runs table get the cost columns; MLflow gets them per epoch."""
+    metrics, run_id = trained.result.metrics, trained.result.run.run_id
+    with inside(trained.root):
+        datamodule = build_datamodule(trained.params)
+    assert metrics["cost/train_images"] == 3 * datamodule.train_size  # every image, each epoch
+    assert metrics["cost/precision"] in ("32-true", "bf16-mixed")
+    assert metrics["cost/train_seconds"] > 0 and metrics["cost/images_per_s"] == pytest.approx(
+        metrics["cost/train_images"] / metrics["cost/train_seconds"], rel=1e-3
+    )
+    model = CNNClassifier.load_from_checkpoint(trained.params.paths.model, weights_only=True)
+    forward = sum(r.flops for r in layer_shapes(model.model_params, 1, (8, 8), 10))
+    per_image = metrics["cost/train_tflops"] * 1e12 / metrics["cost/train_images"]
+    assert 2.0 * forward < per_image < 4.0 * forward  # backward is about twice the forward
+    logged = trained.client.get_run(run_id).data.metrics
+    for key in COST_KEYS[:-1]:
+        assert logged[key] == pytest.approx(metrics[key])
+    for key in PER_EPOCH:
+        steps = [m.step for m in trained.client.get_metric_history(run_id, key)]
+        assert steps == [0, 1, 2], key  # one value per epoch, the epoch its step
+
+
 @pytest.mark.slow
 def test_outputs_checkpoints_and_history(trained: Trained) -> None:
     paths, metrics = trained.params.paths, trained.result.metrics
@@ -396,7 +432,7 @@ def test_outputs_checkpoints_and_history(trained: Trained) -> None:
     assert epochs == 3 and metrics["stopped_early"] is False
     assert json.loads(Path(paths.train_metrics).read_text()) == metrics
     keys = {"epochs", "stopped_early", "monitor", "best", "test/loss", "test/acc", "test/count"}
-    assert set(metrics) == keys | {"mlflow_run_id"}
+    assert set(metrics) == keys | set(COST_KEYS) | {"mlflow_run_id"}
     assert metrics["mlflow_run_id"] == trained.result.run.run_id  # DVC side finds the run
     assert metrics["test/count"] == 269  # every test image counted once
     rows = history(paths.train_history)

@@ -49,6 +49,7 @@ from convpipe.tracking.store import (
     is_tracking_failure,
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
+from convpipe.training.cost import TrainingCost
 from convpipe.training.precision import resolve_precision
 from convpipe.training.preemption import (
     RERUN_TRAIN,
@@ -295,6 +296,8 @@ def train(params: Params) -> TrainResult:
         elif resume is not None:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
         best, history, preemption, callbacks = training_callbacks(cfg, paths.checkpoints)
+        cost = TrainingCost(cfg.precision)
+        callbacks.append(cost)
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
         with (
             preemption_is_resumable(trainer, preemption, paths.checkpoints),
@@ -310,9 +313,13 @@ def train(params: Params) -> TrainResult:
         test = trainer.test(
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False
         )
-        metrics = {**_summary(trainer, best, test[0]), "mlflow_run_id": run_id}
+        costs = cost.summary()
+        metrics = {**_summary(trainer, best, test[0]), **costs, "mlflow_run_id": run_id}
         run = RunInfo(run_id, str(getattr(logger, "experiment_id", "")), mask(uri))
         if trainer.is_global_zero:  # under DDP every rank gets here; one writes
+            for key, value in costs.items():  # the runs table's cost columns (numbers only)
+                if isinstance(value, (int, float)):
+                    client.log_metric(run_id, key, float(value))
             _write_outputs(params, best.best_model_path, history_csv, metrics)
             log_artifacts(cast(MLFlowLogger, logger), params)
             run.save(paths.run_info)  # last: evaluate only ever finds a complete run
