@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ from convpipe.tracking.registry import (
     DATA_TAG,
     classes_digest,
     log_and_register,
-    should_promote,
+    mcnemar,
     tag_accuracy,
 )
 from convpipe.tracking.store import store_lock
@@ -59,19 +60,22 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize(
-    ("accuracy", "champion", "expected"),
+    ("new_only", "champion_only", "p_value"),
     [
-        (0.5, None, True),  # the first version always becomes champion
-        (0.91, 0.90, True),
-        (0.90, 0.90, False),  # a tie keeps the deployed model
-        (0.89, 0.90, False),
-        (0.0, None, True),
+        (1, 0, 0.5),  # one image better: as likely as a coin
+        (10, 0, 0.5**10),
+        (6, 2, 37 / 256),  # P(X >= 6) for X ~ Binomial(8, 1/2)
+        (0, 0, 1.0),  # the same images right: nothing to tell them apart
+        (0, 5, 1.0),
     ],
 )
-def test_should_promote_only_on_strict_improvement(
-    accuracy: float, champion: float | None, expected: bool
+def test_mcnemar_is_the_exact_one_sided_binomial_test(
+    new_only: int, champion_only: int, p_value: float
 ) -> None:
-    assert should_promote(accuracy, champion) is expected
+    both = 7  # images both get right (or wrong) do not count
+    new = np.array([True] * new_only + [False] * champion_only + [True] * both)
+    champion = np.array([False] * new_only + [True] * champion_only + [True] * both)
+    assert mcnemar(new, champion) == (new_only, champion_only, pytest.approx(p_value))
 
 
 @pytest.mark.parametrize(
@@ -169,16 +173,35 @@ def trained(raw_params, tmp_path_factory) -> Trained:
     return Trained(params, manifest, uri, run.info.run_id, np.array(x), np.array(y))
 
 
-def _register(trained: Trained, name: str, accuracy: float, tta: str = "none"):
+def _right(trained: Trained, count: int, offset: int = 0) -> np.ndarray:
+    """A per-image record: ``count`` test images right, from image ``offset`` on (cyclic)."""
+    correct = np.zeros(len(trained.test_y), dtype=bool)
+    correct[(np.arange(count) + offset) % len(correct)] = True
+    return correct
+
+
+def _register(
+    trained: Trained,
+    name: str,
+    accuracy: float,
+    tta: str = "none",
+    correct: np.ndarray | None = None,
+    manifest: Manifest | None = None,
+):
+    """Register the trained checkpoint as if evaluated to ``accuracy`` (its first images right)."""
+    if correct is None:
+        correct = _right(trained, round(accuracy * len(trained.test_y)))
     return log_and_register(
         trained.uri,
         trained.run_id,
         name,
         trained.params.paths.model,
-        trained.manifest,
+        manifest or trained.manifest,
         trained.test_x[:2],
         accuracy,
         tta,
+        correct,
+        0.05,
     )
 
 
@@ -205,28 +228,56 @@ def tracking(uri: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- registry
 
 
-def test_alias_moves_only_on_improvement(trained: Trained, caplog) -> None:
+def test_alias_moves_only_when_a_paired_test_says_better(trained: Trained, caplog) -> None:
+    """A one-image gain is not promoted, a clear one is; another test split is not compared."""
     client = MlflowClient(trained.uri)
     name = "alias-order"
-    expected = [  # (accuracy, champion after it, moved)
-        (0.90, "1", True),
-        (0.85, "1", False),
-        (0.95, "3", True),
-        (0.95, "3", False),  # a tie does not move it
+    n = len(trained.test_y)
+    other = trained.manifest.model_copy(update={"content_hash": "another-split"})
+    steps = [  # (images right, where they start, manifest, champion after, moved, said)
+        (200, 0, None, "1", True, "no champion before"),
+        (
+            201,
+            0,
+            None,
+            "1",
+            False,
+            "1 test images only it gets right, 0 only version 1 does, p = 0.5 >= 0.05",
+        ),
+        (185, 0, None, "1", False, "p = 1 >= 0.05"),
+        (
+            215,
+            0,
+            None,
+            "4",
+            True,
+            "15 test images only it gets right, 0 only version 1 does, p = 3.052e-05 < 0.05",
+        ),
+        (215, 1, None, "4", False, "1 test images only it gets right, 1 only version 4 does"),
+        (260, 0, other, "4", False, "not compared: version 4 was evaluated on another test split"),
     ]
-    for i, (accuracy, champion, moved) in enumerate(expected, start=1):
+    for i, (right, offset, manifest, champion, moved, said) in enumerate(steps, start=1):
         caplog.clear()
+        accuracy = right / n
         with caplog.at_level(logging.INFO, logger="convpipe"):
-            result = _register(trained, name, accuracy)
+            result = _register(
+                trained, name, accuracy, "none", _right(trained, right, offset), manifest
+            )
         assert result.version == str(i)
-        assert (result.champion, result.moved) == (champion, moved)
+        assert (result.champion, result.moved) == (champion, moved), result.why
         assert _champion(client, name) == champion
         version = client.get_model_version(name, str(i))
         assert version.tags[ACCURACY_TAG] == repr(accuracy)
-        assert version.tags[DATA_TAG] == trained.manifest.content_hash
+        assert version.tags[DATA_TAG] == (manifest or trained.manifest).content_hash
+        assert version.tags["promotion.decision"] == ("promoted" if moved else "kept")
+        if result.paired is not None:  # the counts and the p-value are on the version
+            assert version.tags["promotion.new_only"] == str(result.paired.new_only)
+            assert version.tags["promotion.champion_only"] == str(result.paired.champion_only)
+            assert float(version.tags["promotion.p_value"]) == result.paired.p_value
         assert version.run_id == trained.run_id
         line = caplog.messages[-1]
         assert f"{name} version {i} (test accuracy {accuracy:.4f})" in line
+        assert said in line, line
         if moved:
             assert "alias champion moved to it" in line
         else:
@@ -350,16 +401,18 @@ def test_pyfunc_refuses_other_shapes_and_dtypes(trained: Trained, champion) -> N
         pyfunc.predict(np.zeros((1, 8, 8), np.float32))
 
 
-def test_a_champion_without_accuracy_keeps_the_alias(trained: Trained, caplog) -> None:
+def test_a_champion_without_a_per_image_record_keeps_the_alias(trained: Trained, caplog) -> None:
+    """A champion registered before records existed cannot be tested against: it stays."""
     client = MlflowClient(trained.uri)
     name = "hand-picked"
     _register(trained, name, 0.5)
-    client.delete_model_version_tag(name, "1", ACCURACY_TAG)  # set by hand, no accuracy
+    artifacts = Path(client.get_run(trained.run_id).info.artifact_uri.removeprefix("file://"))
+    shutil.rmtree(artifacts / "promotion" / f"{name}-v1")  # as an older version has none
     with caplog.at_level(logging.INFO, logger="convpipe"):
         result = _register(trained, name, 0.99)
     assert (result.version, result.champion, result.moved) == ("2", "1", False)
     assert _champion(client, name) == "1"
-    assert "has no numeric test_accuracy tag" in caplog.text
+    assert "not compared: version 1 has no per-image record of this split" in caplog.text
 
 
 REGISTER = """
@@ -370,7 +423,9 @@ from convpipe.tracking.registry import log_and_register
 uri, run_id, name, ckpt, prepared = sys.argv[1:6]
 manifest = load_manifest(prepared)
 x, _ = load_split(prepared, manifest, "test")
-log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]), "none")
+right = np.arange(len(x)) < round(float(sys.argv[6]) * len(x))
+log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]), "none",
+                 right, 0.05)
 """
 
 
@@ -410,6 +465,8 @@ def test_registry_failure_is_one_user_error_line(trained: Trained) -> None:
             trained.test_x[:2],
             0.5,
             "none",
+            _right(trained, 10),
+            0.05,
         )
     line = info.value.line()
     assert line.startswith("convpipe: error: MLflow failed while registering the model")

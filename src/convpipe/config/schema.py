@@ -440,6 +440,9 @@ class EvaluateParams(Section):
     tta: TtaMode
     top_k: Annotated[int, Field(ge=2)]
     misclassified: PositiveInt
+    promotion_alpha: Annotated[float, Field(gt=0.0, lt=1.0)]
+    """the level of McNemar's exact test a new version must pass against the champion, on
+    the same test images, to take the ``champion`` alias"""
 
 
 class MlflowParams(Section):

@@ -88,14 +88,24 @@ def evaluate(params: Params) -> dict[str, Any]:
     )
     save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
     log_evaluation(client, run.run_id, params, mlflow_metrics(metrics))
-    _register(params, run.run_id, manifest, np.asarray(dataset.x[:EXAMPLE_IMAGES]), metrics)
+    examples = np.asarray(dataset.x[:EXAMPLE_IMAGES])
+    _register(params, run.run_id, manifest, examples, metrics, (preds == labels).numpy())
     return metrics
 
 
 def _register(
-    params: Params, run_id: str, manifest: Manifest, examples: np.ndarray, metrics: dict[str, Any]
+    params: Params,
+    run_id: str,
+    manifest: Manifest,
+    examples: np.ndarray,
+    metrics: dict[str, Any],
+    correct: np.ndarray,
 ) -> None:
-    """Log the model as a pyfunc into the run, register it, move ``champion`` if it is better."""
+    """Log the model as a pyfunc into the run, register it, move ``champion`` if it is better.
+
+    Better: by McNemar's exact test against the champion on the same test images
+    (``correct``: which ones this model got right), at ``evaluate.promotion_alpha``.
+    """
     from convpipe.tracking.registry import log_and_register
 
     log_and_register(
@@ -107,4 +117,6 @@ def _register(
         examples,
         metrics["accuracy"],
         params.evaluate.tta,
+        correct,
+        params.evaluate.promotion_alpha,
     )

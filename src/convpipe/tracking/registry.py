@@ -3,12 +3,19 @@
 The evaluate stage logs the checkpoint into the training's MLflow run as a pyfunc model that
 takes raw uint8 images and preprocesses them as training did (scale to ``[0, 1]``, normalise
 with the prepared data's mean and std), registers it as a new version of
-``mlflow.registered_model``, and moves the alias :data:`CHAMPION` to that version only when
-its test accuracy is strictly higher than the current champion's. So::
+``mlflow.registered_model``, and moves the alias :data:`CHAMPION` to that version only when it
+beats the current champion *on the same test split* by McNemar's exact test (one-sided, at
+``evaluate.promotion_alpha``): of the images exactly one of the two models gets right, the new
+one must get right significantly more than half. A one-image improvement on 269 test images is
+not a better model and does not move it. Each version keeps which test images it got right
+(``promotion/<name>-v<version>/test_correct.npy`` in its run), the counts, the p-value and the
+decision are tagged on the version (``promotion.*``) and said in one line. A version evaluated
+on another test split (another ``data_content_hash``), or a champion without that record, is
+never compared: the champion keeps the alias. So::
 
     mlflow models serve -m models:/convpipe-cnn@champion --env-manager local
 
-always serves the best model evaluated so far.
+serves the model that last won such a test.
 
 The model is logged as MLflow "models from code": the model directory holds a short Python
 file that builds :class:`ImageClassifier`, a copy of convpipe's source (``code/convpipe``,
@@ -106,18 +113,40 @@ mlflow.models.set_model(ImageClassifier())
 '''
 
 
-def should_promote(accuracy: float, champion_accuracy: float | None) -> bool:
-    """Whether a new version with ``accuracy`` takes the alias from the current champion.
+#: The run artifact folder holding each version's per-image record (``<name>-v<version>``).
+RECORD_DIR = "promotion"
+RECORD_FILE = "test_correct.npy"
+
+
+class Paired(NamedTuple):
+    """McNemar's exact test of a new version against the champion on the same test images.
+
+    Attributes:
+        new_only: Images only the new version gets right.
+        champion_only: Images only the champion gets right.
+        p_value: One-sided: the chance of ``new_only`` or more of the ``new_only +
+            champion_only`` discordant images if both models were as good (binomial, 1/2).
+    """
+
+    new_only: int
+    champion_only: int
+    p_value: float
+
+
+def mcnemar(new: np.ndarray, champion: np.ndarray) -> Paired:
+    """McNemar's exact (binomial) test that ``new`` is right more often than ``champion``.
 
     Args:
-        accuracy: The new version's test accuracy.
-        champion_accuracy: The champion's, or None when there is no champion yet.
-
-    Returns:
-        True for the first version and for a strictly higher accuracy; a tie keeps the
-        champion (the older model was as good and is already deployed).
+        new: ``(N,)`` bool, which test images the new version classifies right.
+        champion: ``(N,)`` bool, the same for the champion, on the same images in the same order.
     """
-    return champion_accuracy is None or accuracy > champion_accuracy
+    from scipy.stats import binomtest
+
+    new_only = int(np.count_nonzero(new & ~champion))
+    champion_only = int(np.count_nonzero(~new & champion))
+    discordant = new_only + champion_only
+    p_value = 1.0 if discordant == 0 else binomtest(new_only, discordant, 0.5, "greater").pvalue
+    return Paired(new_only, champion_only, float(p_value))
 
 
 def tag_accuracy(tags: Mapping[str, str]) -> float | None:
@@ -141,6 +170,8 @@ class Registration(NamedTuple):
             champion yet, or one without a recorded accuracy).
         moved: Whether the alias moved to the new version.
         seconds: Time spent logging and registering.
+        paired: The test against the champion (None: no champion, or not comparable).
+        why: The decision in words.
     """
 
     name: str
@@ -150,6 +181,8 @@ class Registration(NamedTuple):
     champion_accuracy: float | None
     moved: bool
     seconds: float
+    paired: Paired | None
+    why: str
 
 
 def requirements() -> list[str]:
@@ -246,23 +279,95 @@ class _Decision(NamedTuple):
     champion: str
     champion_accuracy: float | None
     moved: bool
+    paired: Paired | None
+    why: str
 
 
-def _promote(client: Any, name: str, version: str, accuracy: float, classes: str) -> _Decision:
-    """Move :data:`CHAMPION` to ``version`` if it beats the current champion.
+class Candidate(NamedTuple):
+    """What the new version is compared on.
+
+    Attributes:
+        version: The new version.
+        accuracy: Its test accuracy.
+        classes: Its :data:`CLASSES_TAG`.
+        data: The prepared data's content hash (its test split included).
+        correct: ``(N,)`` bool, which test images it gets right, in the split's order.
+    """
+
+    version: str
+    accuracy: float
+    classes: str
+    data: str
+    correct: np.ndarray
+
+
+def _record_path(name: str, version: str) -> str:
+    return f"{RECORD_DIR}/{name}-v{version}"
+
+
+def _keep_record(client: Any, run_id: str, name: str, version: str, correct: np.ndarray) -> None:
+    """Log which test images ``version`` gets right into its run (for later comparisons)."""
+    with tempfile.TemporaryDirectory(prefix="convpipe-record-") as tmp:
+        path = Path(tmp) / RECORD_FILE
+        np.save(path, np.asarray(correct, dtype=bool), allow_pickle=False)
+        client.log_artifact(run_id, str(path), _record_path(name, version))
+
+
+def _champion_record(client: Any, name: str, held: str) -> np.ndarray | None:
+    """The champion's per-image record, or None if it has none (registered before it existed)."""
+    run_id = client.get_model_version(name, held).run_id
+    with tempfile.TemporaryDirectory(prefix="convpipe-record-") as tmp:
+        try:
+            path = client.download_artifacts(
+                run_id, f"{_record_path(name, held)}/{RECORD_FILE}", tmp
+            )
+            return np.asarray(np.load(path, allow_pickle=False), dtype=bool)
+        except Exception:  # missing: an older version (or its run's artifacts are gone)
+            return None
+
+
+def _compare(
+    client: Any,
+    name: str,
+    held: str,
+    new: Candidate,
+    champion_tags: Mapping[str, str],
+    alpha: float,
+) -> tuple[bool, Paired | None, str]:
+    """Whether ``new`` takes the alias from champion version ``held``, the test, and why."""
+    if champion_tags.get(DATA_TAG) != new.data:
+        return False, None, f"not compared: version {held} was evaluated on another test split"
+    record = _champion_record(client, name, held)
+    if record is None or record.shape != new.correct.shape:
+        return False, None, f"not compared: version {held} has no per-image record of this split"
+    paired = mcnemar(new.correct, record)
+    test = (
+        f"McNemar against version {held}: {paired.new_only} test images only it gets right, "
+        f"{paired.champion_only} only version {held} does, p = {paired.p_value:.4g}"
+    )
+    if paired.p_value < alpha:
+        return True, paired, f"{test} < {alpha}"
+    return False, paired, f"{test} >= {alpha}"
+
+
+def _promote(client: Any, name: str, new: Candidate, alpha: float) -> _Decision:
+    """Move :data:`CHAMPION` to the new version if it beats the current champion (see module).
 
     A version of other classes than the champion's (:data:`CLASSES_TAG`) never does: it is
     another model under the same name. The caller holds the store lock, so no other local
     evaluate reads the champion between this one's read and set.
     """
+    version = new.version
     held = client.get_registered_model(name).aliases.get(CHAMPION)
     if held is None:
         client.set_registered_model_alias(name, CHAMPION, version)
-        return _Decision(version, None, True)
+        return _Decision(version, None, True, None, "no champion before")
     held = str(held)
     champion_tags = client.get_model_version(name, held).tags
     champion_accuracy = tag_accuracy(champion_tags)
-    if champion_tags.get(CLASSES_TAG, classes) != classes:
+    if held == version:
+        return _Decision(held, champion_accuracy, False, None, "it is the champion")
+    if champion_tags.get(CLASSES_TAG, new.classes) != new.classes:
         log.warning(
             "version %s of %s predicts other classes than champion version %s: the champion "
             "keeps the alias (give a model of new classes its own mlflow.registered_model)",
@@ -270,20 +375,25 @@ def _promote(client: Any, name: str, version: str, accuracy: float, classes: str
             name,
             held,
         )
-        return _Decision(held, champion_accuracy, False)
-    if held != version and champion_accuracy is None:
-        log.warning(
-            "champion version %s of %s has no numeric %s tag: it keeps the alias "
-            "(move it by hand with MlflowClient.set_registered_model_alias)",
-            held,
-            name,
-            ACCURACY_TAG,
-        )
-        return _Decision(held, None, False)
-    if held != version and should_promote(accuracy, champion_accuracy):
+        return _Decision(held, champion_accuracy, False, None, "other classes")
+    moved, paired, why = _compare(client, name, held, new, champion_tags, alpha)
+    if moved:
         client.set_registered_model_alias(name, CHAMPION, version)
-        return _Decision(version, champion_accuracy, True)
-    return _Decision(held, champion_accuracy, False)
+    return _Decision(version if moved else held, champion_accuracy, moved, paired, why)
+
+
+def _tag_decision(client: Any, name: str, version: str, decision: _Decision) -> None:
+    """Record the test and the decision on the new version (``promotion.*`` tags)."""
+    tags = {
+        "promotion.decision": "promoted" if decision.moved else "kept",
+        "promotion.why": decision.why,
+    }
+    if decision.paired is not None:
+        tags["promotion.new_only"] = str(decision.paired.new_only)
+        tags["promotion.champion_only"] = str(decision.paired.champion_only)
+        tags["promotion.p_value"] = repr(decision.paired.p_value)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def log_and_register(
@@ -295,6 +405,8 @@ def log_and_register(
     examples: np.ndarray,
     accuracy: float,
     tta: str,
+    correct: np.ndarray,
+    alpha: float,
 ) -> Registration:
     """Log the model into the training's run, register a version, maybe move the champion.
 
@@ -308,6 +420,8 @@ def log_and_register(
         accuracy: The test accuracy, tagged on the version and compared with the champion's.
         tta: ``evaluate.tta``, the test-time augmentation that accuracy was measured with;
             the served model predicts with it too (its ``serving.json`` artifact).
+        correct: ``(N,)`` bool, which test images it classified right, in the split's order.
+        alpha: ``evaluate.promotion_alpha``, the level of the paired test against the champion.
 
     Returns:
         The new version and what happened to the alias.
@@ -330,30 +444,33 @@ def log_and_register(
         run = client.get_run(run_id)
         with _fluent_api(uri):
             version = _log_model(run, name, checkpoint, manifest, examples, tags, tta)
+        _keep_record(client, run_id, name, version, correct)
+        candidate = Candidate(version, accuracy, classes, manifest.content_hash, correct)
         with store_lock(uri):
-            decision = _promote(client, name, version, accuracy, classes)
+            decision = _promote(client, name, candidate, alpha)
+        _tag_decision(client, name, version, decision)
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, uri, f"registering the model as {name!r}") from None
-    result = Registration(name, version, accuracy, *decision, time.perf_counter() - start)
+    champion, champion_accuracy, moved, paired, why = decision
+    seconds = time.perf_counter() - start
+    result = Registration(
+        name, version, accuracy, champion, champion_accuracy, moved, seconds, paired, why
+    )
     _report(result, uri)
     return result
 
 
 def _report(result: Registration, uri: str) -> None:
+    """One line: the new version, then the decision and why (the test's counts and p-value)."""
     where = f"{result.name} version {result.version} (test accuracy {result.accuracy:.4f})"
     if result.moved:
-        before = (
-            "no champion before"
-            if result.champion_accuracy is None
-            else f"was {result.champion_accuracy:.4f}"
-        )
-        log.info("registered %s: alias %s moved to it (%s)", where, CHAMPION, before)
+        log.info("registered %s: alias %s moved to it (%s)", where, CHAMPION, result.why)
     else:
         log.info(
-            "registered %s: alias %s stays on version %s (test accuracy %s)",
+            "registered %s: alias %s stays on version %s (%s)",
             where,
             CHAMPION,
             result.champion,
-            "unknown" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
+            result.why,
         )
     log.debug("logging and registering took %.1f s at %s", result.seconds, mask(uri))
