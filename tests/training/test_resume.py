@@ -374,3 +374,39 @@ def test_a_full_disk_mid_training_ends_in_one_line_then_it_resumes(tmp_path, ref
     with sqlite3.connect(project.root / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
     assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued
+
+
+def test_the_history_and_train_json_grow_epoch_by_epoch_while_it_trains(tmp_path):
+    """What dvc exp show / dvc plots read of a running experiment: the files, after each epoch."""
+    project = make_project(tmp_path / "live")
+    project.set_params(**{**SETTINGS, "train.patience": 8})
+    project.run("dvc", "repro", "augment")
+    history, metrics = project.root / "plots/train/history.csv", project.root / "metrics/train.json"
+    proc = subprocess.Popen(
+        ["python", "pipelines/train.py"],
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    rows_seen, running_seen = set(), []
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if history.exists():  # replaced whole (a rename): never half a file
+            rows_seen.add(len(_history(project.root)))
+        if metrics.exists():
+            live = json.loads(metrics.read_text())
+            if live.get("running"):
+                running_seen.append(live)
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert len(rows_seen) >= 3 and max(rows_seen) == 8, rows_seen  # it grew while it ran
+    epochs = [live["epochs"] for live in running_seen]
+    assert epochs == sorted(epochs) and len(set(epochs)) >= 3, epochs
+    last = running_seen[-1]
+    assert last["monitor"] == "val/loss" and last["best"] <= last["val/loss"]
+    final = json.loads(metrics.read_text())  # the finished stage's own
+    assert "running" not in final and final["epochs"] == 8 and "test/acc" in final

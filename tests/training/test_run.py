@@ -216,7 +216,14 @@ def trained(digits: Params, sqlite_uri: str, tmp_path_factory) -> Trained:
     for args in (["init", "-q"], ["add", "dvc.lock"], ["commit", "-q", "-m", "init"]):
         subprocess.run(["git", *args], cwd=root, env={**os.environ, **GIT_ENV}, check=True)
     params = run_params(
-        digits, root, sqlite_uri, **{"train.max_epochs": 3, "mlflow.experiment": "trained"}
+        digits,
+        root,
+        sqlite_uri,
+        **{
+            "train.max_epochs": 3,
+            "mlflow.experiment": "trained",
+            "runtime.system_metrics_seconds": 1,  # a sample a second: a short training has some
+        },
     )
     with inside(root):
         result = train(params)
@@ -404,7 +411,8 @@ COST_KEYS = (
 
 @pytest.mark.slow
 def test_train_json_and_the_run_put_what_training_cost_beside_accuracy(trained: Trained) -> None:
-    """dvc exp show and MLflow's runs table get the cost columns; MLflow gets them per epoch."""
+    """dvc exp show and MLflow's runs table get the cost columns; MLflow gets them per epoch,
+    and the machine's load (system metrics) while it trained."""
     metrics, run_id = trained.result.metrics, trained.result.run.run_id
     with inside(trained.root):
         datamodule = build_datamodule(trained.params)
@@ -423,6 +431,9 @@ def test_train_json_and_the_run_put_what_training_cost_beside_accuracy(trained: 
     for key in PER_EPOCH:
         steps = [m.step for m in trained.client.get_metric_history(run_id, key)]
         assert steps == [0, 1, 2], key  # one value per epoch, the epoch its step
+    # MLflow's system metrics, sampled while it trained
+    system = {key for key in logged if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
 
 
 @pytest.mark.slow

@@ -413,6 +413,8 @@ class RuntimeParams(Section):
     compile: bool
     batch_transform: Literal["auto", "loader", "device"]
     resident: bool
+    system_metrics_seconds: NonNegInt
+    """seconds between samples of MLflow's system metrics on the training run (0: none)"""
 
     @model_validator(mode="after")
     def _resident_on_device(self) -> RuntimeParams:

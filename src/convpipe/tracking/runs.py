@@ -271,3 +271,50 @@ def log_evaluation(
         client.log_artifact(run_id, paths.eval_per_class, "evaluation")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, tracking_uri(params.mlflow), f"logging to run {run_id}") from None
+
+
+@contextmanager
+def system_metrics(
+    run_id: str, uri: str, seconds: int, node_id: str | None, resumed: bool
+) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network, GPU) on the run while inside.
+
+    MLflow's own monitor (``system/cpu_utilization_percentage``, ...), one sample every
+    ``seconds``, under ``system/<node_id>/`` when one is given (several nodes). A resumed run
+    continues the steps. ``seconds`` 0, or no run (DDP ranks other than 0), turns it off; a
+    monitor that cannot start only says so: the training goes on.
+
+    Args:
+        run_id: The training's run ("" where this process has none).
+        uri: Its tracking URI.
+        seconds: ``runtime.system_metrics_seconds``.
+        node_id: ``node<rank>`` with several nodes, else None.
+        resumed: Whether the run continues an interrupted training.
+    """
+    if seconds <= 0 or not run_id:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    quiet = logging.getLogger("mlflow.system_metrics")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its start/stop lines are not the stage's news
+    try:
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=seconds,
+            resume_logging=resumed,
+            node_id=node_id,
+            tracking_uri=uri,
+        )
+        monitor.start()
+    except Exception as exc:  # the figures are extras: never fail a training for them
+        log.warning("no system metrics on the MLflow run: %s", exc)
+        quiet.setLevel(level)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()
+        quiet.setLevel(level)

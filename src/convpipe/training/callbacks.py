@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import (
 from torch import Tensor
 
 from convpipe.config.schema import TrainParams
+from convpipe.io import write_json, write_text
 from convpipe.models.network import backbone_parameters
 
 HISTORY_COLUMNS = (
@@ -64,6 +65,37 @@ class EpochHistory(Callback):
         for row in self.rows:
             writer.writerow({k: (int(v) if k == "epoch" else v) for k, v in row.items()})
         return buf.getvalue()
+
+
+class LiveFiles(Callback):
+    """After every epoch, the stage's history CSV and a running ``metrics/train.json``.
+
+    Both written atomically (a temp file, then a rename), so ``dvc exp show`` and ``dvc plots``
+    (and DVC's VS Code extension) read a running or queued experiment's progress from the
+    files the finished stage leaves, in the same places; the running ``train.json`` holds
+    ``"running": true``, the epochs so far, the best monitored value and the last epoch's
+    metrics, and the end of the stage replaces it with the final one. Rank 0 writes.
+    """
+
+    def __init__(
+        self, history: EpochHistory, history_csv: str, metrics_json: str, train: TrainParams
+    ) -> None:
+        self.history = history
+        self.history_csv = history_csv
+        self.metrics_json = metrics_json
+        self.monitor, self.mode = train.monitor, train.monitor_mode
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rewrite both files with the epochs so far (the history has this one by now)."""
+        rows = self.history.rows
+        if trainer.sanity_checking or not trainer.is_global_zero or not rows:
+            return
+        seen = [row[self.monitor] for row in rows if self.monitor in row]
+        best = (min if self.mode == "min" else max)(seen) if seen else None
+        last = {key: value for key, value in rows[-1].items() if key != "epoch"}
+        running = {"running": True, "epochs": len(rows), "monitor": self.monitor, "best": best}
+        write_text(self.history_csv, self.history.to_csv())
+        write_json(self.metrics_json, {**running, **last})
 
 
 class EpochLearningRate(LearningRateMonitor):

@@ -7,7 +7,7 @@ import math
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -43,12 +43,14 @@ from convpipe.tracking.runs import (
     log_artifacts,
     run_datasets,
     start_run,
+    system_metrics,
     tracking_lost_is_resumable,
 )
 from convpipe.tracking.store import (
     is_tracking_failure,
 )
 from convpipe.tracking.store import tracking_uri as resolve_uri
+from convpipe.training.callbacks import LiveFiles
 from convpipe.training.cost import TrainingCost
 from convpipe.training.precision import resolve_precision
 from convpipe.training.preemption import (
@@ -297,9 +299,14 @@ def train(params: Params) -> TrainResult:
             log.info("resuming the interrupted training from %s", resume.checkpoint)
         best, history, preemption, callbacks = training_callbacks(cfg, paths.checkpoints)
         cost = TrainingCost(cfg.precision)
-        callbacks.append(cost)
+        live = LiveFiles(history, paths.train_history, paths.train_metrics, cfg)
+        callbacks += [cost, live]  # after the history: it writes the history's rows
         trainer = build_trainer(cfg, callbacks, logger, paths.checkpoints, interactive=True)
+        node = f"node{trainer.node_rank}" if cfg.num_nodes > 1 else None
+        resumed = resume is not None
+        seconds = params.runtime.system_metrics_seconds
         with (
+            system_metrics(run_id, uri, seconds, node, resumed) if rank_zero else nullcontext(),
             preemption_is_resumable(trainer, preemption, paths.checkpoints),
             warnings.catch_warnings(),
         ):
