@@ -22,17 +22,27 @@ from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation.evaluate import evaluate, read_history
 from convpipe.evaluation.metrics import (
+    CALIBRATION_BINS,
+    calibration_csv,
     compute_metrics,
     confusion_csv,
+    expected_calibration_error,
     headline,
     mlflow_metrics,
     per_class_csv,
+    reliability,
     worst_mistakes,
 )
 from convpipe.evaluation.metrics import (
     test_loss as mean_test_loss,
 )
-from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
+from convpipe.evaluation.plots import (
+    plot_confusion,
+    plot_curves,
+    plot_misclassified,
+    plot_reliability,
+    save_figure,
+)
 from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
@@ -139,6 +149,39 @@ def test_binary_metrics_use_the_binary_auroc() -> None:
         {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     )
     assert not any(key.startswith("top") for key in out)
+
+
+def _confident(confidence: float, right: int, n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` 3-class predictions of class 0 at ``confidence``, ``right`` of them correct."""
+    rest = (1 - confidence) / 2
+    probs = torch.tensor([[confidence, rest, rest]]).repeat(n, 1)
+    labels = torch.tensor([0] * right + [1] * (n - right))
+    return probs, labels
+
+
+def test_calibration_error_is_the_gap_between_confidence_and_accuracy() -> None:
+    calibrated = _confident(0.8, 80)
+    assert expected_calibration_error(*calibrated) == pytest.approx(0.0, abs=1e-6)
+    overconfident = _confident(0.9, 70)  # says 0.9, is right 0.7 of the time
+    assert expected_calibration_error(*overconfident) == pytest.approx(0.2, abs=1e-6)
+    mixed = (
+        torch.cat([calibrated[0], overconfident[0]]),
+        torch.cat([calibrated[1], overconfident[1]]),
+    )
+    assert expected_calibration_error(*mixed) == pytest.approx(0.1, abs=1e-6)  # by count
+    bins = reliability(*mixed)  # the diagram's bins: one per confidence level here
+    assert [(round(b["confidence"], 6), round(b["accuracy"], 6), b["count"]) for b in bins] == [
+        (0.8, 0.8, 100),
+        (0.9, 0.7, 100),
+    ]
+    assert (
+        sum(b["count"] for b in reliability(torch.rand(64, 3).softmax(1), torch.zeros(64).long()))
+        == 64
+    )
+    assert len(bins) <= CALIBRATION_BINS
+    text = calibration_csv(bins)
+    assert text.splitlines()[0] == "confidence,accuracy,ideal,count"
+    assert plot_reliability(bins, 0.1).axes[0].get_title() == "Reliability (ECE 0.1000)"
 
 
 def test_test_loss_by_hand() -> None:

@@ -591,8 +591,10 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
         "evaluation/confusion_matrix.png",
         "evaluation/misclassified.png",
         "evaluation/curves.png",
+        "evaluation/reliability.png",
         "evaluation/eval.json",
         "evaluation/per_class.csv",
+        "evaluation/calibration.csv",
     }
     model = client.download_artifacts(run_id, "model/model.ckpt", str(tmp_path))
     assert Path(model).read_bytes() == Path(paths.model).read_bytes()

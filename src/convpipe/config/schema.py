@@ -65,9 +65,11 @@ class PathsParams(Section):
     eval_metrics: str
     eval_confusion: str
     eval_per_class: str
+    eval_calibration: str
     confusion_png: str
     misclassified_png: str
     curves_png: str
+    reliability_png: str
     tuning_reports: str
     tuning_checkpoints: str
     init_source: str

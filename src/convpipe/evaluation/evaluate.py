@@ -15,15 +15,23 @@ from convpipe.data.datamodule import EVAL_BATCH_SIZE
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation.metrics import (
+    calibration_csv,
     compute_metrics,
     confusion_csv,
     headline,
     mlflow_metrics,
     per_class_csv,
+    reliability,
     test_loss,
     worst_mistakes,
 )
-from convpipe.evaluation.plots import plot_confusion, plot_curves, plot_misclassified, save_figure
+from convpipe.evaluation.plots import (
+    plot_confusion,
+    plot_curves,
+    plot_misclassified,
+    plot_reliability,
+    save_figure,
+)
 from convpipe.inference.predict import predict_logits, prepared_split
 from convpipe.inference.trained import load_trained
 from convpipe.io import write_json, write_text
@@ -87,6 +95,9 @@ def evaluate(params: Params) -> dict[str, Any]:
         paths.misclassified_png,
     )
     save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
+    bins = reliability(probs, labels)
+    write_text(paths.eval_calibration, calibration_csv(bins))
+    save_figure(plot_reliability(bins, metrics["ece"]), paths.reliability_png)
     log_evaluation(client, run.run_id, params, mlflow_metrics(metrics))
     examples = np.asarray(dataset.x[:EXAMPLE_IMAGES])
     _register(params, run.run_id, manifest, examples, metrics, (preds == labels).numpy())

@@ -1,4 +1,4 @@
-"""The evaluate stage's pictures: confusion matrix, worst mistakes, training curves."""
+"""The evaluate stage's pictures: confusion matrix, worst mistakes, curves, reliability."""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def plot_curves(history: Sequence[dict[str, str]]) -> Figure:
         ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(rows: Sequence[dict[str, float]], ece: float) -> Figure:
+    """The reliability diagram: accuracy against confidence per bin, the diagonal, the counts."""
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    confidence = [row["confidence"] for row in rows]
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="calibrated")
+    top.plot(confidence, [row["accuracy"] for row in rows], marker="o", label="model")
+    top.set(ylabel="accuracy", title=f"Reliability (ECE {ece:.4f})", xlim=(0, 1), ylim=(0, 1))
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.bar(confidence, [row["count"] for row in rows], width=1 / 30, color="steelblue")
+    bottom.set(xlabel="confidence (top class)", ylabel="images")
     fig.tight_layout()
     return fig
 

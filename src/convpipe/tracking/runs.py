@@ -265,10 +265,16 @@ def log_evaluation(
     try:
         for start in range(0, len(values), METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=values[start : start + METRICS_PER_BATCH])
-        for path in (paths.confusion_png, paths.misclassified_png, paths.curves_png):
+        pictures = (
+            paths.confusion_png,
+            paths.misclassified_png,
+            paths.curves_png,
+            paths.reliability_png,
+        )
+        for path in pictures:
             client.log_artifact(run_id, path, "evaluation")
-        client.log_artifact(run_id, paths.eval_metrics, "evaluation")
-        client.log_artifact(run_id, paths.eval_per_class, "evaluation")
+        for path in (paths.eval_metrics, paths.eval_per_class, paths.eval_calibration):
+            client.log_artifact(run_id, path, "evaluation")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, tracking_uri(params.mlflow), f"logging to run {run_id}") from None
 
