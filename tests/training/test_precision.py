@@ -60,6 +60,7 @@ def test_several_cpu_processes_keep_fp32(params, tmp_path, monkeypatch):
 
 def test_measuring_touches_neither_the_model_nor_the_random_state(params, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path, " ".join(BF16_FLAGS)))
+    monkeypatch.setattr(precision, "MIN_STEP_FLOPS", 0)  # measure even the tiny test network
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     module = classifier(params)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -97,6 +98,7 @@ def test_a_measured_verdict_is_kept_and_reused_so_a_busy_machine_cannot_flip_it(
     params, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path, " ".join(BF16_FLAGS)))
+    monkeypatch.setattr(precision, "MIN_STEP_FLOPS", 0)  # measure even the tiny test network
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     measured: list[int] = []
     real = precision.step_seconds
@@ -125,3 +127,12 @@ def test_a_measured_verdict_is_kept_and_reused_so_a_busy_machine_cannot_flip_it(
     resolve_precision(auto, params.runtime, classifier(params), 32)
     assert len(measured) == 4
     assert json.loads(cache_path().read_text())
+
+
+def test_a_step_bound_by_overhead_trains_in_fp32_without_measuring(params, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path, " ".join(BF16_FLAGS)))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "step_seconds", None)  # calling it would raise
+    auto = train_variant(params, precision="auto")
+    assert resolve_precision(auto, params.runtime, classifier(params), 256) == "32-true"
+    assert not cache_path().exists()  # nothing measured, nothing kept

@@ -7,7 +7,8 @@ without them it is emulated and slower, and a tiny network is bound by overhead 
 So ``auto`` measures instead of assuming:
 
 - a CUDA GPU: ``bf16-mixed`` where the GPU supports bfloat16, else ``16-mixed``;
-- a CPU with native bf16 (``avx512_bf16`` or ``amx_bf16``) and one training process: a few
+- a CPU with native bf16 (``avx512_bf16`` or ``amx_bf16``), one training process and a step of
+  at least :data:`MIN_STEP_FLOPS` (a smaller one is bound by overhead: fp32): a few
   training steps of the real model in each precision, interleaved, on a copy and with the
   random state put back; ``bf16-mixed`` if its best step is at least :data:`MIN_SPEEDUP`
   times faster than fp32's, else ``32-true``;
@@ -42,6 +43,7 @@ from convpipe.config.schema import RuntimeParams, TrainParams
 from convpipe.hardware import cpu_threads
 from convpipe.io import write_json
 from convpipe.models.module import CNNClassifier
+from convpipe.models.shapes import layer_shapes
 
 __all__ = ["BF16_FLAGS", "MIN_SPEEDUP", "cache_path", "choose_precision", "resolve_precision"]
 
@@ -52,6 +54,11 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # bf16 must win clearly: a near tie would flip between runs on measurement noise, and then
 # the same params would train in different precisions.
 MIN_SPEEDUP = 1.25
+# A training step whose forward pass is below this many FLOPs is bound by per-operation
+# overhead, which bf16's casts only add to: fp32 without measuring (the digits model, 0.04
+# GFLOP a step, measured 1.08x; params/mnist.yaml's 1.4 GFLOP step 0.40x). A measurement of so
+# small a step is also the one a busy machine flips most easily.
+MIN_STEP_FLOPS = 2e8
 # Timed training steps per precision, after one untimed step (allocation, kernel choice).
 PROBE_STEPS = 3
 # Images per probe step at most: enough to reach the kernels' steady speed.
@@ -166,6 +173,11 @@ def _remember(key: str, chosen: str) -> str:
     return chosen
 
 
+def _geometry(model: CNNClassifier) -> tuple[int, tuple[int, int], int]:
+    channels, height, width = model.input_shape
+    return channels, (height, width), model.num_classes
+
+
 def choose_precision(fp32_seconds: float, bf16_seconds: float) -> str:
     """``bf16-mixed`` if a bf16 step is at least :data:`MIN_SPEEDUP` times faster."""
     return "bf16-mixed" if fp32_seconds >= MIN_SPEEDUP * bf16_seconds else "32-true"
@@ -246,6 +258,15 @@ def resolve_precision(
     if train.accelerator == "mps" or processes > 1 or not cpu_flags() & BF16_FLAGS:
         return "32-true"
     size = max(1, min(batch, PROBE_BATCH))
+    step_flops = size * sum(
+        row.flops for row in layer_shapes(model.model_params, *_geometry(model))
+    )
+    if step_flops < MIN_STEP_FLOPS:
+        log.info(
+            "train.precision auto: 32-true (a %.2f GFLOP step is bound by overhead, not compute)",
+            step_flops / 1e9,
+        )
+        return "32-true"
     threads = cpu_threads(runtime.threads, 1)
     key = _cache_key(model, size, threads)
     chosen = _cached(key)
