@@ -15,6 +15,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional import classification as tmf
 
 from convpipe.config.schema import ModelParams, Params, TrainParams, parse_params
 from convpipe.data.datasets import ArrayDataset
@@ -24,6 +25,7 @@ from convpipe.evaluation.evaluate import evaluate, read_history
 from convpipe.evaluation.metrics import (
     CALIBRATION_BINS,
     calibration_csv,
+    class_curves,
     compute_metrics,
     confusion_csv,
     expected_calibration_error,
@@ -31,12 +33,14 @@ from convpipe.evaluation.metrics import (
     mlflow_metrics,
     per_class_csv,
     reliability,
+    rows_csv,
     worst_mistakes,
 )
 from convpipe.evaluation.metrics import (
     test_loss as mean_test_loss,
 )
 from convpipe.evaluation.plots import (
+    plot_class_curves,
     plot_confusion,
     plot_curves,
     plot_misclassified,
@@ -182,6 +186,29 @@ def test_calibration_error_is_the_gap_between_confidence_and_accuracy() -> None:
     text = calibration_csv(bins)
     assert text.splitlines()[0] == "confidence,accuracy,ideal,count"
     assert plot_reliability(bins, 0.1).axes[0].get_title() == "Reliability (ECE 0.1000)"
+
+
+def test_class_curves_are_one_against_the_rest_for_every_class() -> None:
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat(30)
+    perfect = torch.nn.functional.one_hot(labels, 3).float() * 0.8 + 0.2 / 3
+    roc, pr = class_curves(perfect, labels, ["a", "b", "c"])
+    assert [row["class"] for row in roc][::101] == ["a", "b", "c"]
+    for name in "abc":
+        mine = [(r["fpr"], r["tpr"]) for r in roc if r["class"] == name]
+        assert len(mine) == 101 and (0.0, 1.0) in mine  # a perfect ranking: the corner
+        assert [r[0] for r in mine] == sorted(r[0] for r in mine)  # left to right
+        assert max(r["precision"] for r in pr if r["class"] == name and r["recall"] == 1.0) == 1.0
+    noisy = torch.rand(90, 3).softmax(1)
+    roc, _ = class_curves(noisy, labels, ["a", "b", "c"])
+    fpr = [r["fpr"] for r in roc if r["class"] == "a"]
+    tpr = [r["tpr"] for r in roc if r["class"] == "a"]
+    area = sum((fpr[i + 1] - fpr[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(fpr) - 1))
+    exact = float(tmf.binary_auroc(noisy[:, 0], (labels == 0).long()))
+    assert area == pytest.approx(exact, abs=0.03)  # 101 thresholds: close to the exact area
+    assert rows_csv(roc).splitlines()[0] == "class,fpr,tpr"
+    fig = plot_class_curves(roc, _, 0.5)
+    assert "macro AUROC 0.5000" in fig.axes[0].get_title()
 
 
 def test_test_loss_by_hand() -> None:

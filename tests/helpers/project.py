@@ -22,6 +22,7 @@ COPIED = [
     "requirements.lock",  # a dependency of the train stage
     ".dvc/config",
     ".dvc/.gitignore",
+    ".dvc/plots",  # the plot templates dvc.yaml names (by_class)
     ".dvcignore",
     ".gitignore",
 ]

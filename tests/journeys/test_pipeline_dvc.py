@@ -44,7 +44,14 @@ def test_repro_writes_every_stage_output(project):
     assert aug["splits"]["train"]["count"] == manifest["splits"]["train"]["count"]
     x = np.load(root / "data/augmented/train_x.npy", mmap_mode="r")
     assert x.shape == (aug["splits"]["train"]["count"], 8, 8, 1)
-    for png in ("augment_preview", "confusion_matrix", "misclassified", "curves"):
+    for png in (
+        "augment_preview",
+        "confusion_matrix",
+        "misclassified",
+        "curves",
+        "reliability",
+        "roc_pr",
+    ):
         assert (root / "reports" / f"{png}.png").read_bytes().startswith(b"\x89PNG")
     assert (root / "models/model.ckpt").stat().st_size > 0
     history = (root / "plots/train/history.csv").read_text().splitlines()
@@ -77,6 +84,13 @@ def test_dvc_metrics_and_plots_work(project):
     assert "index.html" in out
     html = (project.root / "plots_html" / "index.html").read_text()
     assert "confusion" in html.lower() or "predicted" in html
+    for title in (  # evaluate's curves: one line per class (.dvc/plots/by_class.json)
+        "Test ROC per class (one against the rest)",
+        "Test precision-recall per class (one against the rest)",
+        "Test reliability (calibration)",
+    ):
+        assert title in html, title
+    assert '"field": "class"' in html  # coloured by class, not one zigzag line
 
 
 def test_second_repro_runs_nothing(project):

@@ -592,9 +592,12 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
         "evaluation/misclassified.png",
         "evaluation/curves.png",
         "evaluation/reliability.png",
+        "evaluation/roc_pr.png",
         "evaluation/eval.json",
         "evaluation/per_class.csv",
         "evaluation/calibration.csv",
+        "evaluation/roc.csv",
+        "evaluation/pr.csv",
     }
     model = client.download_artifacts(run_id, "model/model.ckpt", str(tmp_path))
     assert Path(model).read_bytes() == Path(paths.model).read_bytes()

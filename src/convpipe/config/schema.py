@@ -66,10 +66,13 @@ class PathsParams(Section):
     eval_confusion: str
     eval_per_class: str
     eval_calibration: str
+    eval_roc: str
+    eval_pr: str
     confusion_png: str
     misclassified_png: str
     curves_png: str
     reliability_png: str
+    roc_pr_png: str
     tuning_reports: str
     tuning_checkpoints: str
     init_source: str

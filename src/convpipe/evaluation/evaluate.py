@@ -16,16 +16,19 @@ from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
 from convpipe.evaluation.metrics import (
     calibration_csv,
+    class_curves,
     compute_metrics,
     confusion_csv,
     headline,
     mlflow_metrics,
     per_class_csv,
     reliability,
+    rows_csv,
     test_loss,
     worst_mistakes,
 )
 from convpipe.evaluation.plots import (
+    plot_class_curves,
     plot_confusion,
     plot_curves,
     plot_misclassified,
@@ -95,6 +98,10 @@ def evaluate(params: Params) -> dict[str, Any]:
         paths.misclassified_png,
     )
     save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
+    roc, pr = class_curves(probs, labels, manifest.class_names)
+    write_text(paths.eval_roc, rows_csv(roc))
+    write_text(paths.eval_pr, rows_csv(pr))
+    save_figure(plot_class_curves(roc, pr, metrics["auroc_macro"]), paths.roc_pr_png)
     bins = reliability(probs, labels)
     write_text(paths.eval_calibration, calibration_csv(bins))
     save_figure(plot_reliability(bins, metrics["ece"]), paths.reliability_png)

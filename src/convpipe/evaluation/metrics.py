@@ -128,6 +128,60 @@ def calibration_csv(rows: Sequence[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
+#: Thresholds the per-class curves are drawn at (evenly spaced over [0, 1]): a fixed size
+#: whatever the test split's, for the plot files and the pictures.
+CURVE_THRESHOLDS = 101
+
+
+def class_curves(
+    probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One-vs-rest ROC and precision-recall curves of every class (torchmetrics).
+
+    Args:
+        probs: ``(N, K)`` probabilities.
+        labels: ``(N,)`` true classes.
+        class_names: The K names, in label order.
+
+    Returns:
+        ``(roc, pr)``: rows ``{class, fpr, tpr}`` and ``{class, recall, precision}``, each
+        class's points in the order of its curve (:data:`CURVE_THRESHOLDS` thresholds).
+    """
+    k, steps = len(class_names), CURVE_THRESHOLDS
+    # with a number of thresholds, torchmetrics returns (K, T) tensors, not lists
+    fpr, tpr, _ = tmf.multiclass_roc(probs, labels, num_classes=k, thresholds=steps)
+    precision, recall, _ = tmf.multiclass_precision_recall_curve(
+        probs, labels, num_classes=k, thresholds=steps
+    )
+    fpr, tpr = torch.as_tensor(fpr), torch.as_tensor(tpr)
+    precision, recall = torch.as_tensor(precision), torch.as_tensor(recall)
+    roc, pr = [], []
+    for i, name in enumerate(class_names):
+        order = torch.argsort(fpr[i] + 1e-9 * tpr[i])  # left to right, ties by tpr
+        roc += [
+            {"class": name, "fpr": round(float(fpr[i][j]), 6), "tpr": round(float(tpr[i][j]), 6)}
+            for j in order.tolist()
+        ]
+        pr += [
+            {
+                "class": name,
+                "recall": round(float(recall[i][j]), 6),
+                "precision": round(float(precision[i][j]), 6),
+            }
+            for j in range(recall.shape[1])
+        ]
+    return roc, pr
+
+
+def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of one shape as CSV text, the first row's keys as the header."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def _auroc(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     if k == 2:
         return float(tmf.binary_auroc(probs[:, 1], labels))

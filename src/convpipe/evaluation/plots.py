@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -99,6 +99,30 @@ def plot_reliability(rows: Sequence[dict[str, float]], ece: float) -> Figure:
     top.grid(alpha=0.3)
     bottom.bar(confidence, [row["count"] for row in rows], width=1 / 30, color="steelblue")
     bottom.set(xlabel="confidence (top class)", ylabel="images")
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_curves(
+    roc: Sequence[dict[str, Any]], pr: Sequence[dict[str, Any]], auroc: float
+) -> Figure:
+    """Per-class one-vs-rest ROC and precision-recall curves, side by side."""
+    fig = Figure(figsize=(11, 5))
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    names = list(dict.fromkeys(row["class"] for row in roc))
+    for name in names:
+        mine = [row for row in roc if row["class"] == name]
+        roc_ax.plot([r["fpr"] for r in mine], [r["tpr"] for r in mine], label=name)
+        mine = [row for row in pr if row["class"] == name]
+        pr_ax.plot([r["recall"] for r in mine], [r["precision"] for r in mine], label=name)
+    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="gray")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    roc_ax.set_title(f"ROC, one class against the rest (macro AUROC {auroc:.4f})", fontsize=10)
+    pr_ax.set(xlabel="recall", ylabel="precision", title="Precision-recall, one against the rest")
+    for ax in (roc_ax, pr_ax):
+        ax.grid(alpha=0.3)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    roc_ax.legend(fontsize=7, loc="lower right", ncol=2 if len(names) > 6 else 1)
     fig.tight_layout()
     return fig
 

@@ -270,10 +270,18 @@ def log_evaluation(
             paths.misclassified_png,
             paths.curves_png,
             paths.reliability_png,
+            paths.roc_pr_png,
         )
         for path in pictures:
             client.log_artifact(run_id, path, "evaluation")
-        for path in (paths.eval_metrics, paths.eval_per_class, paths.eval_calibration):
+        tables = (
+            paths.eval_metrics,
+            paths.eval_per_class,
+            paths.eval_calibration,
+            paths.eval_roc,
+            paths.eval_pr,
+        )
+        for path in tables:
             client.log_artifact(run_id, path, "evaluation")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, tracking_uri(params.mlflow), f"logging to run {run_id}") from None
