@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tarfile
@@ -45,7 +44,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, Checkout, Section, print_sections
+from common import (
+    ROOT,
+    Checkout,
+    Section,
+    append_record,
+    print_sections,
+    read_records,
+    t_interval,
+    write_results,
+)
 
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-train-jpg.tar.gz"
 SMALL = {"train": 200, "val": 50, "test": 100}
@@ -166,18 +174,10 @@ def _done(path: Path, source: str | None = None) -> set[tuple[object, ...]]:
 
     With ``source``, only the runs fine-tuned from (or compared with) that source count.
     """
-    if not path.is_file():
-        return set()
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     if source is not None:
         records = [r for r in records if r.get("source", _source(OLD_PRETRAIN)) == source]
     return {(r["part"], r.get("arm"), r.get("seed")) for r in records}
-
-
-def _log(path: Path, record: dict[str, object]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
 
 
 def run_small(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> None:
@@ -194,7 +194,7 @@ def run_small(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> No
                 extra.update(QUICK)
             root = tmp / f"small-{seed}-{len(list(tmp.iterdir()))}"
             figures = pipeline_run(root, recipes, {**values, **extra}, data)
-            _log(log, {"part": "small", "arm": arm, "seed": seed, **figures})
+            append_record(log, {"part": "small", "arm": arm, "seed": seed, **figures})
 
 
 def run_finetune(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> None:
@@ -212,7 +212,7 @@ def run_finetune(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) ->
     project.run("dvc", "repro")
     pre = json.loads((project.root / "metrics" / "eval.json").read_text())
     seconds = time.perf_counter() - start
-    _log(
+    append_record(
         log,
         {
             "part": "pretrain",
@@ -238,7 +238,7 @@ def run_finetune(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) ->
             run_values = {**values, **short, "base.seed": seed}
             figures = pipeline_run(root, ["params/photos.yaml"], run_values, new)
             record = {"part": "finetune", "source": source, "arm": arm, "seed": seed, **figures}
-            _log(log, record)
+            append_record(log, record)
 
 
 def run_cost(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> None:
@@ -275,7 +275,7 @@ def run_cost(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> Non
         "precision": result.precision,
         "train_images": 10 * counts["train"],
     }
-    _log(log, record)
+    append_record(log, record)
 
 
 def run_whole(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> None:
@@ -300,16 +300,7 @@ def run_whole(images: Path, tmp: Path, seeds: int, log: Path, quick: bool) -> No
         "epochs": int(trained["epochs"]),
         "accuracy": float(evaluated["accuracy"]),
     }
-    _log(log, record)
-
-
-def _interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95 % t interval (0 for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.5)
-    return mean, t95 * statistics.stdev(values) / math.sqrt(len(values))
+    append_record(log, record)
 
 
 def _table(records: list[dict], arms: Sequence[str]) -> tuple[str, dict[str, tuple[float, float]]]:
@@ -318,7 +309,7 @@ def _table(records: list[dict], arms: Sequence[str]) -> tuple[str, dict[str, tup
         mine = [r for r in records if r.get("arm") == arm]
         if not mine:
             continue
-        accuracy = _interval([r["accuracy"] for r in mine])
+        accuracy = t_interval([r["accuracy"] for r in mine])
         plain = statistics.fmean(r["accuracy_no_tta"] for r in mine)
         minutes = statistics.fmean(r["seconds"] for r in mine) / 60
         epochs = statistics.fmean(r["epochs"] for r in mine)
@@ -350,7 +341,7 @@ def _paired(tuned: list[dict]) -> tuple[float, float, list[float]] | None:
     ]
     if not diffs:
         return None
-    mean, half = _interval(diffs)
+    mean, half = t_interval(diffs)
     return mean, half, diffs
 
 
@@ -448,7 +439,7 @@ def _why_missed(paired: tuple[float, float, list[float]]) -> str:
 
 def report(log: Path, quick: bool) -> list[Section]:
     """The sections of RESULTS_PHOTOS.md from the runs in ``log``."""
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_records(log)
     sections = []
     small = [r for r in records if r["part"] == "small"]
     if small:
@@ -536,18 +527,7 @@ def report(log: Path, quick: bool) -> list[Section]:
 
 def write_report(log: Path, output: Path | None, quick: bool) -> None:
     """Print the report of the runs in ``log``, or write it as a results file (run_all's form)."""
-    sections = report(log, quick)
-    if output is None:
-        print_sections(sections)
-        return
-    from run_all import Timed, render
-
-    from convpipe.io import write_text
-
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    spent = sum(float(r.get("seconds", 0.0)) for r in records)
-    command = f"python benchmarks/bench_photos.py --log {log.name}, then --report --output"
-    write_text(output, render([Timed("bench_photos", spent, sections)], command, spent, quick))
+    write_results(report(log, quick), log, output, "bench_photos", quick)
 
 
 def run(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import json
 import math
 import sqlite3
 import statistics
@@ -37,7 +36,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MNIST, Checkout, Section, print_sections
+from common import (
+    MNIST,
+    Checkout,
+    Section,
+    append_record,
+    print_sections,
+    read_records,
+    t_interval,
+    write_results,
+)
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsgaii", "qmc")
 PARTS = ("samplers", "front")
@@ -122,16 +130,7 @@ def trial_values(root: Path) -> list[list[float] | None]:
 
 
 def _done(log: Path) -> set[tuple[str, str, int]]:
-    if not log.is_file():
-        return set()
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return {(r["part"], r.get("sampler", ""), r.get("seed", 0)) for r in records}
-
-
-def _log(log: Path, record: dict[str, object]) -> None:
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
+    return {(r["part"], r.get("sampler", ""), r.get("seed", 0)) for r in read_records(log)}
 
 
 def run_samplers(data: Path, work: Path, args: argparse.Namespace) -> None:
@@ -152,7 +151,7 @@ def run_samplers(data: Path, work: Path, args: argparse.Namespace) -> None:
             root, seconds = campaign(work / f"{sampler}-{seed}", data, values)
             scores = [v[0] if v else None for v in trial_values(root)]
             record = {"part": "samplers", "sampler": sampler, "seed": seed, "values": scores}
-            _log(args.log, {**record, "seconds": seconds, "epochs": args.epochs})
+            append_record(args.log, {**record, "seconds": seconds, "epochs": args.epochs})
 
 
 def run_front(data: Path, work: Path, args: argparse.Namespace) -> None:
@@ -172,19 +171,10 @@ def run_front(data: Path, work: Path, args: argparse.Namespace) -> None:
     with open(root / "reports" / "tuning" / "pareto_front.csv", newline="") as fh:
         front = list(csv.DictReader(fh))
     record = {"part": "front", "sampler": "tpe", "seed": 0, "front": front}
-    _log(args.log, {**record, "seconds": seconds, "trials": args.trials})
+    append_record(args.log, {**record, "seconds": seconds, "trials": args.trials})
 
 
 # ------------------------------------------------------------------------------- reporting
-
-
-def _interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95 % t interval (0 for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.5)
-    return mean, t95 * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def best_after(values: Sequence[float | None], trials: int) -> float:
@@ -214,7 +204,7 @@ def samplers_section(records: list[dict]) -> Section | None:
             continue
         cells = []
         for mark in marks:
-            mean, half = _interval([best_after(by[sampler, s], mark) for s in seeds])
+            mean, half = t_interval([best_after(by[sampler, s], mark) for s in seeds])
             cells.append(f"{100 * mean:.2f} ± {100 * half:.2f} %")
         paired = [s for s in seeds if ("tpe", s) in by]
         diff = "—"
@@ -223,7 +213,7 @@ def samplers_section(records: list[dict]) -> Section | None:
                 best_after(by[sampler, s], marks[-1]) - best_after(by["tpe", s], marks[-1])
                 for s in paired
             ]
-            mean, half = _interval(gaps)
+            mean, half = t_interval(gaps)
             diff = f"{100 * mean:+.2f} ± {100 * half:.2f}"
             if len(paired) >= 3 and mean - half > 0 and mean > best_gain:
                 verdict, best_gain = sampler, mean
@@ -284,24 +274,13 @@ def front_section(records: list[dict]) -> Section | None:
 
 
 def report(log: Path) -> list[Section]:
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_records(log)
     return [s for s in (samplers_section(records), front_section(records)) if s is not None]
 
 
 def write_report(log: Path, output: Path | None, quick: bool) -> None:
     """Print the report of the runs in ``log``, or write it as a results file (run_all's form)."""
-    sections = report(log)
-    if output is None:
-        print_sections(sections)
-        return
-    from run_all import Timed, render
-
-    from convpipe.io import write_text
-
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    spent = sum(float(r.get("seconds", 0.0)) for r in records)
-    command = f"python benchmarks/bench_samplers.py --log {log.name}, then --report --output"
-    write_text(output, render([Timed("bench_samplers", spent, sections)], command, spent, quick))
+    write_results(report(log), log, output, "bench_samplers", quick)
 
 
 def run(args: argparse.Namespace) -> list[Section]:

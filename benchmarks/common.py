@@ -8,6 +8,8 @@ so a benchmark can be smoke-tested in seconds; the committed results never come 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import shutil
@@ -184,3 +186,47 @@ def dense_peak(threads: int, precision: str, repeats: int = 3) -> float:
     finally:
         torch.set_num_threads(before)
     return best
+
+
+# ------------------------------------------------- runs kept in a JSON-lines log, and reports
+
+#: Two-sided 95 % t quantiles by sample size (n - 1 degrees of freedom); 2.5 past 5.
+T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95 % t interval (0 for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, T95.get(len(values), 2.5) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def read_records(log: Path) -> list[dict]:
+    """The runs a benchmark appended to ``log`` (none if it does not exist yet)."""
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def append_record(log: Path, record: dict[str, object]) -> None:
+    """Add one finished run to ``log`` (a rerun goes on from there) and print it."""
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def write_results(
+    sections: Sequence[Section], log: Path, output: Path | None, bench: str, quick: bool
+) -> None:
+    """Print ``sections``, or write them as a results file (run_all's form) for ``log``'s runs."""
+    if output is None:
+        print_sections(sections)
+        return
+    from run_all import Timed, render
+
+    from convpipe.io import write_text
+
+    spent = sum(float(r.get("seconds", 0.0)) for r in read_records(log))
+    command = f"python benchmarks/{bench}.py --log {log.name}, then --report --output"
+    write_text(output, render([Timed(bench, spent, sections)], command, spent, quick))

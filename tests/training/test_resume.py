@@ -39,10 +39,9 @@ def _epochs_checkpointed(root) -> int:
     return int(ckpt["epoch"])
 
 
-def _start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Popen:
-    """Start ``cmd`` in the project (own process group, stderr piped); return once ``epochs``
-    are checkpointed."""
-    proc = subprocess.Popen(
+def _start(project, cmd: list[str]) -> subprocess.Popen:
+    """Start ``cmd`` in the project, in its own process group, stderr piped as text."""
+    return subprocess.Popen(
         cmd,
         cwd=project.root,
         env=project.env,
@@ -51,6 +50,12 @@ def _start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Pope
         text=True,
         start_new_session=True,
     )
+
+
+def _start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Popen:
+    """Start ``cmd`` in the project (own process group, stderr piped); return once ``epochs``
+    are checkpointed."""
+    proc = _start(project, cmd)
     deadline = time.time() + 240
     while _epochs_checkpointed(project.root) < epochs and time.time() < deadline:
         assert proc.poll() is None, f"training ended before epoch {epochs}: {proc.stderr.read()}"
@@ -296,14 +301,7 @@ def _epoch_logged(root) -> int:
 def _kill_at_a_random_moment(project, moments: random.Random) -> None:
     """Start the training and SIGKILL it during start-up (3 in 10) or after 0-30 more epochs
     and a fraction of the next: bounded progress, so 6 kills never reach the 240 epochs."""
-    proc = subprocess.Popen(
-        ["python", "pipelines/train.py"],
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _start(project, ["python", "pipelines/train.py"])
     if moments.random() < 0.3:
         time.sleep(moments.uniform(0.2, 5.0))
     else:
@@ -313,7 +311,7 @@ def _kill_at_a_random_moment(project, moments: random.Random) -> None:
             time.sleep(0.02)
         time.sleep(moments.uniform(0.0, 0.3))
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaps it and closes its stderr pipe
 
 
 def test_soak_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp_path):
@@ -382,15 +380,7 @@ def test_the_history_and_train_json_grow_epoch_by_epoch_while_it_trains(tmp_path
     project.set_params(**{**SETTINGS, "train.patience": 8})
     project.run("dvc", "repro", "augment")
     history, metrics = project.root / "plots/train/history.csv", project.root / "metrics/train.json"
-    proc = subprocess.Popen(
-        ["python", "pipelines/train.py"],
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start(project, ["python", "pipelines/train.py"])
     rows_seen, running_seen = set(), []
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
