@@ -51,6 +51,7 @@ def test_repro_writes_every_stage_output(project):
         "curves",
         "reliability",
         "roc_pr",
+        "gradcam",
     ):
         assert (root / "reports" / f"{png}.png").read_bytes().startswith(b"\x89PNG")
     assert (root / "models/model.ckpt").stat().st_size > 0

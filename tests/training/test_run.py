@@ -593,6 +593,7 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
         "evaluation/curves.png",
         "evaluation/reliability.png",
         "evaluation/roc_pr.png",
+        "evaluation/gradcam.png",
         "evaluation/eval.json",
         "evaluation/per_class.csv",
         "evaluation/calibration.csv",

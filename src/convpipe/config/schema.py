@@ -73,6 +73,7 @@ class PathsParams(Section):
     curves_png: str
     reliability_png: str
     roc_pr_png: str
+    gradcam_png: str
     tuning_reports: str
     tuning_checkpoints: str
     init_source: str

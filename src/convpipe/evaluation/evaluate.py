@@ -12,8 +12,10 @@ from torchmetrics.functional import classification as tmf
 
 from convpipe.config.schema import Params
 from convpipe.data.datamodule import EVAL_BATCH_SIZE
+from convpipe.data.datasets import ArrayDataset
 from convpipe.data.manifest import Manifest
 from convpipe.errors import ConvpipeError
+from convpipe.evaluation.gradcam import grad_cam
 from convpipe.evaluation.metrics import (
     calibration_csv,
     class_curves,
@@ -38,6 +40,7 @@ from convpipe.evaluation.plots import (
 from convpipe.inference.predict import predict_logits, prepared_split
 from convpipe.inference.trained import load_trained
 from convpipe.io import write_json, write_text
+from convpipe.models.module import CNNClassifier
 from convpipe.models.network import probabilities
 from convpipe.tracking.runs import log_evaluation, open_training_run
 from convpipe.tracking.store import tracking_uri as resolve_uri
@@ -87,16 +90,16 @@ def evaluate(params: Params) -> dict[str, Any]:
     ).numpy()
     save_figure(plot_confusion(matrix, manifest.class_names), paths.confusion_png)
     worst = worst_mistakes(probs, labels, params.evaluate.misclassified)
-    save_figure(
-        plot_misclassified(
-            np.asarray(dataset.x[worst.numpy()]),  # a handful of rows: read order is moot
-            labels[worst].tolist(),
-            preds[worst].tolist(),
-            probs[worst, preds[worst]].tolist(),
-            manifest.class_names,
-        ),
-        paths.misclassified_png,
+    shown = (
+        np.asarray(dataset.x[worst.numpy()]),  # a handful of rows: read order is moot
+        labels[worst].tolist(),
+        preds[worst].tolist(),
+        probs[worst, preds[worst]].tolist(),
+        manifest.class_names,
     )
+    save_figure(plot_misclassified(*shown), paths.misclassified_png)
+    heat = _mistakes_cam(model, dataset, worst, preds)
+    save_figure(plot_misclassified(*shown, heat=heat), paths.gradcam_png)
     save_figure(plot_curves(read_history(paths.train_history)), paths.curves_png)
     roc, pr = class_curves(probs, labels, manifest.class_names)
     write_text(paths.eval_roc, rows_csv(roc))
@@ -109,6 +112,16 @@ def evaluate(params: Params) -> dict[str, Any]:
     examples = np.asarray(dataset.x[:EXAMPLE_IMAGES])
     _register(params, run.run_id, manifest, examples, metrics, (preds == labels).numpy())
     return metrics
+
+
+def _mistakes_cam(
+    model: CNNClassifier, dataset: ArrayDataset, worst: torch.Tensor, preds: torch.Tensor
+) -> np.ndarray:
+    """Grad-CAM maps ``(N, H, W)`` of the predicted class on the ``worst`` mistakes."""
+    if not len(worst):
+        return np.zeros((0, *model.input_shape[1:]), dtype=np.float32)
+    images, _ = dataset.__getitems__(worst.tolist())  # normalised as for the network
+    return grad_cam(model, images, preds[worst]).numpy()
 
 
 def _register(

@@ -46,8 +46,13 @@ def plot_misclassified(
     preds: Sequence[int],
     confidence: Sequence[float],
     class_names: Sequence[str],
+    heat: np.ndarray | None = None,
 ) -> Figure:
-    """A grid of uint8 images ``(N, H, W, C)`` titled ``true → predicted (confidence)``."""
+    """A grid of uint8 images ``(N, H, W, C)`` titled ``true → predicted (confidence)``.
+
+    With ``heat`` (``(N, H, W)`` in ``[0, 1]``, e.g. Grad-CAM maps), each image carries its map
+    as a translucent overlay: where the evidence for the predicted class was.
+    """
     n = max(len(images), 1)
     cols = min(n, 8)
     rows = (n + cols - 1) // cols
@@ -55,15 +60,22 @@ def plot_misclassified(
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, y, p, c in zip(axes.flat, images, labels, preds, confidence, strict=False):
+    maps = heat if heat is not None else [None] * len(images)
+    rows_of = zip(axes.flat, images, labels, preds, confidence, maps, strict=False)
+    for ax, image, y, p, c, m in rows_of:
         shown = image[..., 0] if image.shape[-1] == 1 else image
         ax.imshow(shown, cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
+        if m is not None:
+            ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
         ax.set_title(
             f"{class_names[y]} → {class_names[p]}\n({c:.2f})", fontsize=8, color="firebrick"
         )
     if not len(images):
         axes.flat[0].text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
-    fig.suptitle("Worst mistakes: true → predicted (confidence)", fontsize=10)
+    title = "Worst mistakes: true → predicted (confidence)"
+    if heat is not None:
+        title = "Grad-CAM of the predicted class on the worst mistakes: true → predicted"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

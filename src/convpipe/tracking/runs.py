@@ -271,6 +271,7 @@ def log_evaluation(
             paths.curves_png,
             paths.reliability_png,
             paths.roc_pr_png,
+            paths.gradcam_png,
         )
         for path in pictures:
             client.log_artifact(run_id, path, "evaluation")
