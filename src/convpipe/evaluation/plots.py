@@ -74,7 +74,7 @@ def plot_misclassified(
         axes.flat[0].text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
     title = "Worst mistakes: true → predicted (confidence)"
     if heat is not None:
-        title = "Grad-CAM of the predicted class on the worst mistakes: true → predicted"
+        title = "Grad-CAM of the predicted class\non the worst mistakes: true → predicted"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
