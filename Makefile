@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui tune-ui bench bench-cifar bench-photos lint tune gpu-check gpu-bundle docs docs-serve
+.PHONY: setup lock run test test-fast ui tune-ui bench bench-cifar bench-photos bench-samplers lint tune gpu-check gpu-bundle docs docs-serve
 
 LOCK := requirements.lock
 
@@ -71,6 +71,11 @@ bench-cifar: setup
 # each (~1 h on 2 cores): benchmarks/RESULTS_PHOTOS.md.
 bench-photos: setup
 	$(PY) benchmarks/run_all.py --only bench_photos --output benchmarks/RESULTS_PHOTOS.md
+
+# The six Optuna samplers on one space and budget (3 seeds of 20 trials, ~30 min on 2 cores)
+# and an accuracy/latency front: benchmarks/RESULTS_SAMPLERS.md.
+bench-samplers: setup
+	$(PY) benchmarks/run_all.py --only bench_samplers --output benchmarks/RESULTS_SAMPLERS.md
 
 # One table of what convpipe does on a CUDA GPU (<= 8 min), or one "skipped" line without one.
 # A GPU machine brings its own python and torch (no .venv there): the bundle supplies the rest.

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,11 +130,21 @@ def trial_values(root: Path) -> list[list[float] | None]:
     return [values.get(t) if states[t] == "COMPLETE" else None for t in sorted(states)]
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What each part runs: seeds, trials a campaign, epochs a trial, and the log."""
+
+    seeds: int
+    trials: int
+    epochs: int
+    log: Path
+
+
 def _done(log: Path) -> set[tuple[str, str, int]]:
     return {(r["part"], r.get("sampler", ""), r.get("seed", 0)) for r in read_records(log)}
 
 
-def run_samplers(data: Path, work: Path, args: argparse.Namespace) -> None:
+def run_samplers(data: Path, work: Path, args: Budget) -> None:
     """Every sampler, seed by seed (a rerun goes on with the campaigns not yet in the log)."""
     done = _done(args.log)
     for seed in range(args.seeds):
@@ -154,7 +165,7 @@ def run_samplers(data: Path, work: Path, args: argparse.Namespace) -> None:
             append_record(args.log, {**record, "seconds": seconds, "epochs": args.epochs})
 
 
-def run_front(data: Path, work: Path, args: argparse.Namespace) -> None:
+def run_front(data: Path, work: Path, args: Budget) -> None:
     """One two-objective campaign: its Pareto front of accuracy against latency."""
     if ("front", "tpe", 0) in _done(args.log):
         return
@@ -283,19 +294,29 @@ def write_report(log: Path, output: Path | None, quick: bool) -> None:
     write_results(report(log), log, output, "bench_samplers", quick)
 
 
-def run(args: argparse.Namespace) -> list[Section]:
-    """Run the parts, then report every run in the log."""
+def run(
+    quick: bool = False,
+    parts: Sequence[str] = PARTS,
+    seeds: int = 3,
+    log: Path | None = None,
+    trials: int = 20,
+    epochs: int = 2,
+    images: int = 3000,
+) -> list[Section]:
+    """Run the parts (``run_all.py --only bench_samplers`` calls this), then report the log."""
+    if quick:
+        seeds, trials, epochs, images = 1, 3, 1, 600
     if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
         return [Section("Samplers", "-", None, f"Skipped: {MNIST} not found.")]
     with tempfile.TemporaryDirectory(prefix="bench-samplers-") as tmp:
-        args.log = args.log or Path(tmp) / "runs.jsonl"
-        data = mnist_subset(Path(tmp) / "mnist", args.images)
+        budget = Budget(seeds, trials, epochs, log or Path(tmp) / "runs.jsonl")
+        data = mnist_subset(Path(tmp) / "mnist", images)
         runners = {"samplers": run_samplers, "front": run_front}
-        for part in args.part:
+        for part in parts:
             work = Path(tmp) / part
             work.mkdir()
-            runners[part](data, work, args)
-        return report(args.log)
+            runners[part](data, work, budget)
+        return report(budget.log)
 
 
 def main() -> None:
@@ -310,12 +331,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only report the runs in --log")
     parser.add_argument("--output", type=Path, help="with --report: the results file to write")
     args = parser.parse_args()
-    if args.quick:
-        args.seeds, args.trials, args.epochs, args.images = 1, 3, 1, 600
     if args.report:
         write_report(args.log, args.output, args.quick)
         return
-    print_sections(run(args))
+    budget = (args.seeds, args.log, args.trials, args.epochs, args.images)
+    print_sections(run(args.quick, args.part, *budget))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ both print to stdout, or write to ``--output``, and never to RESULTS.md.
 ``benchmarks/bench_cifar.py`` (the CIFAR-10 recipes trained for real, 15-40 min) runs with
 ``--only bench_cifar`` (``make bench-cifar``, into ``benchmarks/RESULTS_CIFAR.md``), and
 ``benchmarks/bench_photos.py`` (few photos a class and fine-tuning, ~1 h) with ``--only
-bench_photos`` (``make bench-photos``, into ``benchmarks/RESULTS_PHOTOS.md``).
+bench_photos`` (``make bench-photos``, into ``benchmarks/RESULTS_PHOTOS.md``), and
+``benchmarks/bench_samplers.py`` (the six Optuna samplers, 3 seeds of 20 trials, and an
+accuracy/latency front, ~30 min) with ``--only bench_samplers`` (``make bench-samplers``, into
+``benchmarks/RESULTS_SAMPLERS.md``).
 ``benchmarks/bench_tuning.py`` (pruned vs unpruned: two 12-trial campaigns of real
 ``convpipe tune``, up to 15 epochs a trial) stays a standalone script: the five benchmarks above
 already take ~25 of the 30 minutes ``make bench`` may take.
@@ -48,7 +51,7 @@ from convpipe.io import write_text  # noqa: E402
 
 MODULES = ("bench_loop", "bench_flops", "bench_mnist", "bench_augment", "bench_prepare")
 # Too long for make bench's budget: run with --only (make bench-cifar).
-STANDALONE = ("bench_cifar", "bench_photos")
+STANDALONE = ("bench_cifar", "bench_photos", "bench_samplers")
 RESULTS = HERE / "RESULTS.md"
 VERDICT = {True: "met", False: "missed", None: "skipped"}
 
