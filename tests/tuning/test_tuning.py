@@ -9,6 +9,7 @@ in the project's own sqlite store, so nothing is written into the repository.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import pickle
@@ -41,11 +42,12 @@ from convpipe.config.schema import (
 )
 from convpipe.errors import ConvpipeError
 from convpipe.tracking.store import ENV_URI
+from convpipe.training.resume import start_record
 from convpipe.tuning.apply import apply_best
 from convpipe.tuning.campaign import RUN_ATTR, Campaign
 from convpipe.tuning.launch import check_workers, plan_slots, split_trials
 from convpipe.tuning.liveness import HEARTBEAT_ATTR, REASON_ATTR, fail_stale_trials, heartbeat
-from convpipe.tuning.objective import WORKER_ATTR, Abandoned
+from convpipe.tuning.objective import WORKER_ATTR, Abandoned, TrialRunner
 from convpipe.tuning.objectives import directions
 from convpipe.tuning.retry import FAILED_TRIAL, RESTARTED_ATTR, RETRY_HISTORY, requeue
 from convpipe.tuning.space import (
@@ -387,6 +389,40 @@ def test_a_stopped_trial_is_queued_again_with_its_params_until_retries_or_budget
     again = study.tell(study.ask(), state=TrialState.FAIL)
     assert not requeue(study, again, params, folder)
     assert not [t for t in study.trials if t.state == TrialState.WAITING]
+
+
+def test_a_retry_of_other_params_data_or_code_starts_over_and_says_why(
+    make_params, tmp_path: Path, caplog
+) -> None:
+    params = make_params(**{"tune.n_trials": 3})
+    study = optuna.create_study(storage=journal(tmp_path / "restart.journal"))
+    first = study.ask()
+    first.suggest_float("train.lr", 1e-3, 1e-1, log=True)
+    requeue(study, study.tell(first, state=TrialState.FAIL), params, tmp_path / "unused")
+    retry = study.ask()
+    stored = study._storage.get_trial(retry._trial_id)
+    folder = tmp_path / "trial-0"
+    start_record(folder, "run-0", {"model": {"width": 1.0}, "code": "before"})
+    (folder / "last.ckpt").write_bytes(b"a checkpoint of the older code")
+    current = {"model": {"width": 1.0}, "code": "after"}
+    with caplog.at_level(logging.WARNING, logger="convpipe"):
+        assert TrialRunner._resume_point(retry, stored, folder, current) is None
+    said = study._storage.get_trial(retry._trial_id).user_attrs[RESTARTED_ATTR]
+    assert (
+        "code changed" in said
+        and f"trial {retry.number} (a retry of trial 0) starts over" in caplog.text
+    )
+    shutil.rmtree(folder)  # killed before its first epoch ended: nothing to go on from
+    assert TrialRunner._resume_point(retry, stored, folder, current) is None
+    assert study._storage.get_trial(retry._trial_id).user_attrs[RESTARTED_ATTR] == (
+        "no checkpoint was saved"
+    )
+    fresh = study.ask()  # not a retry: never looks for a checkpoint
+    assert (
+        TrialRunner._resume_point(fresh, study._storage.get_trial(fresh._trial_id), folder, current)
+        is None
+    )
+    assert RESTARTED_ATTR not in study._storage.get_trial(fresh._trial_id).user_attrs
 
 
 # --------------------------------------------------------------------------- MLflow nesting
