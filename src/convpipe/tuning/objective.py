@@ -203,7 +203,11 @@ class TrialRunner:
         Nothing is touched for a trial another worker took for dead: its retry may already
         train on in that run and from that folder.
         """
-        if not _ours(trial):
+        try:
+            ours = _ours(trial)
+        except Exception:  # the storage is what failed: the run is still this worker's
+            ours = True
+        if not ours:
             return
         if isinstance(exc, optuna.TrialPruned):
             self.campaign.end_trial(run_id, "PRUNED")
