@@ -35,14 +35,18 @@ COUNT_BATCH = 2
 def training_flops_per_image(model: CNNClassifier) -> float:
     """FLOPs of one training step per image: forward, loss and backward, on a copy.
 
-    The model and its gradients are left as they are; the count does not depend on the
-    weights, the precision or the batch size (convolutions and matrix products scale with it).
+    The model, its gradients and the random state are left as they are; the count does not
+    depend on the weights, the precision or the batch size (convolutions and matrix products
+    scale with it).
     """
-    probe = copy.deepcopy(model).train()
-    x = torch.randn(COUNT_BATCH, *probe.input_shape, device=probe.device)
-    y = torch.zeros(COUNT_BATCH, dtype=torch.long, device=probe.device)
-    with FlopCounterMode(display=False) as counter:
-        probe.data_loss(probe(x), y).backward()
+    # the random state put back: dropout and the input draw from it, and a resumed training
+    # (its state restored from the checkpoint before this runs) must draw what it would have
+    with torch.random.fork_rng(devices=[]):
+        probe = copy.deepcopy(model).train()
+        x = torch.randn(COUNT_BATCH, *probe.input_shape, device=probe.device)
+        y = torch.zeros(COUNT_BATCH, dtype=torch.long, device=probe.device)
+        with FlopCounterMode(display=False) as counter:
+            probe.data_loss(probe(x), y).backward()
     return counter.get_total_flops() / COUNT_BATCH
 
 
