@@ -599,6 +599,7 @@ def test_artifacts_of_train_and_evaluate(trained: Trained, tmp_path: Path) -> No
         "evaluation/calibration.csv",
         "evaluation/roc.csv",
         "evaluation/pr.csv",
+        f"promotion/{trained.params.mlflow.registered_model}-v1/test_correct.npy",
     }
     model = client.download_artifacts(run_id, "model/model.ckpt", str(tmp_path))
     assert Path(model).read_bytes() == Path(paths.model).read_bytes()

@@ -41,12 +41,13 @@ def training_flops_per_image(model: CNNClassifier) -> float:
     """
     # the random state put back: dropout and the input draw from it, and a resumed training
     # (its state restored from the checkpoint before this runs) must draw what it would have
+    # the network alone is copied: the LightningModule holds its Trainer during a fit, and
+    # with it the data, loggers and loops a deep copy would duplicate
     with torch.random.fork_rng(devices=[]):
-        probe = copy.deepcopy(model).train()
-        x = torch.randn(COUNT_BATCH, *probe.input_shape, device=probe.device)
-        y = torch.zeros(COUNT_BATCH, dtype=torch.long, device=probe.device)
+        net = copy.deepcopy(model.net).train()
+        x = torch.randn(COUNT_BATCH, *model.input_shape, device=model.device)
         with FlopCounterMode(display=False) as counter:
-            probe.data_loss(probe(x), y).backward()
+            net(x).float().sum().backward()  # any scalar: backward costs the same
     return counter.get_total_flops() / COUNT_BATCH
 
 
