@@ -170,3 +170,28 @@ def save_npy(target: str | os.PathLike[str], array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` atomically (readable later with ``mmap_mode='r'``)."""
     with atomic_path(target) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) while inside.
+
+    Where ``fcntl`` is missing (not POSIX), or the file cannot be opened (another user's),
+    it goes on unserialised: callers keep their writes atomic anyway.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        handle = open(path, "a+")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -265,24 +265,20 @@ def log_evaluation(
     try:
         for start in range(0, len(values), METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=values[start : start + METRICS_PER_BATCH])
-        pictures = (
+        outputs = (  # evaluate's pictures, then its tables
             paths.confusion_png,
             paths.misclassified_png,
             paths.curves_png,
             paths.reliability_png,
             paths.roc_pr_png,
             paths.gradcam_png,
-        )
-        for path in pictures:
-            client.log_artifact(run_id, path, "evaluation")
-        tables = (
             paths.eval_metrics,
             paths.eval_per_class,
             paths.eval_calibration,
             paths.eval_roc,
             paths.eval_pr,
         )
-        for path in tables:
+        for path in outputs:
             client.log_artifact(run_id, path, "evaluation")
     except (MlflowException, OSError) as exc:
         raise mlflow_error(exc, tracking_uri(params.mlflow), f"logging to run {run_id}") from None

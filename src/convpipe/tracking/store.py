@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from convpipe.config.schema import MlflowParams
 from convpipe.errors import ConvpipeError, disk_full, disk_full_cause
+from convpipe.io import exclusive_lock
 from convpipe.redact import mask
 
 if TYPE_CHECKING:
@@ -68,26 +69,12 @@ def store_lock(uri: str) -> Iterator[None]:
     (MLflow: "duplicate column", Optuna: "UNIQUE constraint failed: alembic_version"); two
     tuning workers would both create a parent run.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (start workers a few seconds apart)
-        yield
-        return
     key = uri
     if uri.startswith("sqlite:///"):
         key = str(Path(uri.removeprefix("sqlite:///")).resolve())
     name = f"convpipe-store-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
-    try:
-        handle = open(Path(tempfile.gettempdir()) / name, "a+")  # noqa: SIM115
-    except OSError:  # e.g. another user's lock file: go on unserialised
+    with exclusive_lock(Path(tempfile.gettempdir()) / name):  # not POSIX: start workers apart
         yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:

@@ -41,7 +41,7 @@ import torch
 
 from convpipe.config.schema import RuntimeParams, TrainParams
 from convpipe.hardware import cpu_threads
-from convpipe.io import write_json
+from convpipe.io import exclusive_lock, write_json
 from convpipe.models.module import CNNClassifier
 from convpipe.models.shapes import layer_shapes
 
@@ -137,22 +137,6 @@ def _cached(key: str) -> str | None:
     return chosen if chosen in ("32-true", "bf16-mixed") else None
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside ``path`` (where ``fcntl`` exists: POSIX)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the atomic rename alone
-        yield
-        return
-    with open(path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _remember(key: str, chosen: str) -> str:
     """Keep ``chosen`` unless a verdict for ``key`` was kept meanwhile; return the kept one.
 
@@ -162,7 +146,7 @@ def _remember(key: str, chosen: str) -> str:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path):
+        with exclusive_lock(path.with_suffix(".lock")):
             verdicts = _read_verdicts(path)
             if verdicts.get(key) in ("32-true", "bf16-mixed"):
                 return verdicts[key]

@@ -18,6 +18,7 @@ params, data or code is not resumed: the retry starts over in a new child run an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
@@ -69,8 +70,12 @@ def trial_folder(params: Params, study_key: str, trial: FrozenTrial) -> Path:
     return Path(params.paths.tuning_checkpoints) / study / f"trial-{first_number(trial)}"
 
 
+@functools.cache
 def code_digest() -> str:
-    """A digest of convpipe's Python sources: a retry of other code starts over."""
+    """A digest of convpipe's Python sources: a retry of other code starts over.
+
+    Read once per process: a worker's code does not change under it.
+    """
     digest = hashlib.sha256()
     package = Path(convpipe.__file__).parent
     for path in sorted(package.rglob("*.py")):
