@@ -147,8 +147,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConvpipeError(f"--top-k must be 1 or more, got {args.top_k}", "on the command line")
     params = load_params(args.params)
+    paths = params.paths
     model, manifest = load_trained(
-        params.paths.model, params.paths.prepared, params.train.accelerator
+        paths.model, paths.prepared, params.train.accelerator, paths.calibration
     )
     files = find_images(args.paths)
     if not files:
@@ -202,7 +203,8 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     from convpipe.tools.feature_maps import picture
 
     params = load_params(args.params)
-    model, manifest = load_trained(params.paths.model, params.paths.prepared)
+    paths = params.paths
+    model, manifest = load_trained(paths.model, paths.prepared, calibration=paths.calibration)
     image = load_image(args.image, manifest.channels, manifest.image_hw, resize=manifest.resize)
     name = Path(args.image).name
     output = args.output or f"{Path(args.image).stem}.feature_maps.png"

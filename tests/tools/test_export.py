@@ -21,6 +21,7 @@ from convpipe.data.datasets import ArrayDataset
 from convpipe.data.manifest import load_manifest, load_split
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
+from convpipe.inference.calibration import Calibration, checkpoint_digest, write_calibration
 from convpipe.inference.predict import predict_logits
 from convpipe.models.checkpoint import load_model
 from convpipe.models.network import probabilities
@@ -199,6 +200,24 @@ def test_metadata_round_trips(digits, exported, fmt: str) -> None:
     assert metadata["channels"] == 1 and metadata["image_size"] == [8, 8]
     assert metadata["input_shape"] == ["N", 1, 8, 8] and metadata["output_shape"] == ["N", 10]
     assert metadata["probabilities"] == "softmax"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_the_fitted_temperature_is_in_the_export_and_its_metadata(digits, tmp_path, fmt) -> None:
+    _, params = digits
+    calibration = Path(params.paths.calibration)
+    digest = checkpoint_digest(params.paths.model)
+    write_calibration(calibration, Calibration("temperature", 1.75, digest, "val", 40))
+    try:
+        result = ex.export_checkpoint(params, fmt, tmp_path / f"model.{fmt}")
+    finally:
+        calibration.unlink()
+    reference, dataset = _reference(params)  # the network's own logits
+    run, metadata = ex.load_exported(result.path, fmt)
+    images, _ = dataset.__getitems__(list(range(len(dataset))))
+    assert float((run(images) - reference / 1.75).abs().max()) <= 1e-5
+    assert metadata["temperature"] == 1.75
+    assert "already divided by the temperature 1.75" in metadata["postprocessing"]
 
 
 def test_onnx_file_is_valid_and_readable_without_convpipe(digits, exported) -> None:

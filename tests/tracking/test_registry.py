@@ -37,7 +37,7 @@ from convpipe.data.transforms.normalize import normalize_batch
 from convpipe.errors import ConvpipeError
 from convpipe.inference.predict import predict_images
 from convpipe.models.checkpoint import load_model
-from convpipe.tracking.pyfunc import image_signature, model_input, prediction_frame
+from convpipe.tracking.pyfunc import Serving, image_signature, model_input, prediction_frame
 from convpipe.tracking.registry import (
     ACCURACY_TAG,
     CHAMPION,
@@ -187,6 +187,7 @@ def _register(
     tta: str = "none",
     correct: np.ndarray | None = None,
     manifest: Manifest | None = None,
+    temperature: float = 1.0,
 ):
     """Register the trained checkpoint as if evaluated to ``accuracy`` (its first images right)."""
     if correct is None:
@@ -199,7 +200,7 @@ def _register(
         manifest or trained.manifest,
         trained.test_x[:2],
         accuracy,
-        tta,
+        Serving(tta, temperature),
         correct,
         0.05,
     )
@@ -419,13 +420,14 @@ REGISTER = """
 import sys
 import numpy as np
 from convpipe.data.manifest import load_manifest, load_split
+from convpipe.tracking.pyfunc import Serving
 from convpipe.tracking.registry import log_and_register
 uri, run_id, name, ckpt, prepared = sys.argv[1:6]
 manifest = load_manifest(prepared)
 x, _ = load_split(prepared, manifest, "test")
 right = np.arange(len(x)) < round(float(sys.argv[6]) * len(x))
-log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]), "none",
-                 right, 0.05)
+log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]),
+                 Serving("none"), right, 0.05)
 """
 
 
@@ -454,6 +456,27 @@ def test_the_alias_decision_waits_for_the_store_lock(trained: Trained, tmp_path:
     assert _champion(client, name) == "2"
 
 
+def test_registered_model_serves_with_the_fitted_temperature(trained: Trained) -> None:
+    version = _register(trained, "calibrated-cnn", 0.9, temperature=2.5).version
+    with tracking(trained.uri):
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/calibrated-cnn/{version}"))
+        pyfunc = mlflow.pyfunc.load_model(f"models:/calibrated-cnn/{version}")
+    # stated in the served model's own metadata
+    served = json.loads(next(folder.rglob("serving.json")).read_text())
+    assert served == {"tta": "none", "temperature": 2.5}
+    images = trained.test_x[:40]
+    out = pyfunc.predict(images[..., 0])
+    m = trained.manifest
+    model = load_model(trained.params.paths.model)
+    raw = predict_images(model, images, m.mean, m.std, top_k=10, tta="none")
+    model.temperature = 2.5
+    calibrated = predict_images(model, images, m.mean, m.std, top_k=10, tta="none")
+    for row, top, plain in zip(out["probabilities"], calibrated, raw, strict=True):
+        assert row == pytest.approx(dict(top), rel=1e-6)
+        assert plain[0][0] == top[0][0]  # the same class: only the confidence changed
+    assert max(p[0][1] for p in calibrated) < max(p[0][1] for p in raw)  # softer at T > 1
+
+
 def test_registry_failure_is_one_user_error_line(trained: Trained) -> None:
     with pytest.raises(ConvpipeError) as info:
         log_and_register(
@@ -464,7 +487,7 @@ def test_registry_failure_is_one_user_error_line(trained: Trained) -> None:
             trained.manifest,
             trained.test_x[:2],
             0.5,
-            "none",
+            Serving("none"),
             _right(trained, 10),
             0.05,
         )

@@ -60,6 +60,7 @@ class PathsParams(Section):
     checkpoints: str
     model: str
     run_info: str
+    calibration: str
     train_metrics: str
     train_history: str
     eval_metrics: str
@@ -448,6 +449,9 @@ class EvaluateParams(Section):
     tta: TtaMode
     top_k: Annotated[int, Field(ge=2)]
     misclassified: PositiveInt
+    calibration: Literal["none", "temperature"]
+    """``temperature``: divide the logits by one temperature fitted on the validation split
+    (Guo et al. 2017): confidences that mean what they say, the same predictions"""
     promotion_alpha: Annotated[float, Field(gt=0.0, lt=1.0)]
     """the level of McNemar's exact test a new version must pass against the champion, on
     the same test images, to take the ``champion`` alias"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,13 @@ from convpipe.evaluation.plots import (
     plot_reliability,
     save_figure,
 )
+from convpipe.inference.calibration import (
+    Calibration,
+    checkpoint_digest,
+    fit_temperature,
+    nll,
+    write_calibration,
+)
 from convpipe.inference.predict import predict_logits, prepared_split
 from convpipe.inference.trained import load_trained
 from convpipe.io import write_json, write_text
@@ -44,6 +52,8 @@ from convpipe.models.module import CNNClassifier
 from convpipe.models.network import probabilities
 from convpipe.tracking.runs import log_evaluation, open_training_run
 from convpipe.tracking.store import tracking_uri as resolve_uri
+
+log = logging.getLogger(__name__)
 
 EXAMPLE_IMAGES = 2  # test images saved with the registered model as its input example
 
@@ -73,6 +83,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     paths = params.paths
     client, run = open_training_run(params)
     model, manifest = load_trained(paths.model, paths.prepared, params.train.accelerator)
+    calibration = calibrate(params, model)
     dataset = prepared_split(paths.prepared, "test", params.base.seed)
     labels = torch.from_numpy(dataset.y)
     logits = predict_logits(model, dataset, EVAL_BATCH_SIZE, params.evaluate.tta)
@@ -81,6 +92,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     metrics = {
         **compute_metrics(probs, labels, manifest.class_names, params.evaluate.top_k),
         "loss": test_loss(logits, labels),
+        "temperature": calibration.temperature,
     }
     write_json(paths.eval_metrics, headline(metrics))
     write_text(paths.eval_per_class, per_class_csv(metrics["per_class"]))
@@ -114,6 +126,46 @@ def evaluate(params: Params) -> dict[str, Any]:
     return metrics
 
 
+def calibrate(params: Params, model: CNNClassifier) -> Calibration:
+    """Fit ``evaluate.calibration`` on the validation split, write it, and apply it to ``model``.
+
+    The validation logits are taken with ``evaluate.tta``, as the test's and the served
+    model's are. ``none`` writes ``T = 1``, so ``paths.calibration`` always names the
+    checkpoint it belongs to.
+
+    Args:
+        params: The validated params.
+        model: The loaded checkpoint (its :attr:`~CNNClassifier.temperature` is set).
+
+    Returns:
+        What was written to ``paths.calibration``.
+    """
+    paths, tta = params.paths, params.evaluate.tta
+    digest = checkpoint_digest(paths.model)
+    if params.evaluate.calibration == "none":
+        calibration = Calibration("none", 1.0, digest)
+    else:
+        val = prepared_split(paths.prepared, "val", params.base.seed)
+        labels = torch.from_numpy(val.y)
+        model.temperature = 1.0
+        logits = predict_logits(model, val, EVAL_BATCH_SIZE, tta) if len(val) else torch.empty(0)
+        temperature = fit_temperature(logits, labels)
+        before, after = nll(logits, labels), nll(logits, labels, temperature)
+        calibration = Calibration(
+            "temperature", temperature, digest, "val", len(labels), tta, before, after
+        )
+        log.info(
+            "temperature scaling: T = %.4g fitted on %d validation images (NLL %.4f -> %.4f)",
+            temperature,
+            len(labels),
+            before,
+            after,
+        )
+    write_calibration(paths.calibration, calibration)
+    model.temperature = calibration.temperature
+    return calibration
+
+
 def _mistakes_cam(
     model: CNNClassifier, dataset: ArrayDataset, worst: torch.Tensor, preds: torch.Tensor
 ) -> np.ndarray:
@@ -137,6 +189,7 @@ def _register(
     Better: by McNemar's exact test against the champion on the same test images
     (``correct``: which ones this model got right), at ``evaluate.promotion_alpha``.
     """
+    from convpipe.tracking.pyfunc import Serving
     from convpipe.tracking.registry import log_and_register
 
     log_and_register(
@@ -147,7 +200,7 @@ def _register(
         manifest,
         examples,
         metrics["accuracy"],
-        params.evaluate.tta,
+        Serving(params.evaluate.tta, float(metrics["temperature"])),
         correct,
         params.evaluate.promotion_alpha,
     )

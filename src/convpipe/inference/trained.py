@@ -8,6 +8,7 @@ from typing import NamedTuple
 from convpipe.data.manifest import Manifest, load_manifest
 from convpipe.errors import ConvpipeError
 from convpipe.hardware import inference_device
+from convpipe.inference.calibration import read_calibration
 from convpipe.models.checkpoint import load_model
 from convpipe.models.module import CNNClassifier
 
@@ -67,7 +68,12 @@ def check_matches(model: CNNClassifier, manifest: Manifest, where: str) -> None:
         )
 
 
-def load_trained(checkpoint: str | Path, prepared: str | Path, accelerator: str = "cpu") -> Trained:
+def load_trained(
+    checkpoint: str | Path,
+    prepared: str | Path,
+    accelerator: str = "cpu",
+    calibration: str | Path | None = None,
+) -> Trained:
     """Load ``checkpoint`` (weights only), check it against ``prepared``, move it for inference.
 
     Args:
@@ -75,16 +81,20 @@ def load_trained(checkpoint: str | Path, prepared: str | Path, accelerator: str 
         prepared: The prepared data folder holding ``manifest.json`` (``paths.prepared``).
         accelerator: ``train.accelerator``: a GPU is used when it allows one and one is present
             (:func:`convpipe.hardware.inference_device`).
+        calibration: ``paths.calibration``: the model divides its logits by the temperature
+            stored there for this checkpoint (:mod:`convpipe.inference.calibration`); None
+            for the raw logits.
 
     Returns:
         The model, in eval mode on that device, and the manifest.
 
     Raises:
-        ConvpipeError: A missing or unsafe checkpoint, a missing manifest, or data the model
-            was not trained on (:func:`check_matches`).
+        ConvpipeError: A missing or unsafe checkpoint, a missing manifest, data the model
+            was not trained on (:func:`check_matches`), or a damaged calibration file.
     """
     manifest = load_manifest(prepared)
     model = load_model(checkpoint)
     check_matches(model, manifest, f"at {checkpoint} and {prepared}")
+    model.temperature = read_calibration(calibration, checkpoint)
     model.to(inference_device(accelerator)).eval()
     return Trained(model, manifest)

@@ -184,6 +184,9 @@ class CNNClassifier(L.LightningModule):
         self.val_count = SumMetric()
         self.test_count = SumMetric()
         self.example_input_array = torch.zeros(1, *self.input_shape)
+        # Inference divides the logits by it (temperature scaling, fitted by evaluate and set
+        # by load_trained); not a weight: training and the checkpoint never see it.
+        self.temperature = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch.
@@ -192,7 +195,8 @@ class CNNClassifier(L.LightningModule):
             x: Float ``(N, C, H, W)``, already normalised, with the ``C, H, W`` of training.
 
         Returns:
-            ``(N,)`` logits of class 1 for 2 classes, else ``(N, K)`` logits.
+            ``(N,)`` logits of class 1 for 2 classes, else ``(N, K)`` logits; in eval mode
+            divided by :attr:`temperature`.
 
         Raises:
             ConvpipeError: If ``x`` does not have the shape the network was built for.
@@ -208,6 +212,8 @@ class CNNClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         compiled = self._compiled_net
         logits = compiled(x) if compiled is not None and self.training else self.net(x)
+        if not self.training and self.temperature != 1.0:
+            logits = logits / self.temperature
         return logits[:, 0] if self.binary else logits
 
     def set_class_counts(self, counts: Sequence[int]) -> None:

@@ -7,9 +7,10 @@ from the model directory that :mod:`convpipe.tracking.registry` logs.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -80,28 +81,45 @@ def prediction_frame(
     return pd.DataFrame(rows, columns=["class", "probability", "probabilities"])
 
 
-# the model directory's settings of how it predicts (today its test-time augmentation)
+# the model directory's settings of how it predicts: its test-time augmentation, temperature
 SERVING = "serving.json"
 
 
-def write_serving(path: Path, *, tta: str) -> None:
-    """Write the ``serving`` artifact: how the logged model predicts."""
-    path.write_text(json.dumps({"tta": tta}), encoding="utf-8")
+class Serving(NamedTuple):
+    """How the logged model predicts, as evaluate measured it (the ``serving`` artifact).
+
+    Attributes:
+        tta: ``evaluate.tta``.
+        temperature: The logits are divided by it (``evaluate.calibration``; 1.0: none).
+    """
+
+    tta: str
+    temperature: float = 1.0
 
 
-def serving_tta(artifacts: dict[str, str]) -> str:
-    """The TTA a loaded model predicts with: its ``serving`` artifact's ``evaluate.tta``.
+def write_serving(path: Path, serving: Serving) -> None:
+    """Write the ``serving`` artifact."""
+    path.write_text(json.dumps(serving._asdict()), encoding="utf-8")
+
+
+def read_serving(artifacts: dict[str, str]) -> Serving:
+    """How a loaded model predicts: its ``serving`` artifact.
 
     Not MLflow's ``model_config``: logging one also logs its keys as params of the training's
-    run, and a changed ``evaluate.tta`` would then clash with the run's earlier value.
+    run, and a changed ``evaluate.tta`` would then clash with the run's earlier value. A model
+    registered before calibration existed has no temperature: 1.0.
 
     Raises:
-        ValueError: For a TTA that is not one of :data:`TTA_MODES`.
+        ValueError: For a TTA that is not one of :data:`TTA_MODES`, or a temperature that is not
+            a positive number.
     """
-    tta = json.loads(Path(artifacts["serving"]).read_text(encoding="utf-8"))["tta"]
+    stored = json.loads(Path(artifacts["serving"]).read_text(encoding="utf-8"))
+    tta, temperature = stored["tta"], float(stored.get("temperature", 1.0))
     if tta not in TTA_MODES:
         raise ValueError(f"serving tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    return str(tta)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"serving temperature must be a positive number, got {temperature}")
+    return Serving(str(tta), temperature)
 
 
 class ImageClassifier(PythonModel):
@@ -109,7 +127,8 @@ class ImageClassifier(PythonModel):
 
     The model directory's artifacts are ``checkpoint`` (the Lightning checkpoint) and
     ``manifest`` (the prepared data's ``manifest.json``: class names, image size, mean, std)
-    and ``serving`` (:data:`SERVING`: the test-time augmentation it predicts with).
+    and ``serving`` (:data:`SERVING`: the test-time augmentation and temperature it predicts
+    with).
     """
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -118,7 +137,9 @@ class ImageClassifier(PythonModel):
         self.manifest = load_manifest(Path(context.artifacts["manifest"]).parent)
         self.model = load_model(checkpoint)
         check_matches(self.model, self.manifest, f"in the MLflow model at {checkpoint}")
-        self.tta = serving_tta(context.artifacts)
+        serving = read_serving(context.artifacts)
+        self.tta = serving.tta
+        self.model.temperature = serving.temperature
 
     def predict(
         self,

@@ -47,7 +47,13 @@ from mlflow.entities import Run
 
 from convpipe.data.manifest import MANIFEST, Manifest
 from convpipe.redact import mask
-from convpipe.tracking.pyfunc import SERVING, image_signature, model_input, write_serving
+from convpipe.tracking.pyfunc import (
+    SERVING,
+    Serving,
+    image_signature,
+    model_input,
+    write_serving,
+)
 from convpipe.tracking.store import mlflow_error, store_lock
 
 log = logging.getLogger("convpipe")
@@ -231,7 +237,7 @@ def _log_model(
     manifest: Manifest,
     examples: np.ndarray,
     tags: dict[str, str],
-    tta: str,
+    serving: Serving,
 ) -> str:
     """Log the pyfunc into ``run`` and register it; the new version number.
 
@@ -243,8 +249,12 @@ def _log_model(
         name=MODEL_NAME,
         source_run_id=run.info.run_id,
         tags=tags,
-        # the run's params as trained, with the TTA this model serves with (evaluate's, now)
-        params={**run.data.params, "evaluate.tta": tta},
+        # the run's params as trained, with how this model serves (evaluate's, now)
+        params={
+            **run.data.params,
+            "evaluate.tta": serving.tta,
+            "evaluate.temperature": str(serving.temperature),
+        },
         experiment_id=run.info.experiment_id,
     )
     with tempfile.TemporaryDirectory(prefix="convpipe-model-") as tmp:
@@ -252,7 +262,7 @@ def _log_model(
         code.write_text(_CODE, encoding="utf-8")
         (Path(tmp) / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
         # an artifact, not ``model_config``: MLflow would also log that as a run param ``tta``
-        write_serving(Path(tmp) / SERVING, tta=tta)
+        write_serving(Path(tmp) / SERVING, serving)
         info = mlflow.models.Model.log(
             artifact_path=None,
             flavor=mlflow.pyfunc,
@@ -404,7 +414,7 @@ def log_and_register(
     manifest: Manifest,
     examples: np.ndarray,
     accuracy: float,
-    tta: str,
+    serving: Serving,
     correct: np.ndarray,
     alpha: float,
 ) -> Registration:
@@ -418,8 +428,9 @@ def log_and_register(
         manifest: The prepared data's manifest (image geometry, class names, mean, std).
         examples: A few uint8 test images ``(N, H, W, C)``: the model's input example.
         accuracy: The test accuracy, tagged on the version and compared with the champion's.
-        tta: ``evaluate.tta``, the test-time augmentation that accuracy was measured with;
-            the served model predicts with it too (its ``serving.json`` artifact).
+        serving: ``evaluate.tta``, the test-time augmentation that accuracy was measured with,
+            and the temperature of ``evaluate.calibration``: the served model predicts with
+            them too (its ``serving.json`` artifact).
         correct: ``(N,)`` bool, which test images it classified right, in the split's order.
         alpha: ``evaluate.promotion_alpha``, the level of the paired test against the champion.
 
@@ -443,7 +454,7 @@ def log_and_register(
         client = MlflowClient(tracking_uri=uri)  # registry: as the fluent API resolves it
         run = client.get_run(run_id)
         with _fluent_api(uri):
-            version = _log_model(run, name, checkpoint, manifest, examples, tags, tta)
+            version = _log_model(run, name, checkpoint, manifest, examples, tags, serving)
         _keep_record(client, run_id, name, version, correct)
         candidate = Candidate(version, accuracy, classes, manifest.content_hash, correct)
         with store_lock(uri):

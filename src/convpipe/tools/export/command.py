@@ -77,7 +77,9 @@ def export_checkpoint(params: Params, fmt: str, output: str | Path | None) -> Ex
     _check_output(target, checkpoint)
     if fmt == "onnx":
         require_onnx()  # before the slow parts, so a missing extra is the first thing said
-    model, manifest = load_trained(checkpoint, params.paths.prepared)
+    model, manifest = load_trained(
+        checkpoint, params.paths.prepared, calibration=params.paths.calibration
+    )
     dataset = prepared_split(params.paths.prepared, "test", params.base.seed)
     if len(dataset) == 0:
         raise ConvpipeError(

@@ -26,8 +26,10 @@ def export_metadata(model: CNNClassifier, manifest: Manifest) -> dict[str, Any]:
     Returns:
         ``class_names``, ``num_classes``, ``channels``, ``image_size`` ``[H, W]``, ``mean``,
         ``std``, input/output names and shapes (``"N"`` for the free batch dimension),
-        ``preprocessing``, ``probabilities`` (``sigmoid`` for 2 classes, else ``softmax``) and
-        ``postprocessing`` saying how to turn the logits into class probabilities.
+        ``preprocessing``, ``probabilities`` (``sigmoid`` for 2 classes, else ``softmax``),
+        ``temperature`` (the logits are already divided by it: ``evaluate.calibration``; 1.0
+        for none) and ``postprocessing`` saying how to turn the logits into class
+        probabilities.
     """
     names = list(model.hparams.get("class_names") or manifest.class_names)
     channels, height, width = model.input_shape
@@ -37,6 +39,12 @@ def export_metadata(model: CNNClassifier, manifest: Manifest) -> dict[str, Any]:
         post = f"p = sigmoid(logit) is the probability of '{names[1]}', 1 - p that of '{names[0]}'"
     else:
         post = "softmax over the last dimension gives the probabilities of class_names, in order"
+    temperature = float(model.temperature)
+    if temperature != 1.0:
+        post += (
+            f"; the logits are already divided by the temperature {temperature:g} fitted on "
+            "the validation split, so these probabilities are calibrated"
+        )
     return {
         "metadata_version": METADATA_VERSION,
         "producer": f"convpipe {__version__}",
@@ -56,6 +64,7 @@ def export_metadata(model: CNNClassifier, manifest: Manifest) -> dict[str, Any]:
         "output_name": OUTPUT_NAME,
         "output_shape": output_shape,
         "probabilities": "sigmoid" if binary else "softmax",
+        "temperature": temperature,
         "postprocessing": post,
     }
 

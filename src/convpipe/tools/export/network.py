@@ -32,12 +32,17 @@ class LogitsNet(nn.Module):
         super().__init__()
         self.net = model.net
         self.binary = bool(model.binary)
+        # the temperature evaluate fitted (1.0: none), so the export gives the served logits
+        self.temperature = float(model.temperature)
         channels, height, width = model.input_shape
         self.channels, self.height, self.width = int(channels), int(height), int(width)
         self.message = f"expected a float32 batch of shape (N, {channels}, {height}, {width})"
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits ``(N,)`` (2 classes) or ``(N, K)`` for normalised float ``(N, C, H, W)``."""
+        """Logits ``(N,)`` (2 classes) or ``(N, K)`` for normalised float ``(N, C, H, W)``.
+
+        Divided by the checkpoint's temperature, as :class:`CNNClassifier` divides them.
+        """
         shape = images.shape
         if (
             images.dim() != 4
@@ -47,4 +52,6 @@ class LogitsNet(nn.Module):
         ):
             raise ValueError(self.message)
         logits = self.net(images)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return logits[:, 0] if self.binary else logits
