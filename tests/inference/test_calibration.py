@@ -55,6 +55,19 @@ def test_two_classes_fit_on_the_single_logit() -> None:
     assert fit_temperature(z * 4, labels) == pytest.approx(4, rel=0.1)
 
 
+def test_a_split_without_a_mistake_has_no_temperature_to_fit() -> None:
+    # every image right: the NLL keeps falling as T -> 0, so any T fitted would be the bound
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0]] * 30)
+    labels = torch.tensor([0, 1, 2] * 30)
+    assert fit_temperature(logits, labels) is None
+    binary = torch.tensor([-4.0, 3.0, -5.0] * 30)
+    assert fit_temperature(binary, (labels == 1).long()) is None
+    # one mistake bounds it from below: a temperature inside the search again
+    logits[0] = torch.tensor([0.0, 2.0, 0.0])
+    fitted = fit_temperature(logits, labels)
+    assert fitted is not None and 1 / 20 < fitted < 1
+
+
 def test_an_empty_val_split_is_one_line() -> None:
     with pytest.raises(ConvpipeError) as info:
         fit_temperature(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
@@ -94,7 +107,7 @@ def test_evaluate_fits_on_val_and_every_loader_divides_by_it(project: Params) ->
     assert stored["checkpoint_sha256"] == checkpoint_digest(params.paths.model)
     assert stored["nll_after"] <= stored["nll_before"]
     temperature = stored["temperature"]
-    assert temperature != 1.0 and model.temperature == temperature
+    assert temperature != 1.0 and model.temperature == temperature  # the val split has mistakes
     # predict, export and feature maps load through load_trained: the logits come divided
     calibrated = _val_logits(params, temperature)
     torch.testing.assert_close(calibrated, raw / temperature)

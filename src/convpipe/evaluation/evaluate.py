@@ -130,8 +130,9 @@ def calibrate(params: Params, model: CNNClassifier) -> Calibration:
     """Fit ``evaluate.calibration`` on the validation split, write it, and apply it to ``model``.
 
     The validation logits are taken with ``evaluate.tta``, as the test's and the served
-    model's are. ``none`` writes ``T = 1``, so ``paths.calibration`` always names the
-    checkpoint it belongs to.
+    model's are. ``none``, or a split with nothing to fit (no mistake: see
+    :func:`~convpipe.inference.calibration.fit_temperature`), writes ``T = 1``, so
+    ``paths.calibration`` always names the checkpoint it belongs to.
 
     Args:
         params: The validated params.
@@ -149,21 +150,36 @@ def calibrate(params: Params, model: CNNClassifier) -> Calibration:
         labels = torch.from_numpy(val.y)
         model.temperature = 1.0
         logits = predict_logits(model, val, EVAL_BATCH_SIZE, tta) if len(val) else torch.empty(0)
-        temperature = fit_temperature(logits, labels)
+        fitted = fit_temperature(logits, labels)
+        temperature = 1.0 if fitted is None else fitted
         before, after = nll(logits, labels), nll(logits, labels, temperature)
         calibration = Calibration(
             "temperature", temperature, digest, "val", len(labels), tta, before, after
         )
-        log.info(
-            "temperature scaling: T = %.4g fitted on %d validation images (NLL %.4f -> %.4f)",
-            temperature,
-            len(labels),
-            before,
-            after,
-        )
+        _say_calibration(fitted, len(labels), before, after)
     write_calibration(paths.calibration, calibration)
     model.temperature = calibration.temperature
     return calibration
+
+
+def _say_calibration(fitted: float | None, images: int, before: float, after: float) -> None:
+    """One line: the fitted temperature and what it did to the validation NLL, or why none."""
+    if fitted is None:
+        log.warning(
+            "temperature scaling: the %d validation images have no minimum of the NLL inside "
+            "T in [1/20, 20] (the model makes no mistake on them, so the NLL keeps falling as "
+            "T -> 0): T stays 1; a larger val split (data.val_fraction) gives it mistakes to "
+            "fit on",
+            images,
+        )
+        return
+    log.info(
+        "temperature scaling: T = %.4g fitted on %d validation images (NLL %.4f -> %.4f)",
+        fitted,
+        images,
+        before,
+        after,
+    )
 
 
 def _mistakes_cam(

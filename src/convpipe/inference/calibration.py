@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 #: The temperatures searched, as ``log T``: from 1/20 to 20 times the logits' scale. A fitted
 #: value at either end means the validation split says little (a handful of images).
 LOG_T_BOUNDS = (-math.log(20.0), math.log(20.0))
+#: How close to a bound (in ``log T``) a minimum counts as on it: no minimum inside
+BOUND_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -92,19 +94,22 @@ def nll(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> float:
     return float(F.cross_entropy(scaled, labels))
 
 
-def fit_temperature(logits: Tensor, labels: Tensor) -> float:
-    """The ``T`` that minimises :func:`nll` of a held-out split.
+def fit_temperature(logits: Tensor, labels: Tensor) -> float | None:
+    """The ``T`` that minimises :func:`nll` of a held-out split, or None where none does.
 
     A bounded one-dimensional search over ``log T`` (:data:`LOG_T_BOUNDS`): the NLL is convex
     in ``1/T`` and this needs no learning rate or step count, and gives the same ``T`` for the
-    same logits every time.
+    same logits every time. A split the model classifies without a mistake has no minimum:
+    its NLL keeps falling as ``T`` goes to 0 (every confidence to 1). That says nothing about
+    the images to come, so it gives None (keep ``T = 1``), as does a minimum on a bound.
 
     Args:
         logits: The validation split's logits, ``(N,)`` or ``(N, K)``.
         labels: Its classes ``(N,)``.
 
     Returns:
-        The temperature, rounded to 4 significant digits (what is stored is what is applied).
+        The temperature, rounded to 4 significant digits (what is stored is what is applied),
+        or None for a split without a mistake or a minimum on a bound of the search.
 
     Raises:
         ConvpipeError: For an empty split.
@@ -115,13 +120,20 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
             "at evaluate.calibration",
             "set data.val_fraction above 0, or evaluate.calibration: none",
         )
+    predicted = logits.argmax(1) if logits.ndim == 2 else (logits > 0).long()
+    if bool((predicted == labels).all()):
+        return None  # no mistake: the minimum is at T -> 0 (numerically flat long before)
+    low, high = LOG_T_BOUNDS
     result = minimize_scalar(
         lambda log_t: nll(logits, labels, math.exp(log_t)),
         bounds=LOG_T_BOUNDS,
         method="bounded",
         options={"xatol": 1e-5},
     )
-    return float(f"{math.exp(float(result.x)):.4g}")
+    log_t = float(result.x)
+    if min(log_t - low, high - log_t) < BOUND_MARGIN:
+        return None
+    return float(f"{math.exp(log_t):.4g}")
 
 
 def write_calibration(path: str | Path, calibration: Calibration) -> None:
