@@ -5,8 +5,9 @@
 
 starts ``mlflow server`` on 127.0.0.1 over the project's ``mlflow.db``, opens its training
 runs in Debian's ``chromium`` (through ``chromedriver`` and Selenium) and writes
-``mlflow_runs.png`` (the runs table: names, datasets) and ``mlflow_val_acc.png`` (the chart
-view filtered to ``val/acc`` per epoch). The README's "Compare experiments" pictures are made
+``mlflow_runs.png`` (the runs table: names, datasets), ``mlflow_val_acc.png`` (the chart
+view filtered to ``val/acc`` per epoch) and ``mlflow_system_metrics.png`` (the newest training
+run's system metrics tab). The README's "Compare experiments" pictures are made
 with it after the commands of that section; with ``--dashboard`` it writes
 ``tune_dashboard.png``, optuna-dashboard's page of a study that ``convpipe tune-ui`` serves
 (docs/tuning.md). ``tests/journeys/test_compare.py``
@@ -208,6 +209,32 @@ def training_run_names(store: Path, experiment: str) -> list[str]:
     return [r.info.run_name for r in runs if "convpipe.kind" not in r.data.tags]
 
 
+def newest_run_with_system_metrics(store: Path, experiment: str) -> str:
+    """The id of the experiment's newest training run that has MLflow's system metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store.resolve()}")
+    for run in client.search_runs([experiment], order_by=["attributes.start_time DESC"]):
+        if "convpipe.kind" not in run.data.tags and any(
+            key.startswith("system/") for key in run.data.metrics
+        ):
+            return str(run.info.run_id)
+    raise RuntimeError(f"no training run with system metrics in experiment {experiment}")
+
+
+def system_metrics_shot(driver: Any, url: str, experiment: str, run_id: str, out: Path) -> None:
+    """Screenshot the run page's *System metrics* tab (CPU, memory, disk, network charts)."""
+    driver.get(f"{url}/#/experiments/{experiment}/runs/{run_id}/system-metrics")
+    wait_until(
+        driver,
+        lambda d: "cpu_utilization" in d.find_element("tag name", "body").text,
+        "the system metrics charts",
+    )
+    _close_assistant(driver)
+    time.sleep(3)  # the charts draw after the page's text
+    driver.save_screenshot(str(out))
+
+
 def dashboard_shot(driver: Any, url: str, study: str, out: Path) -> None:
     """Screenshot optuna-dashboard's page of ``study`` (``convpipe tune-ui`` at ``url``)."""
     import json
@@ -251,7 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         show_chart(driver, "val/acc")
         enlarge_first_chart(driver)
         driver.save_screenshot(str(args.out / "mlflow_val_acc.png"))
-    print(f"{args.out}/mlflow_runs.png, {args.out}/mlflow_val_acc.png: runs {', '.join(names)}")
+        run_id = newest_run_with_system_metrics(store, exp)
+        system_metrics_shot(driver, url, exp, run_id, args.out / "mlflow_system_metrics.png")
+    print(
+        f"{args.out}/mlflow_runs.png, {args.out}/mlflow_val_acc.png: runs {', '.join(names)}; "
+        f"{args.out}/mlflow_system_metrics.png: run {run_id}"
+    )
 
 
 if __name__ == "__main__":

@@ -189,6 +189,8 @@ def test_calibration_error_is_the_gap_between_confidence_and_accuracy() -> None:
     text = calibration_csv(bins)
     assert text.splitlines()[0] == "confidence,accuracy,ideal,count"
     assert plot_reliability(bins, 0.1).axes[0].get_title() == "Reliability (ECE 0.1000)"
+    scaled = plot_reliability(bins, 0.02, 0.4812).axes[0].get_title()
+    assert scaled == "Reliability (ECE 0.0200, logits / 0.4812)"
 
 
 def test_class_curves_are_one_against_the_rest_for_every_class() -> None:

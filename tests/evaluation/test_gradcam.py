@@ -9,7 +9,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from convpipe.config.schema import ModelParams
 from convpipe.evaluation.gradcam import grad_cam
 from convpipe.evaluation.plots import plot_misclassified
-from tests.helpers.models import QUIET_LIGHTNING, TINY_RESIDUAL, classifier, quiet_trainer
+from tests.helpers.models import (
+    QUIET_LIGHTNING,
+    TINY_CONV,
+    TINY_RESIDUAL,
+    classifier,
+    model_section,
+    quiet_trainer,
+)
 
 pytestmark = QUIET_LIGHTNING
 
@@ -81,3 +88,19 @@ def test_residual_networks_and_the_single_logit_of_two_classes(params, num_class
     cams = grad_cam(model, images, torch.tensor([0, 1, 1]))
     assert cams.shape == (3, 8, 8) and torch.isfinite(cams).all()
     assert ((cams.flatten(1).amax(1) == 1) | (cams.flatten(1).amax(1) == 0)).all()
+
+
+def test_a_network_pooled_to_one_pixel_is_mapped_where_it_still_has_extent(
+    params, tmp_path
+) -> None:
+    # three 2x2 poolings take 8x8 to 1x1: the last block's output has one pixel to weigh
+    conv = [{**TINY_CONV[0], "filters": 8}] * 3
+    model = classifier(params, num_classes=3, model=ModelParams(**model_section(conv, [], 0.0)))
+    torch.manual_seed(0)
+    x, y = _patches(300, seed=1)
+    quiet_trainer(tmp_path, max_epochs=30).fit(model, DataLoader(TensorDataset(x, y), 32))
+    test_x, test_y = _patches(30, seed=2)
+    cams = grad_cam(model, test_x, test_y)
+    spread = cams.flatten(1).amax(1) - cams.flatten(1).amin(1)
+    # maps, not one flat colour each (the 1x1 output of the last pooling gave exactly that)
+    assert (spread > 0.5).float().mean() > 0.9, spread

@@ -56,7 +56,8 @@ def plot_misclassified(
     n = max(len(images), 1)
     cols = min(n, 8)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(max(1.8 * cols, 4.5), 2.0 * rows + 0.4))
+    # constrained layout leaves room for each image's two-line title and the figure's title
+    fig = Figure(figsize=(max(1.8 * cols, 4.5), 2.3 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -76,7 +77,6 @@ def plot_misclassified(
     if heat is not None:
         title = "Grad-CAM of the predicted class\non the worst mistakes: true → predicted"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -99,14 +99,18 @@ def plot_curves(history: Sequence[dict[str, str]]) -> Figure:
     return fig
 
 
-def plot_reliability(rows: Sequence[dict[str, float]], ece: float) -> Figure:
+def plot_reliability(
+    rows: Sequence[dict[str, float]], ece: float, temperature: float = 1.0
+) -> Figure:
     """The reliability diagram: accuracy against confidence per bin, the diagonal, the counts."""
     fig = Figure(figsize=(5, 6))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     confidence = [row["confidence"] for row in rows]
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="calibrated")
     top.plot(confidence, [row["accuracy"] for row in rows], marker="o", label="model")
-    top.set(ylabel="accuracy", title=f"Reliability (ECE {ece:.4f})", xlim=(0, 1), ylim=(0, 1))
+    scaled = f", logits / {temperature:.4g}" if temperature != 1.0 else ""
+    title = f"Reliability (ECE {ece:.4f}{scaled})"
+    top.set(ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
     top.legend(loc="upper left")
     top.grid(alpha=0.3)
     bottom.bar(confidence, [row["count"] for row in rows], width=1 / 30, color="steelblue")
