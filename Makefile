@@ -29,9 +29,11 @@ lock: setup
 run: setup
 	dvc repro
 
-# --durations: the slowest tests in every run's log, to keep `make test` within its ~25 min
+# --durations: the slowest tests in every run's log, to keep `make test` within its ~25 min;
+# -n auto: one pytest-xdist worker per core, each taking whole test files (module fixtures
+# are built once), the end-to-end files first (tests/conftest.py)
 test: setup
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -n auto --dist loadfile --durations=25
 
 # The edit loop (< 2 min): unit tests, no end-to-end runs and no subprocess-heavy CLI tests.
 test-fast: setup

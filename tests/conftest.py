@@ -1,7 +1,7 @@
 """Shared fixtures: the shipped params.yaml, raw and validated with overrides.
 
 Helpers (factories, tiny models, data generators, servers, project copies) live in
-:mod:`tests.helpers`; fixtures only here.
+:mod:`tests.helpers`; fixtures only here, and the one hook that orders the test files.
 """
 
 from __future__ import annotations
@@ -16,6 +16,18 @@ import pytest
 from convpipe.config.edit import set_dotted
 from convpipe.config.schema import Params, parse_params, read_yaml
 from tests.helpers.project import ROOT
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files holding ``slow`` tests first, each file's tests in their own order.
+
+    ``make test`` gives each xdist worker whole files (``--dist loadfile``), in the order
+    collected: the end-to-end files, minutes each, first, and the many short unit files
+    after them even the workers out at the end, instead of one worker finishing a long
+    journey alone while the other waits.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within kept
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -296,7 +296,11 @@ def test_logged_model_sits_in_the_run_and_unpickles_nothing(trained: Trained, ch
     assert logged.source_run_id == trained.run_id
     assert logged.experiment_id == run.info.experiment_id  # not the Default experiment
     # the run's params, with the TTA it serves with; the run itself gets no new param
-    assert logged.params == {"train.lr": "0.003", "evaluate.tta": "none"}
+    assert logged.params == {
+        "train.lr": "0.003",
+        "evaluate.tta": "none",
+        "evaluate.temperature": "1.0",
+    }
     assert client.get_run(trained.run_id).data.params == {"train.lr": "0.003"}
     assert logged.tags[ACCURACY_TAG] == "0.9"
     assert model_id in [out.model_id for out in run.outputs.model_outputs]

@@ -623,6 +623,13 @@ def test_evaluate_metrics_are_in_the_training_run(trained: Trained) -> None:
     assert logged["test/count"] == ev["count"]
     for name, row in ev["per_class"].items():
         assert logged[f"test/recall/{name}"] == pytest.approx(row["recall"])
+    # the registered model carries its test metrics (and only those) on its MLflow page
+    run = trained.client.get_run(trained.result.run.run_id)
+    (output,) = run.outputs.model_outputs
+    model = trained.client.get_logged_model(output.model_id)
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["test/accuracy"] == pytest.approx(ev["accuracy"])
+    assert set(linked) == {key for key in logged if key.startswith("test/")}
 
 
 # --------------------------------------------------------------------------- behaviour
