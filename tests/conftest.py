@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs one xdist worker per core: a worker, and every process its tests start,
+    # then computes on one thread, as two busy OpenMP pools on two cores slow each other
+    # down far more than they gain. Set before torch is imported anywhere in the worker.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from convpipe.config.edit import set_dotted
 from convpipe.config.schema import Params, parse_params, read_yaml
@@ -19,15 +26,15 @@ from tests.helpers.project import ROOT
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the files holding ``slow`` tests first, each file's tests in their own order.
+    """Run the files with the most ``slow`` tests first, each file's tests in their own order.
 
     ``make test`` gives each xdist worker whole files (``--dist loadfile``), in the order
     collected: the end-to-end files, minutes each, first, and the many short unit files
     after them even the workers out at the end, instead of one worker finishing a long
     journey alone while the other waits.
     """
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within kept
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: a file's own order kept
 
 
 @pytest.fixture(scope="session", autouse=True)

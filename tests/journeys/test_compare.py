@@ -71,6 +71,9 @@ def test_every_experiment_has_its_metrics_in_exp_show(journey: Journey) -> None:
         assert "per_class" not in evaluated  # it is a plot, not 40 columns
         assert evaluated["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-6)
         assert len(trained["mlflow_run_id"]) == 32
+        # what the training cost, beside what it reached
+        assert {"cost/train_seconds", "cost/images_per_s", "cost/train_tflops"} <= set(trained)
+        assert trained["cost/precision"] in ("32-true", "bf16-mixed")
         assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
     # the queued one ran in a temporary copy and still came back with its results
     assert exps["lr-c"]["metrics"]["metrics/eval.json"]["data"]["count"] == 269

@@ -55,6 +55,8 @@ def test_repro_writes_every_stage_output(project):
     ):
         assert (root / "reports" / f"{png}.png").read_bytes().startswith(b"\x89PNG")
     assert (root / "models/model.ckpt").stat().st_size > 0
+    calibration = json.loads((root / "models/calibration.json").read_text())
+    assert calibration["method"] == "none" and calibration["temperature"] == 1.0
     history = (root / "plots/train/history.csv").read_text().splitlines()
     train_metrics = json.loads((root / "metrics/train.json").read_text())
     assert len(history) == train_metrics["epochs"] + 1

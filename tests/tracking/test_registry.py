@@ -199,7 +199,7 @@ def _register(
         trained.params.paths.model,
         manifest or trained.manifest,
         trained.test_x[:2],
-        accuracy,
+        {"test/accuracy": accuracy, "test/loss": 0.25},
         Serving(tta, temperature),
         correct,
         0.05,
@@ -430,8 +430,8 @@ uri, run_id, name, ckpt, prepared = sys.argv[1:6]
 manifest = load_manifest(prepared)
 x, _ = load_split(prepared, manifest, "test")
 right = np.arange(len(x)) < round(float(sys.argv[6]) * len(x))
-log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]), float(sys.argv[6]),
-                 Serving("none"), right, 0.05)
+log_and_register(uri, run_id, name, ckpt, manifest, np.array(x[:2]),
+                 {"test/accuracy": float(sys.argv[6])}, Serving("none"), right, 0.05)
 """
 
 
@@ -490,7 +490,7 @@ def test_registry_failure_is_one_user_error_line(trained: Trained) -> None:
             trained.params.paths.model,
             trained.manifest,
             trained.test_x[:2],
-            0.5,
+            {"test/accuracy": 0.5},
             Serving("none"),
             _right(trained, 10),
             0.05,

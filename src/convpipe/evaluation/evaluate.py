@@ -216,7 +216,7 @@ def _register(
         params.paths.model,
         manifest,
         examples,
-        metrics["accuracy"],
+        mlflow_metrics(metrics),
         Serving(params.evaluate.tta, float(metrics["temperature"])),
         correct,
         params.evaluate.promotion_alpha,

@@ -64,6 +64,8 @@ CHAMPION = "champion"
 
 #: Model-version (and LoggedModel) tag holding the test accuracy the champion rule compares.
 ACCURACY_TAG = "test_accuracy"
+#: The MLflow metric evaluate logs that accuracy as.
+TEST_ACCURACY = "test/accuracy"
 
 #: Tag naming the prepared data the accuracy was measured on (its manifest content hash).
 DATA_TAG = "data_content_hash"
@@ -232,7 +234,6 @@ def _fluent_api(uri: str) -> Iterator[None]:
 
 
 def _log_model(
-    client: Any,
     run: Run,
     name: str,
     checkpoint: str | Path,
@@ -240,8 +241,8 @@ def _log_model(
     examples: np.ndarray,
     tags: dict[str, str],
     serving: Serving,
-) -> str:
-    """Log the pyfunc into ``run`` and register it; the new version number.
+) -> tuple[str, str]:
+    """Log the pyfunc into ``run``'s experiment and register it; the version and model id.
 
     The LoggedModel is created explicitly in the run's experiment: left to ``Model.log``, it
     would go to the active (by default the ``Default``) experiment, whose artifacts live
@@ -250,8 +251,7 @@ def _log_model(
     ``Model.log`` is not given the run: with one, it reads the whole history of every metric
     of the run, one request per metric (about 70 after a training and evaluate), to link
     those of step 0 to the model: over a minute against an MLflow server with basic auth,
-    which checks the password on every request. The run is linked here instead, with the
-    test metrics (the ones that describe the model) in one batch.
+    which checks the password on every request. :func:`_link_run` links the run instead.
     """
     logged = mlflow.initialize_logged_model(
         name=MODEL_NAME,
@@ -289,28 +289,32 @@ def _log_model(
             input_example=model_input(examples),
             pip_requirements=requirements(),
         )
-    _link_run(client, run, logged.model_id)
-    return str(info.registered_model_version)
+    return str(info.registered_model_version), logged.model_id
 
 
-def _link_run(client: Any, run: Run, model_id: str) -> None:
-    """Record the model as ``run``'s output, with the run's test metrics linked to it.
+def _link_run(
+    client: Any, run_id: str, logged: tuple[str, str], metrics: Mapping[str, float]
+) -> str:
+    """Record the model as the run's output, with evaluate's test ``metrics`` linked to it.
 
     What ``Model.log`` does for a run it is given, in two requests rather than one per metric
-    (see :func:`_log_model`); ``run`` was read before the model was logged, after evaluate
-    logged the test metrics.
+    of the run (see :func:`_log_model`), and with the metrics that describe this model
+    (not, as there, whatever else the run logged at step 0: the first epoch's).
+
+    Returns:
+        The version number, from ``logged`` (version, model id).
     """
     from mlflow.entities import LoggedModelOutput, Metric
 
-    client.log_outputs(run.info.run_id, [LoggedModelOutput(model_id, step=0)])
+    version, model_id = logged
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
     stamp = int(time.time() * 1000)
     linked = [
-        Metric(key, value, stamp, 0, model_id=model_id)
-        for key, value in run.data.metrics.items()
-        if key.startswith("test/")
+        Metric(key, float(value), stamp, 0, model_id=model_id) for key, value in metrics.items()
     ]
     for start in range(0, len(linked), METRICS_PER_BATCH):
-        client.log_batch(run.info.run_id, metrics=linked[start : start + METRICS_PER_BATCH])
+        client.log_batch(run_id, metrics=linked[start : start + METRICS_PER_BATCH])
+    return version
 
 
 class _Decision(NamedTuple):
@@ -441,7 +445,7 @@ def log_and_register(
     checkpoint: str | Path,
     manifest: Manifest,
     examples: np.ndarray,
-    accuracy: float,
+    metrics: Mapping[str, float],
     serving: Serving,
     correct: np.ndarray,
     alpha: float,
@@ -455,7 +459,9 @@ def log_and_register(
         checkpoint: The Lightning checkpoint to serve.
         manifest: The prepared data's manifest (image geometry, class names, mean, std).
         examples: A few uint8 test images ``(N, H, W, C)``: the model's input example.
-        accuracy: The test accuracy, tagged on the version and compared with the champion's.
+        metrics: The test metrics evaluate logged into the run (MLflow keys): linked to the
+            logged model; ``test/accuracy`` is tagged on the version and compared with the
+            champion's.
         serving: ``evaluate.tta``, the test-time augmentation that accuracy was measured with,
             and the temperature of ``evaluate.calibration``: the served model predicts with
             them too (its ``serving.json`` artifact).
@@ -472,6 +478,7 @@ def log_and_register(
     from mlflow.tracking import MlflowClient
 
     start = time.perf_counter()
+    accuracy = float(metrics[TEST_ACCURACY])
     classes = classes_digest(manifest.class_names)
     tags = {
         ACCURACY_TAG: repr(float(accuracy)),
@@ -482,7 +489,8 @@ def log_and_register(
         client = MlflowClient(tracking_uri=uri)  # registry: as the fluent API resolves it
         run = client.get_run(run_id)
         with _fluent_api(uri):
-            version = _log_model(client, run, name, checkpoint, manifest, examples, tags, serving)
+            logged = _log_model(run, name, checkpoint, manifest, examples, tags, serving)
+        version = _link_run(client, run_id, logged, metrics)
         _keep_record(client, run_id, name, version, correct)
         candidate = Candidate(version, accuracy, classes, manifest.content_hash, correct)
         with store_lock(uri):
