@@ -35,9 +35,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -n auto --dist loadfile --durations=25
 
-# The edit loop (< 2 min): unit tests, no end-to-end runs and no subprocess-heavy CLI tests.
+# The edit loop (< 2 min): unit tests, no end-to-end runs and no subprocess-heavy CLI tests,
+# on every core as make test.
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not subprocess"
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow and not subprocess"
 
 ui: setup
 	$(VENV)/bin/convpipe ui

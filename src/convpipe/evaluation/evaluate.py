@@ -167,10 +167,10 @@ def _say_calibration(fitted: float | None, images: int, before: float, after: fl
     """One line: the fitted temperature and what it did to the validation NLL, or why none."""
     if fitted is None:
         log.warning(
-            "temperature scaling: the %d validation images have no minimum of the NLL inside "
-            "T in [1/20, 20] (the model makes no mistake on them, so the NLL keeps falling as "
-            "T -> 0): T stays 1; a larger val split (data.val_fraction) gives it mistakes to "
-            "fit on",
+            "temperature scaling: the NLL of the %d validation images has no minimum inside "
+            "T in [1/20, 20] (as when the model makes no mistake on them: the NLL then keeps "
+            "falling as T -> 0): T stays 1; a larger val split (data.val_fraction) gives it "
+            "mistakes to fit on",
             images,
         )
         return
