@@ -294,6 +294,7 @@ def test_logged_model_sits_in_the_run_and_unpickles_nothing(trained: Trained, ch
     logged = client.get_logged_model(model_id)
     run = client.get_run(trained.run_id)
     assert logged.source_run_id == trained.run_id
+    assert version.run_id == trained.run_id  # the registry's "source run" link
     assert logged.experiment_id == run.info.experiment_id  # not the Default experiment
     # the run's params, with the TTA it serves with; the run itself gets no new param
     assert logged.params == {
