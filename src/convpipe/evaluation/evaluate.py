@@ -121,9 +121,10 @@ def evaluate(params: Params) -> dict[str, Any]:
     write_text(paths.eval_calibration, calibration_csv(bins))
     reliability_figure = plot_reliability(bins, metrics["ece"], calibration.temperature)
     save_figure(reliability_figure, paths.reliability_png)
-    log_evaluation(client, run.run_id, params, mlflow_metrics(metrics))
+    logged = mlflow_metrics(metrics)  # the run's test metrics, then the model's
+    log_evaluation(client, run.run_id, params, logged)
     examples = np.asarray(dataset.x[:EXAMPLE_IMAGES])
-    _register(params, run.run_id, manifest, examples, metrics, (preds == labels).numpy())
+    _register(params, run.run_id, manifest, examples, logged, (preds == labels).numpy())
     return metrics
 
 
@@ -198,13 +199,14 @@ def _register(
     run_id: str,
     manifest: Manifest,
     examples: np.ndarray,
-    metrics: dict[str, Any],
+    metrics: dict[str, float],
     correct: np.ndarray,
 ) -> None:
     """Log the model as a pyfunc into the run, register it, move ``champion`` if it is better.
 
     Better: by McNemar's exact test against the champion on the same test images
-    (``correct``: which ones this model got right), at ``evaluate.promotion_alpha``.
+    (``correct``: which ones this model got right), at ``evaluate.promotion_alpha``;
+    ``metrics`` are the run's flat ``test/...`` metrics, linked to the logged model.
     """
     from convpipe.tracking.pyfunc import Serving
     from convpipe.tracking.registry import log_and_register
@@ -216,8 +218,8 @@ def _register(
         params.paths.model,
         manifest,
         examples,
-        mlflow_metrics(metrics),
-        Serving(params.evaluate.tta, float(metrics["temperature"])),
+        metrics,
+        Serving(params.evaluate.tta, metrics["test/temperature"]),
         correct,
         params.evaluate.promotion_alpha,
     )
