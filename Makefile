@@ -21,8 +21,11 @@ $(STAMP): $(LOCK) pyproject.toml
 
 # Re-resolve the lock from pyproject.toml after editing it: pins that still satisfy it are kept;
 # `make lock UPGRADE=1` moves every pin to the newest allowed release.
+# --unsafe-package torchvision: left out of the lock (pip and setuptools stay in). litdata lists
+# it, but PyPI's build does not import with the CPU torch wheel and, installed, breaks
+# `import torchmetrics`; setup installs with --no-deps, so nothing asks for it.
 lock: setup
-	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --unsafe-package torchvision --strip-extras \
 		--extra dev --extra onnx --extra postgres --no-emit-find-links --no-emit-index-url \
 		$(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 

@@ -6,13 +6,14 @@ target, so DVC can never cache a truncated output of a failed or killed stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,13 @@ def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def content_hash(paths: Iterable[Path]) -> str:
+    """``sha256:<hex>`` of the files' bytes in the given order: a folder's data identity."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()

@@ -400,3 +400,54 @@ def test_the_history_and_train_json_grow_epoch_by_epoch_while_it_trains(tmp_path
     assert last["monitor"] == "val/loss" and last["best"] <= last["val/loss"]
     final = json.loads(metrics.read_text())  # the finished stage's own
     assert "running" not in final and final["epochs"] == 8 and "test/acc" in final
+
+
+# --------------------------------------------------------------- data.format: litdata
+# LitData's StreamingDataLoader carries the position inside an epoch in Lightning's
+# checkpoint; the same interruptions must resume as if never stopped.
+
+LITDATA = {**SETTINGS, "data.format": "litdata"}
+
+
+@pytest.fixture(scope="module")
+def litdata_reference(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("ref-litdata"))
+    project.set_params(**LITDATA)
+    project.run("dvc", "repro", "train")
+    return _history(project.root)
+
+
+def _same_history(project, reference) -> None:
+    resumed = _history(project.root)
+    assert len(resumed) == len(reference)
+    for got, want in zip(resumed, reference, strict=True):
+        assert abs(float(got["val/loss"]) - float(want["val/loss"])) < 1e-5
+
+
+def test_litdata_training_killed_after_an_epoch_resumes_as_if_never_stopped(
+    tmp_path, litdata_reference
+):
+    project = make_project(tmp_path / "kill")
+    project.set_params(**LITDATA)
+    project.run("dvc", "repro", "augment")
+    _kill_after_epochs(project, ["dvc", "repro", "train"], 2)
+    project.run("dvc", "repro", "train")
+    _same_history(project, litdata_reference)
+    assert [status for _, status in _run_status_and_tags(project.root)[0]] == ["FINISHED"]
+
+
+def test_litdata_sigterm_mid_epoch_resumes_from_the_loader_state(tmp_path, litdata_reference):
+    import torch
+
+    project = make_project(tmp_path / "term")
+    project.set_params(**LITDATA)
+    project.run("dvc", "repro", "augment")
+    returncode, stderr = _signal_mid_epoch(project, signal.SIGTERM)
+    _assert_one_preemption_line(project.root, returncode, stderr, signal.SIGTERM)
+    ckpt = torch.load(project.root / "checkpoints/last.ckpt", weights_only=True)
+    (loader,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    # LitData's own position (per worker, per dataset: prepared and augmented), saved by Lightning
+    yielded = loader["num_samples_yielded"]
+    assert 0 < sum(sum(per_dataset) for per_dataset in yielded.values()) < 2 * 1259
+    project.run("dvc", "repro", "train")
+    _same_history(project, litdata_reference)

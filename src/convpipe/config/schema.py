@@ -89,6 +89,8 @@ class CsvParams(Section):
 
 #: ``data.resize``: how an image meets ``data.image_size`` (see ``convpipe.data.images.fit``).
 ResizeMode = Literal["stretch", "crop", "pad"]
+#: ``data.format``: how prepare and augment store images (``convpipe.data.streaming``).
+DataFormat = Literal["npy", "litdata"]
 #: The weight penalty (``train.reg_type``): allowed values are read from here everywhere.
 RegType = Literal["none", "l1", "l2"]
 #: Test-time augmentation (``evaluate.tta``), also what the served model accepts.
@@ -107,6 +109,7 @@ class DataParams(Section):
     test_fraction: Fraction
     on_bad_file: Literal["error", "skip"]
     chunk_size: PositiveInt
+    format: DataFormat
     csv: CsvParams
 
     @model_validator(mode="after")
@@ -422,6 +425,10 @@ class RuntimeParams(Section):
     resident: bool
     system_metrics_seconds: NonNegInt
     """seconds between samples of MLflow's system metrics on the training run (0: none)"""
+    stream_from: str | None
+    """data.format litdata: an object-store URL holding a copy of the project's data folders
+    (e.g. s3://bucket/convpipe): splits stream from <url>/<paths.prepared>/<split>; empty:
+    the local folders"""
 
     @model_validator(mode="after")
     def _resident_on_device(self) -> RuntimeParams:

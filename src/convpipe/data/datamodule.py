@@ -12,6 +12,11 @@ GPU does the per-pixel work); ``auto`` is ``device`` exactly when the model is n
 ``runtime.resident`` goes further: the uint8 arrays are copied to the device once and the
 loader hands out only indices, in the sampler's order. Every placement gives the same batches
 with ``runtime.num_workers: 0`` (DataLoader workers each draw their own augmentation stream).
+
+In ``data.format: litdata`` the training images stream through LitData's
+``StreamingDataLoader`` (:mod:`convpipe.data.streaming`): LitData shards and shuffles them
+(another order than the ``npy`` sampler's, from the same seed) and its loader state resumes
+an epoch part-way; validation and test read the splits by index, in order, as ``npy`` does.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch.utils.data import (
 from convpipe.data.datasets import ArrayDataset, Batch, ConcatBatches, IndexDataset
 from convpipe.data.manifest import PIPELINE_FILE, Manifest, load_manifest, load_split
 from convpipe.data.sampling import ResumableSampler, ShardSampler, TrainLoader, collate_batch
+from convpipe.data.streaming import StreamedImages
 from convpipe.data.transforms.factory import load_augmentation
 from convpipe.data.transforms.normalize import BatchTransform
 from convpipe.errors import ConvpipeError
@@ -75,6 +81,8 @@ class ConvDataModule(L.LightningDataModule):
         batch_transform: ``runtime.batch_transform``: where batches are normalised and
             augmented (``loader``, ``device`` or ``auto``: see the module docstring).
         resident: ``runtime.resident``: keep the uint8 splits on the model's device.
+        stream_from: ``runtime.stream_from``: an object-store URL holding a copy of the data
+            folders, read instead of the local ones (``data.format: litdata`` only).
 
     Attributes:
         on_device: whether batches are transformed on the model's device (resolved by
@@ -92,6 +100,7 @@ class ConvDataModule(L.LightningDataModule):
         *,
         batch_transform: Placement,
         resident: bool,
+        stream_from: str | None = None,
     ) -> None:
         super().__init__()
         self.prepared_dir = Path(prepared_dir)
@@ -102,6 +111,7 @@ class ConvDataModule(L.LightningDataModule):
         self.seed = seed
         self.batch_transform = batch_transform
         self.resident = resident
+        self.stream_from = stream_from.rstrip("/") if stream_from else None
         self.on_device = False
         self._device_transforms: dict[str, BatchTransform] = {}
         self._host_arrays: dict[str, list[np.ndarray]] = {}
@@ -111,7 +121,50 @@ class ConvDataModule(L.LightningDataModule):
         if self.augmented_dir is not None:
             self.augmented = load_manifest(self.augmented_dir)
             check_compatible(self.manifest, self.augmented, self.augmented_dir)
+        self._check_streaming()
         self.datasets: dict[str, Dataset[Batch]] = {}
+        self._stream: Any = None
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the data is in LitData's format (``data.format: litdata``)."""
+        return self.manifest.format == "litdata"
+
+    def _check_streaming(self) -> None:
+        """Refuse options the stored format cannot serve, naming the one to change."""
+        if not self.streaming:
+            if self.stream_from:
+                raise ConvpipeError(
+                    f"runtime.stream_from is set, but {self.prepared_dir} holds data.format npy",
+                    "in params.yaml",
+                    "set data.format: litdata and rerun `dvc repro prepare`, or empty "
+                    "runtime.stream_from",
+                )
+            return
+        if self.resident:
+            raise ConvpipeError(
+                "runtime.resident keeps whole splits on the device; data.format litdata streams "
+                "them",
+                "in params.yaml",
+                "set runtime.resident: false, or data.format: npy",
+            )
+        if self.augmented is not None and self.augmented.format != "litdata":
+            raise ConvpipeError(
+                "the augmented copies are npy, the prepared data litdata",
+                f"in {self.augmented_dir}",
+                "rerun `dvc repro augment`",
+            )
+
+    def location(self, folder: Path, manifest: Manifest, split: str) -> str:
+        """Where a LitData split is read from: its local folder, or its copy under the URL.
+
+        Under ``runtime.stream_from`` the split's path is the same below the URL as the
+        folder's below the project: ``s3://bucket/convpipe/data/prepared/train``.
+        """
+        local = folder / manifest.splits[split].x
+        if not self.stream_from:
+            return str(local)
+        return f"{self.stream_from}/{local.as_posix().lstrip('/')}"
 
     @property
     def train_size(self) -> int:
@@ -143,8 +196,15 @@ class ConvDataModule(L.LightningDataModule):
 
     def split(self, name: str) -> ArrayDataset:
         """One prepared split as a dataset with the evaluation transform."""
-        x, y = load_split(self.prepared_dir, self.manifest, name)
+        x, y = self._load(self.prepared_dir, self.manifest, name)
         return ArrayDataset(x, y, self.transform(train=False))
+
+    def _load(self, folder: Path, manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's images and labels: local, or streamed from ``runtime.stream_from``."""
+        x, y = load_split(folder, manifest, split)
+        if self.stream_from and isinstance(x, StreamedImages):
+            x = StreamedImages(self.location(folder, manifest, split), x.shape)
+        return x, y
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the splits (cheap: nothing is read until a batch is fetched)."""
@@ -155,14 +215,19 @@ class ConvDataModule(L.LightningDataModule):
         transforms["test"] = transforms["val"]
         if self.on_device:
             self._device_transforms = transforms
-        arrays = [load_split(self.prepared_dir, self.manifest, "train")]
+        sources = [(self.prepared_dir, self.manifest)]
         aug = self.augmented
         if self.augmented_dir is not None and aug is not None and aug.splits["train"].count:
-            arrays.append(load_split(self.augmented_dir, aug, "train"))
+            sources.append((self.augmented_dir, aug))
+        if self.streaming:
+            from convpipe.data.stream_loader import streaming_dataset
+
+            locations = [self.location(folder, manifest, "train") for folder, manifest in sources]
+            self._stream = streaming_dataset(locations, self.seed)
         splits = {
-            "train": arrays,
-            "val": [load_split(self.prepared_dir, self.manifest, "val")],
-            "test": [load_split(self.prepared_dir, self.manifest, "test")],
+            "train": [self._load(folder, manifest, "train") for folder, manifest in sources],
+            "val": [self._load(self.prepared_dir, self.manifest, "val")],
+            "test": [self._load(self.prepared_dir, self.manifest, "test")],
         }
         for name, parts in splits.items():
             self.datasets[name] = self._dataset(parts, None if self.on_device else transforms[name])
@@ -269,6 +334,8 @@ class ConvDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[Batch]:
         """Shuffled training batches, seeded per epoch; sharded over the ranks under DDP."""
+        if self._stream is not None:
+            return self._stream_loader()
         dataset = self.datasets["train"]
         size = len(dataset)  # type: ignore[arg-type]
         world, rank = self.world()
@@ -280,6 +347,21 @@ class ConvDataModule(L.LightningDataModule):
         return TrainLoader(
             dataset, sampler, batch, self._completed_batches, **self._loader_options()
         )
+
+    def _stream_loader(self) -> DataLoader[Batch]:
+        """LitData's loader over the streamed training images (its state resumes an epoch)."""
+        from convpipe.data.stream_loader import StreamCollate, StreamLoader
+
+        transform = None if self.on_device else self.transform(train=True)
+        options = self._loader_options()
+        options.pop("persistent_workers")  # LitData restarts its workers' streams every epoch
+        options["collate_fn"] = StreamCollate(transform)
+        batch = self.device_batch_size(self.train_size)
+        return StreamLoader(self._stream, self._epoch, batch_size=batch, **options)
+
+    def _epoch(self) -> int | None:
+        """The attached Trainer's 0-based current epoch (None without a Trainer)."""
+        return None if self.trainer is None else int(self.trainer.current_epoch)
 
     def _eval_loader(self, name: str) -> DataLoader[Batch]:
         size = len(self.datasets[name])  # type: ignore[arg-type]

@@ -1,21 +1,22 @@
 """Reading what the prepare and augment stages wrote: the manifest and memory-mapped arrays.
 
 On disk a prepared dataset is a folder with ``<split>_x.npy`` (uint8, ``(N, H, W, C)``),
-``<split>_y.npy`` (int64, ``(N,)``) and ``manifest.json``. Everything the data says (classes,
-channels, image size, mean/std) is read from the manifest and never configured twice.
+``<split>_y.npy`` (int64, ``(N,)``) and ``manifest.json``; in ``data.format: litdata`` the
+images of a split are a LitData folder ``<split>/`` instead of ``<split>_x.npy``
+(:mod:`convpipe.data.streaming`). Everything the data says (classes, channels, image size,
+mean/std, format) is read from the manifest and never configured twice.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from convpipe.config.schema import ResizeMode
+from convpipe.config.schema import DataFormat, ResizeMode
+from convpipe.data.streaming import INDEX, StreamedImages, item_count
 from convpipe.errors import ConvpipeError
 
 MANIFEST = "manifest.json"
@@ -24,7 +25,10 @@ FORMAT_VERSION = 1
 
 
 class SplitInfo(BaseModel):
-    """One split on disk: its size, class counts and array files (relative to the folder)."""
+    """One split on disk: its size, class counts and files (relative to the folder).
+
+    ``x`` is the images' ``.npy`` file, or their LitData folder in the ``litdata`` format.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,11 +62,13 @@ class Manifest(BaseModel):
     # how images met image_size (data.resize); predict fits new images the same way. A
     # manifest written before the key existed stretched them.
     resize: ResizeMode = "stretch"
+    # data.format the images are stored in; a manifest written before the key existed is npy
+    format: DataFormat = "npy"
     mean: list[float]
     std: list[float]
     splits: dict[str, SplitInfo]
     skipped: SkippedInfo
-    content_hash: str  # of this folder's arrays (see :func:`content_hash`)
+    content_hash: str  # of this folder's arrays (see :func:`convpipe.io.content_hash`)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -70,14 +76,24 @@ class Manifest(BaseModel):
         return (int(self.image_size[0]), int(self.image_size[1]))
 
 
-def content_hash(paths: Iterable[Path]) -> str:
-    """``sha256:<hex>`` of the files' bytes in the given order: a folder's data identity."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+def images_name(split: str, data_format: DataFormat) -> str:
+    """Where a split's images are in a dataset folder: an ``.npy`` file or a LitData folder."""
+    return split if data_format == "litdata" else f"{split}_x.npy"
+
+
+def data_files(folder: Path, splits: dict[str, SplitInfo]) -> list[Path]:
+    """The files whose bytes are a dataset folder's identity, split by split: images, labels.
+
+    A LitData split counts by its ``index.json``, which carries the hash of its chunks; an
+    empty one (``augment.copies: 0``) has no folder and counts by its labels alone.
+    """
+    files = []
+    for info in splits.values():
+        images = folder / info.x
+        if images.is_dir():
+            images = images / INDEX
+        files += [images, folder / info.y] if images.exists() else [folder / info.y]
+    return files
 
 
 def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
@@ -119,10 +135,11 @@ def load_manifest(folder: str | Path) -> Manifest:
 
 
 def load_split(folder: str | Path, manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map one split's images and labels.
+    """Memory-map one split's images (or open its LitData folder) and load its labels.
 
     Returns:
-        ``(x, y)``: x uint8 ``(N, H, W, C)`` (a read-only memmap), y int64 ``(N,)``.
+        ``(x, y)``: x uint8 ``(N, H, W, C)`` (a read-only memmap, or in the litdata format a
+        :class:`~convpipe.data.streaming.StreamedImages` read by index), y int64 ``(N,)``.
     """
     if split not in manifest.splits:
         raise ConvpipeError(
@@ -130,9 +147,20 @@ def load_split(folder: str | Path, manifest: Manifest, split: str) -> tuple[np.n
         )
     info = manifest.splits[split]
     folder = Path(folder)
-    x = np.load(folder / info.x, mmap_mode="r", allow_pickle=False)
     y = np.load(folder / info.y, allow_pickle=False)
     h, w = manifest.image_hw
+    if manifest.format == "litdata":
+        stored = item_count(folder / info.x)
+        if stored != info.count or y.shape != (info.count,):
+            raise ConvpipeError(
+                f"split '{split}' holds {stored} images and {y.shape[0]} labels, the manifest "
+                f"says {info.count}",
+                f"in {folder}",
+                "rerun `dvc repro --force`",
+            )
+        shape = (info.count, h, w, manifest.channels)
+        return StreamedImages(str(folder / info.x), shape), y  # type: ignore[return-value]
+    x = np.load(folder / info.x, mmap_mode="r", allow_pickle=False)
     if x.shape != (info.count, h, w, manifest.channels) or y.shape != (info.count,):
         raise ConvpipeError(
             f"split '{split}' arrays have shapes {x.shape} and {y.shape}, the manifest says "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +25,13 @@ from convpipe.data.manifest import (
     SkippedInfo,
     SplitInfo,
     class_counts,
-    content_hash,
+    data_files,
+    images_name,
 )
 from convpipe.data.raw import ALL, SPLITS, BadFileError, ImageInfo, RawDataset, RawSplit
+from convpipe.data.streaming import ShardWriter
 from convpipe.errors import ConvpipeError
-from convpipe.io import atomic_dir, atomic_path, create_npy
+from convpipe.io import atomic_dir, atomic_path, content_hash, create_npy
 
 SKIPPED_REPORT = "skipped_files.csv"
 
@@ -222,21 +224,44 @@ def plan_splits(raw: RawDataset, params: DataParams, seed: int) -> _Plan:
     return _Plan(splits, [*raw.skipped, *bad], channels, size_hw, params.resize)
 
 
-def _write_split(
-    out_dir: Path,
-    name: str,
-    plan: _Plan,
-    chunk: int,
-    skipped: list[BadFileError] | None,
-) -> tuple[np.ndarray, ChannelStats]:
-    """Decode split ``name`` of ``plan`` into ``out_dir/<name>_x.npy``.
+def _decoded_chunks(
+    name: str, plan: _Plan, chunk: int, skipped: list[BadFileError] | None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Decode split ``name`` of ``plan`` ``chunk`` images at a time, in its order.
 
     Args:
-        out_dir: the (temporary) output folder.
-        name: the split to write (``train``, ``val`` or ``test``).
+        name: the split to decode (``train``, ``val`` or ``test``).
         plan: the source positions of every split, and the output geometry.
-        chunk: images per chunk between statistics updates.
+        chunk: images decoded per chunk: the most held in memory at once.
         skipped: where to record undecodable files; None makes them fatal.
+
+    Yields:
+        ``(start, images, kept)``: the chunk's first position in the split, uint8
+        ``(n, H, W, C)`` images and ``(n,)`` whether each decoded (a skipped one is zeros).
+    """
+    split, positions = plan.splits[name]
+    h, w = plan.size_hw
+    with tqdm(total=positions.size, desc=name, unit="img", disable=None, leave=False) as bar:
+        for start in range(0, positions.size, chunk):
+            stop = min(start + chunk, positions.size)
+            images = np.zeros((stop - start, h, w, plan.channels), dtype=np.uint8)
+            kept = np.ones(stop - start, dtype=bool)
+            for j in range(start, stop):
+                try:
+                    images[j - start] = _decode(split, int(positions[j]), plan)
+                except BadFileError as exc:
+                    if skipped is None:
+                        raise
+                    skipped.append(exc)
+                    kept[j - start] = False
+                bar.update(1)
+            yield start, images, kept
+
+
+def _write_npy_split(
+    out_dir: Path, name: str, plan: _Plan, chunk: int, skipped: list[BadFileError] | None
+) -> tuple[np.ndarray, ChannelStats]:
+    """Decode split ``name`` of ``plan`` into ``out_dir/<name>_x.npy``.
 
     Returns:
         The ``(n_kept,)`` labels of the images written, and their channel statistics.
@@ -250,23 +275,36 @@ def _write_split(
         shape=(positions.size, h, w, plan.channels),
     )
     kept = np.ones(positions.size, dtype=bool)
-    with tqdm(total=positions.size, desc=name, unit="img", disable=None, leave=False) as bar:
-        for start in range(0, positions.size, chunk):
-            for j in range(start, min(start + chunk, positions.size)):
-                try:
-                    x[j] = _decode(split, int(positions[j]), plan)
-                except BadFileError as exc:
-                    if skipped is None:
-                        raise
-                    skipped.append(exc)
-                    kept[j] = False
-                bar.update(1)
-            stats.update(x[start : start + chunk][kept[start : start + chunk]])
+    for start, images, ok in _decoded_chunks(name, plan, chunk, skipped):
+        x[start : start + len(images)] = images
+        kept[start : start + len(images)] = ok
+        stats.update(images[ok])
     x.flush()
     del x
     if not kept.all():
         _compact(out_dir / f"{name}_x.npy", kept)
     return split.labels[positions[kept]], stats
+
+
+def _write_litdata_split(
+    out_dir: Path, name: str, plan: _Plan, chunk: int, skipped: list[BadFileError] | None
+) -> tuple[np.ndarray, ChannelStats]:
+    """Decode split ``name`` of ``plan`` into the LitData folder ``out_dir/<name>/``.
+
+    Returns:
+        The ``(n_kept,)`` labels of the images written, in their order, and their statistics.
+    """
+    split, positions = plan.splits[name]
+    stats = ChannelStats(plan.channels)
+    writer = ShardWriter(out_dir / name)
+    labels = []
+    for start, images, ok in _decoded_chunks(name, plan, chunk, skipped):
+        chunk_labels = split.labels[positions[start : start + len(images)]][ok]
+        writer.write(images[ok], chunk_labels)
+        stats.update(images[ok])
+        labels.append(chunk_labels)
+    writer.close()
+    return np.concatenate(labels), stats
 
 
 def _decode(split: RawSplit, position: int, plan: _Plan) -> np.ndarray:
@@ -300,6 +338,19 @@ def _skipped_report(skipped: Sequence[BadFileError]) -> str:
     return buf.getvalue()
 
 
+_WRITERS = {"npy": _write_npy_split, "litdata": _write_litdata_split}
+
+
+def _shuffle_train(plan: _Plan, seed: int) -> None:
+    """Store the train split in a seeded random order (the ``litdata`` format).
+
+    LitData shuffles chunks, then images inside a chunk: images that sit together in the
+    files (one class after another, as folders list them) would stay together in batches.
+    """
+    split, positions = plan.splits["train"]
+    plan.splits["train"] = (split, np.random.default_rng(seed).permutation(positions))
+
+
 def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str | Path) -> Manifest:
     """Probe, split, normalise and write ``raw`` into ``out_dir`` (replaced atomically).
 
@@ -307,12 +358,15 @@ def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str 
         The manifest written to ``out_dir/manifest.json``.
     """
     plan = plan_splits(raw, params, seed)
+    if params.format == "litdata":
+        _shuffle_train(plan, seed)
     skipped = plan.skipped if params.on_bad_file == "skip" else None
     splits: dict[str, SplitInfo] = {}
     stats = ChannelStats(plan.channels)
+    write_split = _WRITERS[params.format]
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
-            labels, split_stats = _write_split(tmp, name, plan, params.chunk_size, skipped)
+            labels, split_stats = write_split(tmp, name, plan, params.chunk_size, skipped)
             np.save(tmp / f"{name}_y.npy", labels.astype(np.int64), allow_pickle=False)
             if name == "train":
                 # files skipped while decoding may have emptied a class
@@ -321,7 +375,7 @@ def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str 
             splits[name] = SplitInfo(
                 count=int(labels.size),
                 per_class=class_counts(labels, raw.class_names),
-                x=f"{name}_x.npy",
+                x=images_name(name, params.format),
                 y=f"{name}_y.npy",
             )
         (tmp / SKIPPED_REPORT).write_text(_skipped_report(plan.skipped), encoding="utf-8")
@@ -335,13 +389,12 @@ def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str 
             channels=plan.channels,
             image_size=plan.size_hw,
             resize=plan.resize,
+            format=params.format,
             mean=mean,
             std=std,
             splits=splits,
             skipped=SkippedInfo(count=len(plan.skipped), report=SKIPPED_REPORT),
-            content_hash=content_hash(
-                tmp / f"{n}_{part}.npy" for n in SPLITS for part in ("x", "y")
-            ),
+            content_hash=content_hash(data_files(tmp, splits)),
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from convpipe.data.manifest import content_hash
 from convpipe.errors import ConvpipeError
+from convpipe.io import content_hash
 from convpipe.redact import mask
 from convpipe.tracking.store import mlflow_error
 

@@ -134,6 +134,7 @@ def build_datamodule(params: Params) -> ConvDataModule:
         params.base.seed,
         batch_transform=params.runtime.batch_transform,
         resident=params.runtime.resident,
+        stream_from=params.runtime.stream_from,
     )
 
 
