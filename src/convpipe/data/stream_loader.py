@@ -78,6 +78,10 @@ class StreamLoader(StreamingDataLoader):
         **kwargs: ``StreamingDataLoader``'s arguments.
     """
 
+    # set by StreamingDataLoader (unannotated there)
+    restore: bool
+    current_epoch: int
+
     def __init__(self, dataset: Any, epoch: Callable[[], int | None], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._epoch = epoch
