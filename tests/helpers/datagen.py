@@ -433,3 +433,26 @@ def write_symlink_loop(root: Path) -> list[Path]:
     for link, target in zip(links, ("self.png", ".", ".."), strict=True):
         os.symlink(target, link)
     return links
+
+
+def write_numbered_csv(path: Path, n: int, classes: int = 4) -> Path:
+    """``n`` 8x8 images in a headerless CSV, each telling its row: pixels 0 and 1 hold
+    ``i % 256`` and ``i // 256``, the rest a seeded pattern; class ``i % classes``.
+
+    For tests that follow single images through splits, shards and epochs
+    (:func:`image_number` reads the number back).
+    """
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, 64), dtype=np.int64)
+    pixels[:, 0] = np.arange(n) % 256
+    pixels[:, 1] = np.arange(n) // 256
+    lines = [",".join(map(str, [i % classes, *row])) for i, row in enumerate(pixels.tolist())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def image_number(images: np.ndarray) -> np.ndarray:
+    """The row numbers :func:`write_numbered_csv` wrote into uint8 ``(N, 8, 8, 1)`` images."""
+    flat = np.asarray(images).reshape(len(images), -1).astype(np.int64)
+    return flat[:, 0] + 256 * flat[:, 1]
