@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import re
 import sysconfig
 import tomllib
@@ -107,3 +108,11 @@ def test_the_train_stage_reruns_when_the_lock_changes() -> None:
 
     stages = YAML(typ="safe").load(ROOT / "dvc.yaml")["stages"]
     assert LOCK_FILE in stages["train"]["deps"]
+
+
+def test_torchvision_stays_out_of_the_lock_and_the_environment() -> None:
+    """litdata lists it; PyPI's build breaks `import torchmetrics` with the CPU torch wheel."""
+    assert "torchvision" not in locked()
+    assert importlib.util.find_spec("torchvision") is None
+    import litdata  # noqa: F401 - and the streaming format works without it
+    import torchmetrics  # noqa: F401

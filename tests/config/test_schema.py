@@ -287,3 +287,18 @@ def test_an_unknown_dotted_key_is_refused_with_the_closest(raw_params) -> None:
         set_dotted(raw_params, "trian.lr", 0.1)  # a missing parent, even when building
     set_dotted(raw_params, "train.threads", 2)  # building a tree to validate: a new leaf
     assert raw_params["train"]["threads"] == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("s3://AKIAEXAMPLE:hunter2-secret@bucket/convpipe", "holds credentials"),
+        ("gs://token@bucket/convpipe", "holds credentials"),
+        ("bucket/convpipe", "must be an object-store URL"),
+    ],
+)
+def test_stream_from_is_a_url_without_credentials_and_never_echoed(make_params, url, said):
+    with pytest.raises(ConvpipeError, match=said) as caught:
+        make_params(**{"runtime.stream_from": url})
+    assert "hunter2" not in str(caught.value) and "token" not in str(caught.value)
+    assert make_params(**{"runtime.stream_from": "s3://bucket/convpipe"}).runtime.stream_from

@@ -17,7 +17,14 @@ from convpipe.config.schema import Params
 from convpipe.data.augment import write_augmented
 from convpipe.data.datamodule import ConvDataModule
 from convpipe.data.manifest import load_manifest, load_split
-from convpipe.data.streaming import INDEX, ShardWriter, StreamedImages, chunk_files, item_count
+from convpipe.data.streaming import (
+    INDEX,
+    ShardWriter,
+    StreamedImages,
+    chunk_files,
+    item_count,
+    open_split,
+)
 from convpipe.errors import ConvpipeError
 from convpipe.io import content_hash
 from tests.helpers import factories
@@ -352,3 +359,9 @@ def test_ddp_drops_the_last_partial_batch_of_each_rank(raw_params, tmp_path):
     a, b = ranks[0]["0"], ranks[1]["0"]
     assert len(train) == 696 and len(a) == len(b) == 340  # 17 batches of 20 each
     assert not set(a) & set(b) and set(a + b) < train
+
+
+def test_an_object_store_that_cannot_be_read_is_one_line_naming_the_key():
+    with pytest.raises(ConvpipeError, match=r"cannot open the LitData split") as caught:
+        open_split("s3://convpipe-no-such-bucket-4242/data/prepared/train")
+    assert "runtime.stream_from" in str(caught.value)

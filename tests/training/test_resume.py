@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
 import re
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.disk import fill, small_disk
+from tests.helpers.interrupt import (
+    assert_one_preemption_line,
+    epochs_checkpointed,
+    history,
+    kill_after_epochs,
+    run_status_and_tags,
+    signal_mid_epoch,
+    start,
+    start_until_epochs,
+)
 from tests.helpers.project import make_project
 from tests.helpers.servers import free_port, start_mlflow_server, stop_server
 
@@ -24,58 +32,12 @@ pytestmark = pytest.mark.slow
 SETTINGS = {"train.max_epochs": 8, "train.patience": 3}
 
 
-def _history(root):
-    with open(root / "plots/train/history.csv") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _epochs_checkpointed(root) -> int:
-    import torch
-
-    try:
-        ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
-    except Exception:  # being written or not there yet
-        return -1
-    return int(ckpt["epoch"])
-
-
-def _start(project, cmd: list[str]) -> subprocess.Popen:
-    """Start ``cmd`` in the project, in its own process group, stderr piped as text."""
-    return subprocess.Popen(
-        cmd,
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Popen:
-    """Start ``cmd`` in the project (own process group, stderr piped); return once ``epochs``
-    are checkpointed."""
-    proc = _start(project, cmd)
-    deadline = time.time() + 240
-    while _epochs_checkpointed(project.root) < epochs and time.time() < deadline:
-        assert proc.poll() is None, f"training ended before epoch {epochs}: {proc.stderr.read()}"
-        time.sleep(0.2)
-    return proc
-
-
-def _kill_after_epochs(project, cmd: list[str], epochs: int) -> None:
-    """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved."""
-    proc = _start_until_epochs(project, cmd, epochs)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("ref"))
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "train")
-    return _history(project.root)
+    return history(project.root)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +45,7 @@ def killed(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("killed"))
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    _kill_after_epochs(project, ["dvc", "repro", "train"], 2)
+    kill_after_epochs(project, ["dvc", "repro", "train"], 2)
     state = json.loads((project.root / "checkpoints/resume.json").read_text())
     return project, state
 
@@ -92,7 +54,7 @@ def test_resumed_training_matches_an_uninterrupted_one(killed, reference):
     project, state = killed
     assert not (project.root / "models/model.ckpt").exists()
     project.run("dvc", "repro", "train")
-    resumed = _history(project.root)
+    resumed = history(project.root)
     assert len(resumed) == len(reference)  # same number of epochs
     for got, want in zip(resumed, reference, strict=True):
         assert abs(float(got["val/loss"]) - float(want["val/loss"])) < 1e-5
@@ -108,7 +70,7 @@ def test_other_params_refuse_to_resume(tmp_path):
     project = make_project(tmp_path / "p")
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    _kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
+    kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
     project.set_params(**{"model.dropout": 0.4})
     result = project.run("python", "pipelines/train.py", check=False)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -122,14 +84,14 @@ def test_a_truncated_last_checkpoint_starts_over_in_one_line(tmp_path, reference
     project = make_project(tmp_path / "t")
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    _kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
+    kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
     last = project.root / "checkpoints/last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed mid-write
     result = project.run("python", "pipelines/train.py")
     assert "Traceback" not in result.stderr
     warned = [line for line in result.stderr.splitlines() if "starting the training over" in line]
     assert len(warned) == 1 and "last.ckpt unreadable" in warned[0]
-    assert len(_history(project.root)) == len(reference)  # a whole training, from epoch 0
+    assert len(history(project.root)) == len(reference)  # a whole training, from epoch 0
 
 
 def test_a_checkpoint_convpipe_never_wrote_is_never_resumed(tmp_path):
@@ -138,7 +100,7 @@ def test_a_checkpoint_convpipe_never_wrote_is_never_resumed(tmp_path):
     project = make_project(tmp_path / "c")
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    _kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
+    kill_after_epochs(project, ["python", "pipelines/train.py"], 1)
     last = project.root / "checkpoints/last.ckpt"
     data = torch.load(last, weights_only=True, map_location="cpu")
     data["hyper_parameters"]["_instantiator"] = "os.system"
@@ -158,7 +120,7 @@ def test_a_tracking_server_that_dies_mid_training_ends_it_in_one_line_then_it_re
     project.run("dvc", "repro", "augment")
     project.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(tmp_path, port, tmp_path / "server.log")
-    training = _start_until_epochs(project, ["python", "pipelines/train.py"], 2)
+    training = start_until_epochs(project, ["python", "pipelines/train.py"], 2)
     try:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
@@ -178,74 +140,27 @@ def test_a_tracking_server_that_dies_mid_training_ends_it_in_one_line_then_it_re
         project.run("python", "pipelines/train.py")
     finally:
         stop_server(server)
-    assert len(_history(project.root)) == len(reference)  # resumed, not restarted short
+    assert len(history(project.root)) == len(reference)  # resumed, not restarted short
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
     assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued
-
-
-def _stopped_batch(root) -> int:
-    import torch
-
-    ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
-    return int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"])
-
-
-def _signal_mid_epoch(project, signum: int) -> tuple[int, str]:
-    """Train; once 2 epochs are saved, send ``signum`` halfway into the next; (exit, stderr)."""
-    proc = _start_until_epochs(project, ["python", "pipelines/train.py"], 1)
-    started = time.monotonic()
-    while _epochs_checkpointed(project.root) < 2:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    time.sleep((time.monotonic() - started) / 2)  # an epoch's length is measured, not assumed
-    proc.send_signal(signum)
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, stderr
-
-
-def _run_status_and_tags(root) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    with sqlite3.connect(root / "mlflow.db") as db:
-        runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
-        tags = dict(db.execute("SELECT key, value FROM tags").fetchall())
-    return runs, tags
-
-
-def _assert_one_preemption_line(root, returncode: int, stderr: str, signal_: signal.Signals) -> str:
-    """The last line, checked to say ``signal_`` stopped the training part-way through an
-    epoch, and that ``last.ckpt`` holds exactly the batch it names."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert returncode == 128 + signal_ and "Traceback" not in stderr, stderr
-    said = re.match(
-        rf"convpipe: error: stopped by {signal_.name} at epoch \d+ after batch (\d+) of (\d+), "
-        r"the state is saved in checkpoints/last\.ckpt, ",
-        lines[-1],
-    )
-    assert said, lines[-1]
-    batch, of = int(said[1]), int(said[2])
-    assert 0 < batch < of and _stopped_batch(root) == batch
-    return lines[-1]
 
 
 def test_sigterm_saves_the_epoch_in_progress_and_the_rerun_continues_it(tmp_path, reference):
     project = make_project(tmp_path / "term")
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    returncode, stderr = _signal_mid_epoch(project, signal.SIGTERM)
-    line = _assert_one_preemption_line(project.root, returncode, stderr, signal.SIGTERM)
+    returncode, stderr = signal_mid_epoch(project, signal.SIGTERM)
+    line = assert_one_preemption_line(project.root, returncode, stderr, signal.SIGTERM)
     assert line.endswith("rerun `dvc repro train` to resume from there")
-    (run_id, status), *others = _run_status_and_tags(project.root)[0]
+    (run_id, status), *others = run_status_and_tags(project.root)[0]
     assert status == "KILLED" and not others
     project.run("dvc", "repro", "train")
-    resumed = _history(project.root)
+    resumed = history(project.root)
     assert len(resumed) == len(reference)
     for got, want in zip(resumed, reference, strict=True):  # as if never stopped
         assert abs(float(got["val/loss"]) - float(want["val/loss"])) < 1e-5
-    runs, tags = _run_status_and_tags(project.root)
+    runs, tags = run_status_and_tags(project.root)
     assert runs == [(run_id, "FINISHED")]
     assert tags["convpipe.last_interruption"].startswith("stopped by SIGTERM at epoch ")
 
@@ -279,13 +194,13 @@ def test_slurm_usr1_warning_checkpoints_and_requeues_the_job(tmp_path, reference
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
     calls = _fake_slurm(project, tmp_path)
-    returncode, stderr = _signal_mid_epoch(project, signal.SIGUSR1)
-    line = _assert_one_preemption_line(project.root, returncode, stderr, signal.SIGUSR1)
+    returncode, stderr = signal_mid_epoch(project, signal.SIGUSR1)
+    line = assert_one_preemption_line(project.root, returncode, stderr, signal.SIGUSR1)
     assert "SLURM job 4242 is requeued and resumes from there" in line
     assert calls.read_text().split("\n") == ["requeue 4242", ""]
     project.run("python", "pipelines/train.py")  # what the requeued job's script runs
-    assert len(_history(project.root)) == len(reference)
-    runs, _ = _run_status_and_tags(project.root)
+    assert len(history(project.root)) == len(reference)
+    runs, _ = run_status_and_tags(project.root)
     assert [status for _, status in runs] == ["FINISHED"]
 
 
@@ -301,12 +216,12 @@ def _epoch_logged(root) -> int:
 def _kill_at_a_random_moment(project, moments: random.Random) -> None:
     """Start the training and SIGKILL it during start-up (3 in 10) or after 0-30 more epochs
     and a fraction of the next: bounded progress, so 6 kills never reach the 240 epochs."""
-    proc = _start(project, ["python", "pipelines/train.py"])
+    proc = start(project, ["python", "pipelines/train.py"])
     if moments.random() < 0.3:
         time.sleep(moments.uniform(0.2, 5.0))
     else:
-        target = _epochs_checkpointed(project.root) + moments.randint(1, 30)
-        while _epochs_checkpointed(project.root) < target:
+        target = epochs_checkpointed(project.root) + moments.randint(1, 30)
+        while epochs_checkpointed(project.root) < target:
             assert proc.poll() is None, "the training ended before its kill"
             time.sleep(0.02)
         time.sleep(moments.uniform(0.0, 0.3))
@@ -334,12 +249,12 @@ def test_soak_random_kills_of_a_long_training_lose_at_most_an_epoch_each(tmp_pat
     lost = []
     for _ in range(kills):
         _kill_at_a_random_moment(project, moments)
-        lost.append(_epoch_logged(project.root) - _epochs_checkpointed(project.root))
+        lost.append(_epoch_logged(project.root) - epochs_checkpointed(project.root))
     assert max(lost) <= 1, lost  # an epoch MLflow saw end but last.ckpt missed, at most
-    assert _epochs_checkpointed(project.root) > 30  # the kills came after real progress
+    assert epochs_checkpointed(project.root) > 30  # the kills came after real progress
     project.run("python", "pipelines/train.py")
-    assert [int(row["epoch"]) for row in _history(project.root)] == list(range(epochs))
-    runs, _ = _run_status_and_tags(project.root)
+    assert [int(row["epoch"]) for row in history(project.root)] == list(range(epochs))
+    runs, _ = run_status_and_tags(project.root)
     assert [status for _, status in runs] == ["FINISHED"]  # one run, continued 6 times
 
 
@@ -349,7 +264,7 @@ def test_a_full_disk_mid_training_ends_in_one_line_then_it_resumes(tmp_path, ref
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
     with small_disk(project.root / "checkpoints", megabytes=16) as disk:
-        training = _start_until_epochs(project, ["python", "pipelines/train.py"], 2)
+        training = start_until_epochs(project, ["python", "pipelines/train.py"], 2)
         try:
             fill(disk, leave=0)
             _, stderr = training.communicate(timeout=120)
@@ -363,12 +278,12 @@ def test_a_full_disk_mid_training_ends_in_one_line_then_it_resumes(tmp_path, ref
         assert "resumes from its last checkpoint" in lines[-1]
         assert len(stderr.splitlines()) < 25, stderr  # log lines, not pages of tracebacks
         state = json.loads((disk / "resume.json").read_text())  # the record is kept
-        saved = _epochs_checkpointed(project.root)
+        saved = epochs_checkpointed(project.root)
         assert saved >= 2
         (disk / "filler").unlink()  # space is back
         resumed = project.run("python", "pipelines/train.py")
     assert "resuming the interrupted training from checkpoints/last.ckpt" in resumed.stderr
-    assert len(_history(project.root)) == len(reference)  # resumed, not restarted short
+    assert len(history(project.root)) == len(reference)  # resumed, not restarted short
     with sqlite3.connect(project.root / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid, status FROM runs").fetchall()
     assert runs == [(state["run_id"], "FINISHED")]  # the same run, continued
@@ -379,13 +294,16 @@ def test_the_history_and_train_json_grow_epoch_by_epoch_while_it_trains(tmp_path
     project = make_project(tmp_path / "live")
     project.set_params(**{**SETTINGS, "train.patience": 8})
     project.run("dvc", "repro", "augment")
-    history, metrics = project.root / "plots/train/history.csv", project.root / "metrics/train.json"
-    proc = _start(project, ["python", "pipelines/train.py"])
+    live_csv, metrics = (
+        project.root / "plots/train/history.csv",
+        project.root / "metrics/train.json",
+    )
+    proc = start(project, ["python", "pipelines/train.py"])
     rows_seen, running_seen = set(), []
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
-        if history.exists():  # replaced whole (a rename): never half a file
-            rows_seen.add(len(_history(project.root)))
+        if live_csv.exists():  # replaced whole (a rename): never half a file
+            rows_seen.add(len(history(project.root)))
         if metrics.exists():
             live = json.loads(metrics.read_text())
             if live.get("running"):
@@ -400,54 +318,3 @@ def test_the_history_and_train_json_grow_epoch_by_epoch_while_it_trains(tmp_path
     assert last["monitor"] == "val/loss" and last["best"] <= last["val/loss"]
     final = json.loads(metrics.read_text())  # the finished stage's own
     assert "running" not in final and final["epochs"] == 8 and "test/acc" in final
-
-
-# --------------------------------------------------------------- data.format: litdata
-# LitData's StreamingDataLoader carries the position inside an epoch in Lightning's
-# checkpoint; the same interruptions must resume as if never stopped.
-
-LITDATA = {**SETTINGS, "data.format": "litdata"}
-
-
-@pytest.fixture(scope="module")
-def litdata_reference(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("ref-litdata"))
-    project.set_params(**LITDATA)
-    project.run("dvc", "repro", "train")
-    return _history(project.root)
-
-
-def _same_history(project, reference) -> None:
-    resumed = _history(project.root)
-    assert len(resumed) == len(reference)
-    for got, want in zip(resumed, reference, strict=True):
-        assert abs(float(got["val/loss"]) - float(want["val/loss"])) < 1e-5
-
-
-def test_litdata_training_killed_after_an_epoch_resumes_as_if_never_stopped(
-    tmp_path, litdata_reference
-):
-    project = make_project(tmp_path / "kill")
-    project.set_params(**LITDATA)
-    project.run("dvc", "repro", "augment")
-    _kill_after_epochs(project, ["dvc", "repro", "train"], 2)
-    project.run("dvc", "repro", "train")
-    _same_history(project, litdata_reference)
-    assert [status for _, status in _run_status_and_tags(project.root)[0]] == ["FINISHED"]
-
-
-def test_litdata_sigterm_mid_epoch_resumes_from_the_loader_state(tmp_path, litdata_reference):
-    import torch
-
-    project = make_project(tmp_path / "term")
-    project.set_params(**LITDATA)
-    project.run("dvc", "repro", "augment")
-    returncode, stderr = _signal_mid_epoch(project, signal.SIGTERM)
-    _assert_one_preemption_line(project.root, returncode, stderr, signal.SIGTERM)
-    ckpt = torch.load(project.root / "checkpoints/last.ckpt", weights_only=True)
-    (loader,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    # LitData's own position (per worker, per dataset: prepared and augmented), saved by Lightning
-    yielded = loader["num_samples_yielded"]
-    assert 0 < sum(sum(per_dataset) for per_dataset in yielded.values()) < 2 * 1259
-    project.run("dvc", "repro", "train")
-    _same_history(project, litdata_reference)

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -438,6 +439,26 @@ class RuntimeParams(Section):
                 "transformed there: set runtime.batch_transform to device or auto"
             )
         return self
+
+    @field_validator("stream_from")
+    @classmethod
+    def _an_object_store_url_without_credentials(cls, value: str | None) -> str | None:
+        # the value is not echoed: a password in it would reach the terminal and logs
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if not parts.scheme or not parts.netloc:
+            raise ValueError(
+                "runtime.stream_from must be an object-store URL such as s3://bucket/convpipe "
+                "(or empty for the local folders)"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "runtime.stream_from holds credentials, and params.yaml goes to git and MLflow: "
+                "remove them and give them as the store's own environment variables "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+            )
+        return value
 
     @field_validator("threads", mode="before")
     @classmethod
