@@ -196,7 +196,7 @@ def open_split(location: str, **options: Any) -> Any:
 
     try:
         return StreamingDataset(location, **options)
-    except Exception as exc:  # noqa: BLE001 - object-store clients raise their own kinds
+    except Exception as exc:  # object-store clients (boto3, obstore, ...) raise their own kinds
         raise ConvpipeError(
             f"cannot open the LitData split ({mask(' '.join(str(exc).split())[:160])})",
             f"in {mask(location)}",
