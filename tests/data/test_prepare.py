@@ -352,3 +352,42 @@ def test_photos_of_mixed_sizes_are_fitted_as_predict_fits_them(make_params, tmp_
 def test_fitting_needs_a_size(make_params):
     with pytest.raises(ConvpipeError, match=r"data\.resize crop fits images into data\.image_size"):
         make_params(**{"data.resize": "crop"})
+
+
+@pytest.mark.parametrize("fmt", ["npy", "litdata"])
+def test_every_core_writes_the_bytes_one_core_writes(make_params, tmp_path, monkeypatch, fmt):
+    """Decoding on every core given (forked workers) changes nothing that is written."""
+    import convpipe.data.prepare as prepare
+
+    root = datagen.write_imagefolder(tmp_path / "imgs", n_per_class=30, classes=("a", "b", "c"))
+    datagen.write_truncated_png(root / "b")
+    datagen.write_not_an_image(root / "c")
+    params = {
+        "data.source": "imagefolder",
+        "data.path": str(root),
+        "data.image_size": 16,
+        "data.on_bad_file": "skip",
+        "data.format": fmt,
+        "data.chunk_size": 16,  # several chunks a split
+    }
+    _prepare(make_params, tmp_path / "one", **params)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    decode_piece = prepare._decode_piece
+
+    def witnessed(plan, name, positions):  # runs in the forked workers (never pickled)
+        (pids / str(os.getpid())).touch()
+        return decode_piece(plan, name, positions)
+
+    monkeypatch.setattr(prepare, "_decode_piece", witnessed)
+    monkeypatch.setattr(prepare, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2})
+    _prepare(make_params, tmp_path / "three", **params)
+    assert len({p.name for p in pids.iterdir()} - {str(os.getpid())}) >= 2
+    one, three = tmp_path / "one/prepared", tmp_path / "three/prepared"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(three) for p in three.rglob("*") if p.is_file())
+    for name in files:
+        assert (one / name).read_bytes() == (three / name).read_bytes(), name
+    with pytest.raises(ConvpipeError, match="unreadable image"):
+        _prepare(make_params, tmp_path / "strict", **{**params, "data.on_bad_file": "error"})

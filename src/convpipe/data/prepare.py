@@ -1,17 +1,23 @@
-"""The prepare stage: probe, split, normalise and write a dataset the loaders can memory-map.
+"""The prepare stage: probe, split, normalise and write a dataset the loaders can read.
 
 Pure pieces (:func:`stratified_split`, :func:`resolve_geometry`, :class:`ChannelStats`) take
 arrays and values; :func:`write_prepared` is the one function that streams images to disk,
-chunk by chunk, so memory stays bounded whatever the number of images.
+chunk by chunk, so memory stays bounded whatever the number of images. Each chunk is decoded
+on every core the process may use (its CPU affinity: a SLURM or container allocation), and
+written as ``data.format`` says: memory-mapped ``.npy`` arrays or LitData chunks.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
+import os
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -224,48 +230,121 @@ def plan_splits(raw: RawDataset, params: DataParams, seed: int) -> _Plan:
     return _Plan(splits, [*raw.skipped, *bad], channels, size_hw, params.resize)
 
 
+#: Fewer images than this decode in prepare's own process: starting workers costs more.
+PARALLEL_FROM = 4096
+#: The plan forked decode workers read: inherited when the pool forks, never pickled.
+_FORKED: _Plan | None = None
+#: A decoded piece: uint8 images ``(n, H, W, C)`` and each failure's ``(row, file, reason)``.
+Decoded = tuple[np.ndarray, list[tuple[int, str, str]]]
+
+
+def _decode_piece(plan: _Plan, name: str, positions: list[int]) -> Decoded:
+    """Decode ``positions`` of split ``name``; a file that fails is a zero image and a record."""
+    split = plan.splits[name][0]
+    h, w = plan.size_hw
+    images = np.zeros((len(positions), h, w, plan.channels), dtype=np.uint8)
+    failed = []
+    for row, position in enumerate(positions):
+        try:
+            images[row] = _decode(split, position, plan)
+        except BadFileError as exc:
+            failed.append((row, exc.path, exc.reason))
+    return images, failed
+
+
+def _forked_piece(name: str, positions: list[int]) -> Decoded:
+    assert _FORKED is not None  # set before the pool forked
+    return _decode_piece(_FORKED, name, positions)
+
+
+def _ignore_interrupts() -> None:
+    # Ctrl+C reaches the whole process group: prepare itself stops, its workers stay quiet
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _Decoder:
+    """Decodes a chunk of a split on every core this process may use, in order.
+
+    The workers are forked, so they share the plan and the source readers (files are opened
+    per image, arrays are in memory or memory-mapped) without pickling them; each returns
+    its share of the chunk. The same bytes come out whatever the number of cores.
+    """
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.workers = 1
+        self._pool: Any = None
+
+    def __enter__(self) -> _Decoder:
+        global _FORKED
+        images = sum(positions.size for _, positions in self.plan.splits.values())
+        self.workers = len(os.sched_getaffinity(0)) if images >= PARALLEL_FROM else 1
+        if self.workers > 1:
+            _FORKED = self.plan
+            context = multiprocessing.get_context("fork")
+            self._pool = context.Pool(self.workers, initializer=_ignore_interrupts)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _FORKED
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+        _FORKED = None
+
+    def __call__(self, name: str, positions: np.ndarray) -> list[Decoded]:
+        """The pieces of ``positions`` decoded, in order."""
+        if self._pool is None:
+            return [_decode_piece(self.plan, name, positions.tolist())]
+        pieces = [p.tolist() for p in np.array_split(positions, self.workers) if p.size]
+        return list(self._pool.starmap(_forked_piece, [(name, p) for p in pieces]))
+
+
 def _decoded_chunks(
-    name: str, plan: _Plan, chunk: int, skipped: list[BadFileError] | None
+    name: str,
+    decode: _Decoder,
+    chunk: int,
+    skipped: list[BadFileError] | None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Decode split ``name`` of ``plan`` ``chunk`` images at a time, in its order.
+    """Decode split ``name`` ``chunk`` images at a time, in its order.
 
     Args:
         name: the split to decode (``train``, ``val`` or ``test``).
-        plan: the source positions of every split, and the output geometry.
+        decode: decodes a chunk's positions (on every core given).
         chunk: images decoded per chunk: the most held in memory at once.
-        skipped: where to record undecodable files; None makes them fatal.
+        skipped: where to record undecodable files; None makes the first one fatal.
 
     Yields:
         ``(start, images, kept)``: the chunk's first position in the split, uint8
         ``(n, H, W, C)`` images and ``(n,)`` whether each decoded (a skipped one is zeros).
     """
-    split, positions = plan.splits[name]
-    h, w = plan.size_hw
+    positions = decode.plan.splits[name][1]
     with tqdm(total=positions.size, desc=name, unit="img", disable=None, leave=False) as bar:
         for start in range(0, positions.size, chunk):
-            stop = min(start + chunk, positions.size)
-            images = np.zeros((stop - start, h, w, plan.channels), dtype=np.uint8)
-            kept = np.ones(stop - start, dtype=bool)
-            for j in range(start, stop):
-                try:
-                    images[j - start] = _decode(split, int(positions[j]), plan)
-                except BadFileError as exc:
+            pieces = decode(name, positions[start : start + chunk])
+            images = np.concatenate([piece for piece, _ in pieces])
+            kept = np.ones(len(images), dtype=bool)
+            offset = 0
+            for piece, failed in pieces:
+                for row, path, reason in failed:
                     if skipped is None:
-                        raise
-                    skipped.append(exc)
-                    kept[j - start] = False
-                bar.update(1)
+                        raise BadFileError(path, reason)
+                    skipped.append(BadFileError(path, reason))
+                    kept[offset + row] = False
+                offset += len(piece)
+            bar.update(len(images))
             yield start, images, kept
 
 
 def _write_npy_split(
-    out_dir: Path, name: str, plan: _Plan, chunk: int, skipped: list[BadFileError] | None
+    out_dir: Path, name: str, decode: _Decoder, chunk: int, skipped: list[BadFileError] | None
 ) -> tuple[np.ndarray, ChannelStats]:
-    """Decode split ``name`` of ``plan`` into ``out_dir/<name>_x.npy``.
+    """Decode split ``name`` into ``out_dir/<name>_x.npy``.
 
     Returns:
         The ``(n_kept,)`` labels of the images written, and their channel statistics.
     """
+    plan = decode.plan
     split, positions = plan.splits[name]
     h, w = plan.size_hw
     stats = ChannelStats(plan.channels)
@@ -275,7 +354,7 @@ def _write_npy_split(
         shape=(positions.size, h, w, plan.channels),
     )
     kept = np.ones(positions.size, dtype=bool)
-    for start, images, ok in _decoded_chunks(name, plan, chunk, skipped):
+    for start, images, ok in _decoded_chunks(name, decode, chunk, skipped):
         x[start : start + len(images)] = images
         kept[start : start + len(images)] = ok
         stats.update(images[ok])
@@ -287,18 +366,18 @@ def _write_npy_split(
 
 
 def _write_litdata_split(
-    out_dir: Path, name: str, plan: _Plan, chunk: int, skipped: list[BadFileError] | None
+    out_dir: Path, name: str, decode: _Decoder, chunk: int, skipped: list[BadFileError] | None
 ) -> tuple[np.ndarray, ChannelStats]:
-    """Decode split ``name`` of ``plan`` into the LitData folder ``out_dir/<name>/``.
+    """Decode split ``name`` into the LitData folder ``out_dir/<name>/``.
 
     Returns:
         The ``(n_kept,)`` labels of the images written, in their order, and their statistics.
     """
-    split, positions = plan.splits[name]
-    stats = ChannelStats(plan.channels)
+    split, positions = decode.plan.splits[name]
+    stats = ChannelStats(decode.plan.channels)
     writer = ShardWriter(out_dir / name)
     labels = []
-    for start, images, ok in _decoded_chunks(name, plan, chunk, skipped):
+    for start, images, ok in _decoded_chunks(name, decode, chunk, skipped):
         chunk_labels = split.labels[positions[start : start + len(images)]][ok]
         writer.write(images[ok], chunk_labels)
         stats.update(images[ok])
@@ -364,9 +443,9 @@ def write_prepared(raw: RawDataset, params: DataParams, seed: int, out_dir: str 
     splits: dict[str, SplitInfo] = {}
     stats = ChannelStats(plan.channels)
     write_split = _WRITERS[params.format]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, _Decoder(plan) as decode:
         for name in SPLITS:
-            labels, split_stats = write_split(tmp, name, plan, params.chunk_size, skipped)
+            labels, split_stats = write_split(tmp, name, decode, params.chunk_size, skipped)
             np.save(tmp / f"{name}_y.npy", labels.astype(np.int64), allow_pickle=False)
             if name == "train":
                 # files skipped while decoding may have emptied a class
