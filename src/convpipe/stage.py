@@ -41,6 +41,9 @@ def setup_logging(debug: bool = False) -> None:
         log.setLevel(logging.WARNING)
     # Lightning 2.6 calls an API torch 2.13 deprecated; the warning is theirs, not the user's.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # data.format litdata: LitData's dataset shards itself over DataLoader workers, which
+    # Lightning cannot see and warns that __len__ might be off with several of them.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def run_stage(stage: Callable[[Params], None], argv: Sequence[str] | None = None) -> None:

@@ -294,7 +294,8 @@ def test_an_unknown_dotted_key_is_refused_with_the_closest(raw_params) -> None:
     [
         ("s3://AKIAEXAMPLE:hunter2-secret@bucket/convpipe", "holds credentials"),
         ("gs://token@bucket/convpipe", "holds credentials"),
-        ("bucket/convpipe", "must be an object-store URL"),
+        ("bucket/convpipe", "must be an object-store URL LitData reads"),
+        ("http://example.com/convpipe", "must be an object-store URL LitData reads"),
     ],
 )
 def test_stream_from_is_a_url_without_credentials_and_never_echoed(make_params, url, said):

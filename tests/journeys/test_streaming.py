@@ -16,7 +16,7 @@ from tests.helpers.interrupt import (
     run_status_and_tags,
     signal_mid_epoch,
 )
-from tests.helpers.project import make_project
+from tests.helpers.project import documented_commands, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,16 @@ LITDATA = {"data.format": "litdata", "train.max_epochs": 8, "train.patience": 3}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def journey(tmp_path_factory):
+    """docs/scaling.md's commands (a `dvc exp run` into litdata), as a user runs them."""
     proj = make_project(tmp_path_factory.mktemp("litdata"))
-    proj.set_params(**LITDATA)
-    proj.run("dvc", "repro")
-    return proj
+    proj.set_params(**{k: v for k, v in LITDATA.items() if k != "data.format"})
+    return proj, [proj.sh(cmd).stdout for cmd in documented_commands("streaming")]
+
+
+@pytest.fixture(scope="module")
+def project(journey):
+    return journey[0]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,12 @@ def reference(project):
     return history(project.root)
 
 
-def test_repro_streams_the_digits_and_evaluates_them(project):
+def test_repro_streams_the_digits_and_evaluates_them(journey):
+    project, outputs = journey
     root = project.root
+    assert "chunk-0-0.bin" in outputs[-1] and "index.json" in outputs[-1]
+    params = (root / "params.yaml").read_text()
+    assert "format: litdata" in params  # the experiment's params, applied to the workspace
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert manifest["format"] == "litdata"
     for split in ("train", "val", "test"):

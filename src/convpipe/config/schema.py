@@ -92,6 +92,8 @@ class CsvParams(Section):
 ResizeMode = Literal["stretch", "crop", "pad"]
 #: ``data.format``: how prepare and augment store images (``convpipe.data.streaming``).
 DataFormat = Literal["npy", "litdata"]
+#: The object stores LitData streams from (``runtime.stream_from``): its URL schemes.
+STREAM_SCHEMES = ("s3", "gs", "r2", "azure", "hf")
 #: The weight penalty (``train.reg_type``): allowed values are read from here everywhere.
 RegType = Literal["none", "l1", "l2"]
 #: Test-time augmentation (``evaluate.tta``), also what the served model accepts.
@@ -447,10 +449,11 @@ class RuntimeParams(Section):
         if value is None:
             return value
         parts = urlsplit(value)
-        if not parts.scheme or not parts.netloc:
+        if parts.scheme not in STREAM_SCHEMES or not parts.netloc:
             raise ValueError(
-                "runtime.stream_from must be an object-store URL such as s3://bucket/convpipe "
-                "(or empty for the local folders)"
+                "runtime.stream_from must be an object-store URL LitData reads "
+                f"({', '.join(f'{s}://' for s in STREAM_SCHEMES)}), e.g. s3://bucket/convpipe, "
+                "or empty for the local folders"
             )
         if parts.username is not None or parts.password is not None:
             raise ValueError(

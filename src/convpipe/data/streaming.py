@@ -32,15 +32,6 @@ INDEX = "index.json"
 #: LitData's chunk size: the unit a node downloads, caches and shuffles. 64 MB is LitData's
 #: own default for images: few files per split, small enough for many in flight per worker.
 CHUNK_BYTES = "64MB"
-#: The scheme-less URL prefixes LitData reads objects from (s3://, gs://, azure://, ...)
-REMOTE = ("s3://", "gs://", "gcs://", "azure://", "az://", "hf://", "local:")
-
-
-def is_remote(location: str | os.PathLike[str]) -> bool:
-    """Whether ``location`` is an object-store URL rather than a local folder."""
-    return str(location).startswith(REMOTE)
-
-
 class ShardWriter:
     """Append images to a LitData split folder, in order, in bounded memory.
 
