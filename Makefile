@@ -5,7 +5,7 @@ STAMP := $(VENV)/.convpipe-installed
 # Stages call `python`/`dvc`/`mlflow`: make them the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup lock run test test-fast ui tune-ui bench bench-cifar bench-photos bench-samplers lint tune gpu-check gpu-bundle docs docs-serve
+.PHONY: setup lock run test test-fast ui tune-ui bench bench-cifar bench-photos bench-samplers bench-streaming lint tune gpu-check gpu-bundle docs docs-serve
 
 LOCK := requirements.lock
 
@@ -77,6 +77,12 @@ bench-cifar: setup
 # each (~1 h on 2 cores): benchmarks/RESULTS_PHOTOS.md.
 bench-photos: setup
 	$(PY) benchmarks/run_all.py --only bench_photos --output benchmarks/RESULTS_PHOTOS.md
+
+# data.format litdata against npy on 200,000 generated 64-px JPEGs: prepare, disk, training reads
+# in 1 and 2 processes, and an end-to-end dvc repro (~10 min on 2 cores): its own block of
+# benchmarks/RESULTS.md, which make bench keeps.
+bench-streaming: setup
+	$(PY) benchmarks/bench_streaming.py --results
 
 # The six Optuna samplers on one space and budget (3 seeds of 20 trials, ~30 min on 2 cores)
 # and an accuracy/latency front: benchmarks/RESULTS_SAMPLERS.md.

@@ -8,8 +8,9 @@ is kept). Then, for each format:
 * **prepare**: the real ``pipelines/prepare.py`` in a subprocess on that folder
   (``data.source: imagefolder``), as ``bench_prepare.py`` runs it: images/s over the whole
   stage (probe, split, decode, write) and the process's own peak RSS (``VmHWM``), with the
-  peak of its anonymous memory beside it (``VmHWM`` also counts mapped file pages: npy's
-  memory-mapped output);
+  peak anonymous memory of the stage and its decode workers together beside it (``VmHWM``
+  counts the pages of npy's memory-mapped output, which grow with the dataset, and none of
+  the workers prepare forks);
 * **disk**: the bytes of the prepared folder (sum of its files' sizes) and per image;
 * **training reads**: images/s delivered to the model, one process and two (CPU DDP,
   ``Trainer(accelerator="cpu", devices=2, strategy="ddp")``), through
@@ -36,9 +37,18 @@ and both formats read faster than the CNN trains, in one and two processes.
 
 Prepare runs once per format at 200,000 images (3 times up to 50,000 images: median); reads
 are the median over the epochs of one run (1 epoch above 50,000 images, else 3). A full run
-takes ~10 minutes on 2 cores (8.5 at 20,000 images scaled, on a busy machine).
+takes ~5 minutes on 2 otherwise idle cores and ~9 on busy ones (scaled from 60,000-image runs
+of 2.1 and 3.6 minutes, ~80 s of which do not grow: process starts, the CNN's steps);
+``--quick`` (3,000 images) takes about a minute.
 
-Usage: python benchmarks/bench_streaming.py [--quick] [--images N]
+An end-to-end ``dvc repro`` of a fresh copy of the project on the same set in ``litdata`` (one
+epoch of a one-block CNN) checks that the whole pipeline trains and evaluates a large streamed
+set, and reports its time and test accuracy.
+
+Too long for ``make bench``'s budget: ``make bench-streaming`` (``--results``) writes this
+section into ``benchmarks/RESULTS.md`` as a block of its own, which ``make bench`` carries over.
+
+Usage: python benchmarks/bench_streaming.py [--quick] [--images N] [--results]
 """
 
 from __future__ import annotations
@@ -68,7 +78,10 @@ from ruamel.yaml import YAML
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_prepare import GOAL_RSS, base_params
-from common import ROOT, Section, fmt, print_sections
+from common import ROOT, Checkout, Section, fmt, machine_info, print_sections
+from results_file import put_section
+
+from convpipe.config.edit import write_values
 
 IMAGES = 200_000
 QUICK_IMAGES = 3_000
@@ -172,19 +185,32 @@ class Format:
     reads: dict[str, Read] = field(default_factory=dict)
 
 
-# bench_prepare.py's child (the stage's own VmHWM, not ours), plus the peak of its anonymous
-# memory, sampled every 10 ms: VmHWM also counts the pages of files it has mapped (npy's
-# memory-mapped output), which grow with the dataset but are the kernel's page cache.
+# bench_prepare.py's child (the stage's own VmHWM, not ours), plus the peak anonymous memory
+# of the stage and its decode workers together (prepare forks one per core from 4,096 images):
+# the sum of their Pss_Anon, sampled every 50 ms. VmHWM counts the pages of files a process
+# maps (npy's memory-mapped output: they grow with the dataset) and none of its workers'.
 _CHILD = """
-import runpy, sys, threading, time
-def status(key):
-    with open("/proc/self/status") as fh:
-        return int(next(line for line in fh if line.startswith(key)).split()[1]) / 1024
-anon = [0.0]
+import os, runpy, sys, threading, time
+def pss_anon(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("Pss_Anon:"))
+    except (OSError, StopIteration):
+        return 0
+def children():
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as fh:
+                pids += fh.read().split()
+        except OSError:
+            pass
+    return pids
+peak = [0]
 def watch():
     while True:
-        anon[0] = max(anon[0], status("RssAnon:"))
-        time.sleep(0.01)
+        peak[0] = max(peak[0], sum(pss_anon(pid) for pid in ["self", *children()]))
+        time.sleep(0.05)
 threading.Thread(target=watch, daemon=True).start()
 script, params = sys.argv[1], sys.argv[2]
 sys.argv = [script, "--params", params]
@@ -193,12 +219,14 @@ try:
 except SystemExit as exc:
     if exc.code:
         raise
-print(status("VmHWM:"), max(anon[0], status("RssAnon:")))
+with open("/proc/self/status") as status:
+    hwm = next(line for line in status if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) / 1024, max(peak[0], pss_anon("self")) / 1024)
 """
 
 
 def run_prepare(params: dict[str, Any], workdir: Path) -> tuple[float, float, float]:
-    """Run the prepare stage once; return its seconds, peak RSS and peak anonymous MiB."""
+    """Run the prepare stage once: seconds, its peak RSS, peak anonymous MiB with workers."""
     params_file = workdir / "params.yaml"
     YAML().dump(params, params_file)
     cmd = [sys.executable, "-c", _CHILD, str(ROOT / "pipelines" / "prepare.py"), str(params_file)]
@@ -225,8 +253,8 @@ def prepare(name: str, source: Path, images: int, work: Path, repeats: int) -> F
         case.rss.append(peak)
         case.anon.append(anon)
         print(
-            f"  prepare {name}: {images / seconds:,.0f} images/s, peak RSS {peak:,.0f} MiB "
-            f"(anonymous {anon:,.0f})",
+            f"  prepare {name}: {images / seconds:,.0f} images/s, peak RSS {peak:,.0f} MiB, "
+            f"anonymous with its workers {anon:,.0f} MiB",
             flush=True,
         )
     case.disk = folder_bytes(case.prepared)
@@ -477,7 +505,8 @@ def _cnn_steps(net: Any, bf16: bool, steps: int) -> float:
 def cnn_rate(steps: int) -> tuple[float, str]:
     """Images/s params.yaml's CNN trains at on 3x64x64 batches of 256 (the faster precision).
 
-    Timed in this process with torch's defaults (no NaN fill): the CNN at its fastest.
+    Timed in this process without deterministic algorithms (an earlier benchmark of
+    run_all may have left them on): the CNN at its fastest, the hardest bar for the reads.
     """
     import torch
 
@@ -486,8 +515,9 @@ def cnn_rate(steps: int) -> tuple[float, str]:
     from convpipe.models.network import build_cnn
 
     model = parse_params(base_params()).model
-    before = torch.get_num_threads()
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cpu_threads("auto", 1))
+    torch.use_deterministic_algorithms(False)
     rates = {}
     try:
         for name, bf16 in (("fp32", False), ("bf16-mixed", True)):
@@ -496,7 +526,8 @@ def cnn_rate(steps: int) -> tuple[float, str]:
             rates[name] = _cnn_steps(net.to(memory_format=torch.channels_last), bf16, steps)
             print(f"  CNN ({name}): {rates[name]:,.0f} images/s", flush=True)
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
     best = max(rates, key=lambda k: rates[k])
     return rates[best], best
 
@@ -511,7 +542,7 @@ def _ratio(a: list[float], b: list[float]) -> str:
 def table(cases: dict[str, Format], images: int) -> list[str]:
     """Markdown rows: one per format, then litdata/npy."""
     rows = [
-        "| format | prepare images/s | peak RSS (MiB) | of it anonymous (MiB) | disk (MiB) "
+        "| format | prepare images/s | peak RSS (MiB) | anonymous, with workers (MiB) | disk (MiB) "
         "| bytes/image | " + " | ".join(f"read images/s, {label}" for label in READS) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(READS),
     ]
@@ -558,17 +589,20 @@ def _memory_note(cases: dict[str, Format]) -> str:
         for label, r in c.reads.items()
     )
     text = (
-        "- Memory: peak RSS is the process's `VmHWM`, which counts the pages of files it maps; "
-        '"anonymous" is the peak of its `RssAnon` (sampled every 10 ms), the memory that is '
-        f"its own. Read processes, peak RSS (anonymous) in MiB: {reads}; both formats map "
-        "their training images (npy's memmap, LitData's chunk files), so their peak RSS grows "
-        "with the split while the anonymous part stays put."
+        "- Memory: peak RSS is the prepare process's own `VmHWM` (bench_prepare's figure), "
+        "which counts the pages of files it maps but none of its decode workers (one per core "
+        'from 4,096 images); "anonymous, with workers" is the peak sum of their `Pss_Anon` '
+        "(sampled every 50 ms): the memory the stage holds, shared pages counted once. Read "
+        f"processes, peak RSS (peak `RssAnon`, sampled every 10 ms) per process in MiB: {reads}; "
+        "both formats map their training images (npy's memmap, LitData's chunk files), so "
+        "their peak RSS grows with the split while the anonymous part stays put."
     )
     if max(npy.rss) >= GOAL_RSS:
         text += (
-            f" npy's prepare peaks at {max(npy.rss):,.0f} MiB, {max(npy.anon):,.0f} of it "
-            "anonymous: the rest is its memory-mapped output's written pages, which grow with "
-            "the dataset (page cache, but counted against a container's memory limit)."
+            f" npy's prepare peaks at {max(npy.rss):,.0f} MiB RSS against "
+            f"{max(npy.anon):,.0f} MiB anonymous: the difference is its memory-mapped output's "
+            "written pages, which grow with the dataset (page cache, but counted against a "
+            "container's memory limit)."
         )
     return text
 
@@ -615,7 +649,18 @@ def notes(cases: dict[str, Format], ctx: dict[str, Any]) -> list[str]:
         f"3x{SIZE}x{SIZE} batches of {GLOBAL_BATCH} ({ctx['cnn_precision']}, the faster of "
         "fp32 and bf16-mixed, 1 process, 2 threads); the slowest read is "
         f"{ctx['slowest'] / ctx['cnn']:,.1f}x that: the data path is far from the bottleneck.",
+        _e2e_note(ctx["e2e"]),
     ]
+
+
+def _e2e_note(e2e: dict[str, Any]) -> str:
+    return (
+        "- End to end: `dvc repro` of a fresh copy of the project on the same set with "
+        "`data.format: litdata`, `augment.copies: 0`, one epoch of a one-block CNN "
+        f"(stages run: {', '.join(e2e['stages'])}): {e2e['seconds'] / 60:.1f} min in all, "
+        f"training at {e2e['train images/s']:,.0f} images/s, test accuracy "
+        f"{e2e['accuracy']:.4f} on {e2e['test images']:,} images."
+    )
 
 
 def _read_all(cases: dict[str, Format], epochs: int) -> None:
@@ -631,6 +676,57 @@ def _read_all(cases: dict[str, Format], epochs: int) -> None:
             )
 
 
+#: The end-to-end run's model: one strided conv block and a global pool (a few thousand
+#: images/s on 2 cores), so one epoch of the whole set fits the benchmark's budget. The point
+#: is the pipeline on a large streamed set, not its accuracy.
+E2E_MODEL = {
+    "conv": [
+        {
+            "filters": 16,
+            "kernel": 3,
+            "stride": 2,
+            "padding": "same",
+            "activation": "relu",
+            "batch_norm": True,
+            "pool": "max",
+            "pool_size": 2,
+        }
+    ],
+    "global_pool": "avg",
+    "hidden": [],
+}
+
+
+def end_to_end(source: Path, work: Path) -> dict[str, Any]:
+    """``dvc repro`` of a fresh copy of the project on the generated set in litdata: times
+    of the whole pipeline (prepare, augment, train one epoch, evaluate) and test accuracy."""
+    checkout = Checkout.of_this_one(work / "project")
+    values = {
+        "data.source": "imagefolder",
+        "data.path": str(source),
+        "data.format": "litdata",
+        "augment.copies": 0,
+        "train.max_epochs": 1,
+        "train.batch_size": GLOBAL_BATCH,
+        "train.precision": "32-true",
+        **{f"model.{key}": value for key, value in E2E_MODEL.items()},
+    }
+    write_values(checkout.root / "params.yaml", values, "bench_streaming")
+    start = time.perf_counter()
+    proc = checkout.run("dvc", "repro")
+    seconds = time.perf_counter() - start
+    evaluated = json.loads((checkout.root / "metrics/eval.json").read_text())
+    trained = json.loads((checkout.root / "metrics/train.json").read_text())
+    ran = [s for s in ("prepare", "augment", "train", "evaluate") if f"stage '{s}'" in proc.stdout]
+    return {
+        "seconds": seconds,
+        "stages": ran,
+        "accuracy": float(evaluated["accuracy"]),
+        "test images": int(evaluated["count"]),
+        "train images/s": float(trained["cost/images_per_s"]),
+    }
+
+
 def measure(images: int, quick: bool, work: Path) -> tuple[dict[str, Format], dict[str, Any]]:
     """Generate the set, prepare it in both formats, time the reads and the CNN."""
     source = work / "images"
@@ -638,9 +734,15 @@ def measure(images: int, quick: bool, work: Path) -> tuple[dict[str, Format], di
     generation = make_images(source, images)
     ctx: dict[str, Any] = {"images": images, "generation": generation}
     ctx["source_mib"] = folder_bytes(source) / 2**20
-    print(f"  wrote {images:,} images ({ctx['source_mib']:,.0f} MiB) in {generation:.1f} s")
+    print(
+        f"  wrote {images:,} images ({ctx['source_mib']:,.0f} MiB) in {generation:.1f} s",
+        flush=True,
+    )
     repeats = 1 if quick or images > 50_000 else 3
     cases = {name: prepare(name, source, images, work / name, repeats) for name in FORMATS}
+    ctx["e2e"] = end_to_end(source, work / "e2e")
+    print(f"  dvc repro in litdata, end to end: {ctx['e2e']}", flush=True)
+    shutil.rmtree(work / "e2e")
     shutil.rmtree(source)  # the reads need only the prepared folders
     _read_all(cases, 2 if quick else 3 if images <= 50_000 else 1)
     batches = min(cases["npy"].reads["1 process"].batches[0])
@@ -680,6 +782,8 @@ def run(quick: bool = False, images: int | None = None) -> list[Section]:
     body = [*table(cases, count), "", *notes(cases, ctx)]
     if misses:
         body.append(f"- Goal missed: {'; '.join(misses)}.")
+    if not {"prepare", "train", "evaluate"} <= set(ctx["e2e"]["stages"]):
+        raise AssertionError(f"dvc repro did not run the pipeline: {ctx['e2e']}")
     return [
         Section(
             title="Streaming data (litdata vs npy)",
@@ -705,11 +809,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--results",
+        action="store_true",
+        help="write the section into benchmarks/RESULTS.md (its own block: make bench keeps it)",
+    )
     args = parser.parse_args()
     if args.read_worker:
         read_worker(args)
         return
-    print_sections(run(quick=args.quick, images=args.images))
+    sections = run(quick=args.quick, images=args.images)
+    if not args.results:
+        print_sections(sections)
+        return
+    if args.quick or args.images:
+        raise SystemExit("only a full run writes RESULTS.md")
+    info = machine_info()
+    stamp = (
+        f"`make bench-streaming` ({time.strftime('%Y-%m-%d')}): {info['cpu']}, "
+        f"{info['cores']} cores, {info['memory']}; torch {info['torch']}."
+    )
+    body = "\n\n".join(section.markdown() for section in sections)
+    put_section(
+        Path(__file__).resolve().parent / "RESULTS.md", "bench-streaming", f"{body}\n\n{stamp}"
+    )
+    print(body)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The GPU check's section of ``benchmarks/RESULTS.md``, kept apart from ``make bench``'s.
+"""Sections of ``benchmarks/RESULTS.md`` kept apart from ``make bench``'s.
 
-``make gpu-check`` runs where a GPU is lent (rarely); ``make bench`` rewrites RESULTS.md on the
-CPU machine. The GPU table lives between two markers: the check replaces only that block, and
-a new ``make bench`` report carries the block over, so neither erases the other's figures.
+``make gpu-check`` runs where a GPU is lent (rarely), ``make bench-streaming`` (a 200,000-image
+set, too long for ``make bench``'s budget) on its own; ``make bench`` rewrites RESULTS.md on the
+CPU machine. Each of those tables lives between two markers: its command replaces only that
+block, and a new ``make bench`` report carries the blocks over, so none erases another's figures.
 Standard library only: the GPU machines bring few packages.
 """
 
@@ -12,35 +13,66 @@ import os
 import tempfile
 from pathlib import Path
 
-BEGIN = "<!-- gpu-check: begin (written by make gpu-check; make bench keeps it) -->"
-END = "<!-- gpu-check: end -->"
+#: Sections of RESULTS.md that a command of their own writes and ``make bench`` carries over:
+#: marker name -> the command that writes it.
+KEPT = {"gpu-check": "make gpu-check", "bench-streaming": "make bench-streaming"}
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The begin and end markers of kept section ``name``."""
+    return f"<!-- {name}: begin (written by {KEPT[name]}; make bench keeps it) -->", (
+        f"<!-- {name}: end -->"
+    )
+
+
+BEGIN, END = markers("gpu-check")
+
+
+def kept_block(path: Path, name: str) -> str | None:
+    """The marked block ``name`` of ``path`` (markers included), or None if it has none."""
+    if not path.is_file():
+        return None
+    begin, end_marker = markers(name)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(begin), text.find(end_marker)
+    if start < 0 or end < start:
+        return None
+    return text[start : end + len(end_marker)]
+
+
+def with_block(text: str, name: str, block: str | None) -> str:
+    """``text`` with its marked block ``name`` replaced by ``block`` (appended if it has none)."""
+    if block is None:
+        return text
+    begin, end_marker = markers(name)
+    start, end = text.find(begin), text.find(end_marker)
+    if start >= 0 and end > start:
+        return text[:start] + block + text[end + len(end_marker) :]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def with_kept_blocks(text: str, path: Path) -> str:
+    """``text`` (a new report) with every kept block of ``path`` carried over."""
+    for name in KEPT:
+        text = with_block(text, name, kept_block(path, name))
+    return text
 
 
 def gpu_block(path: Path) -> str | None:
     """The marked GPU block of ``path`` (markers included), or None if it has none."""
-    if not path.is_file():
-        return None
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        return None
-    return text[start : end + len(END)]
+    return kept_block(path, "gpu-check")
 
 
 def with_gpu_block(text: str, block: str | None) -> str:
     """``text`` with its marked GPU block replaced by ``block`` (appended if it has none)."""
-    if block is None:
-        return text
-    start, end = text.find(BEGIN), text.find(END)
-    if start >= 0 and end > start:
-        return text[:start] + block + text[end + len(END) :]
-    return text.rstrip() + "\n\n" + block + "\n"
+    return with_block(text, "gpu-check", block)
 
 
-def put_gpu_section(path: Path, body: str) -> None:
-    """Write ``body`` as the GPU block of ``path``, atomically (temp file, then rename)."""
+def put_section(path: Path, name: str, body: str) -> None:
+    """Write ``body`` as kept block ``name`` of ``path``, atomically (temp file, then rename)."""
+    begin, end = markers(name)
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
-    text = with_gpu_block(old, f"{BEGIN}\n{body.strip()}\n{END}")
+    text = with_block(old, name, f"{begin}\n{body.strip()}\n{end}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -49,3 +81,8 @@ def put_gpu_section(path: Path, body: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def put_gpu_section(path: Path, body: str) -> None:
+    """Write ``body`` as the GPU block of ``path``, atomically (temp file, then rename)."""
+    put_section(path, "gpu-check", body)

@@ -21,6 +21,9 @@ bench_photos`` (``make bench-photos``, into ``benchmarks/RESULTS_PHOTOS.md``), a
 ``benchmarks/bench_samplers.py`` (the six Optuna samplers, 3 seeds of 20 trials, and an
 accuracy/latency front, ~30 min) with ``--only bench_samplers`` (``make bench-samplers``, into
 ``benchmarks/RESULTS_SAMPLERS.md``).
+``benchmarks/bench_streaming.py`` (data.format litdata against npy on 200,000 images, ~10 min)
+writes its own block of RESULTS.md (``make bench-streaming``); a full run here keeps it, as it
+keeps ``make gpu-check``'s.
 ``benchmarks/bench_tuning.py`` (pruned vs unpruned: two 12-trial campaigns of real
 ``convpipe tune``, up to 15 epochs a trial) stays a standalone script: the five benchmarks above
 already take ~25 of the 30 minutes ``make bench`` may take.
@@ -45,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import Section, machine_info  # noqa: E402
-from results_file import gpu_block, with_gpu_block  # noqa: E402
+from results_file import with_kept_blocks  # noqa: E402
 
 from convpipe.io import write_text  # noqa: E402
 
@@ -202,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     text = render(timed, command, time.perf_counter() - start, args.quick)
     if target is not None and target.resolve() == RESULTS.resolve():
-        text = with_gpu_block(text, gpu_block(RESULTS))  # make gpu-check's figures stay
+        text = with_kept_blocks(text, RESULTS)  # make gpu-check's, bench-streaming's figures stay
     if target is None:
         print(text)
     else:

@@ -167,3 +167,15 @@ def test_gpu_section_is_replaced_alone_and_survives_a_new_report(tmp_path: Path)
     report = with_gpu_block("# Benchmark results\n\nnew CPU figures\n", gpu_block(results))
     assert report.startswith("# Benchmark results\n\nnew CPU figures\n") and "second" in report
     assert with_gpu_block("# no block\n", gpu_block(tmp_path / "absent.md")) == "# no block\n"
+
+
+def test_every_kept_section_survives_a_new_report(tmp_path: Path) -> None:
+    from results_file import KEPT, kept_block, markers, put_section, with_kept_blocks
+
+    results = tmp_path / "RESULTS.md"
+    for name in KEPT:
+        put_section(results, name, f"## {name}\n\nfigures of {name}")
+    report = with_kept_blocks("# Benchmark results\n\nnew CPU figures\n", results)
+    for name in KEPT:
+        assert kept_block(results, name) is not None
+        assert f"figures of {name}" in report and report.count(markers(name)[0]) == 1
