@@ -32,6 +32,8 @@ INDEX = "index.json"
 #: LitData's chunk size: the unit a node downloads, caches and shuffles. 64 MB is LitData's
 #: own default for images: few files per split, small enough for many in flight per worker.
 CHUNK_BYTES = "64MB"
+
+
 class ShardWriter:
     """Append images to a LitData split folder, in order, in bounded memory.
 
