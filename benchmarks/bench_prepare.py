@@ -54,11 +54,36 @@ class Case:
         return f"| {self.name} | {self.images:,} | {fmt(self.rates, 0)} | {fmt(self.rss, 0)} |"
 
 
-# Prints the stage's own peak RSS in MiB. VmHWM belongs to this process's memory map, which
+# Prints the stage's own peak RSS in MiB (VmHWM belongs to this process's memory map, which
 # exec starts afresh; ru_maxrss would not do: Linux carries it over exec from the forking
-# parent, so under run_all (a parent of ~800 MiB) every case would report the parent's size.
+# parent, so under run_all, a parent of ~800 MiB, every case would report the parent's size),
+# then the peak anonymous memory of the stage and its decode workers together (prepare forks
+# one per core from 4,096 images): the sum of their Pss_Anon, sampled every 50 ms. VmHWM
+# counts the pages of files a process maps (npy's memory-mapped output: they grow with the
+# dataset) and none of its workers'.
 _CHILD = """
-import runpy, sys
+import os, runpy, sys, threading, time
+def pss_anon(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("Pss_Anon:"))
+    except (OSError, StopIteration):
+        return 0
+def children():
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as fh:
+                pids += fh.read().split()
+        except OSError:
+            pass
+    return pids
+peak = [0]
+def watch():
+    while True:
+        peak[0] = max(peak[0], sum(pss_anon(pid) for pid in ["self", *children()]))
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
 script, params = sys.argv[1], sys.argv[2]
 sys.argv = [script, "--params", params]
 try:
@@ -67,13 +92,13 @@ except SystemExit as exc:
     if exc.code:
         raise
 with open("/proc/self/status") as status:
-    peak = next(line for line in status if line.startswith("VmHWM:"))
-print(int(peak.split()[1]) / 1024)
+    hwm = next(line for line in status if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) / 1024, max(peak[0], pss_anon("self")) / 1024)
 """
 
 
-def run_prepare(params: dict[str, Any], workdir: Path) -> tuple[float, float]:
-    """Run the prepare stage once; return (seconds, peak RSS in MiB) of its process."""
+def run_prepare(params: dict[str, Any], workdir: Path) -> tuple[float, float, float]:
+    """Run the prepare stage once: seconds, its peak RSS, peak anonymous MiB with workers."""
     params_file = workdir / "params.yaml"
     YAML().dump(params, params_file)
     cmd = [sys.executable, "-c", _CHILD, str(ROOT / "pipelines" / "prepare.py"), str(params_file)]
@@ -82,8 +107,9 @@ def run_prepare(params: dict[str, Any], workdir: Path) -> tuple[float, float]:
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False, env=env)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"prepare failed:\n{proc.stderr}")
-    return elapsed, float(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"prepare failed:\n{proc.stderr[-4000:]}")
+    peak, anon = proc.stdout.strip().splitlines()[-1].split()
+    return elapsed, float(peak), float(anon)
 
 
 def base_params() -> dict[str, Any]:
@@ -100,10 +126,14 @@ def measure(name: str, data: dict[str, Any], images: int, repeats: int) -> Case:
             params = base_params()
             params["data"].update(data)
             params["paths"]["prepared"] = str(Path(tmp) / "prepared")
-            seconds, peak = run_prepare(params, Path(tmp))
+            seconds, peak, anon = run_prepare(params, Path(tmp))
         case.rates.append(images / seconds)
         case.rss.append(peak)
-        print(f"  {name}: {images / seconds:,.0f} images/s, {peak:,.0f} MiB", flush=True)
+        print(
+            f"  {name}: {images / seconds:,.0f} images/s, {peak:,.0f} MiB "
+            f"({anon:,.0f} MiB anonymous with its decode workers)",
+            flush=True,
+        )
     return case
 
 

@@ -73,12 +73,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ruamel.yaml import YAML
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_prepare import GOAL_RSS, base_params
-from common import ROOT, Checkout, Section, fmt, machine_info, print_sections
+from bench_prepare import GOAL_RSS, base_params, run_prepare
+from common import Checkout, Section, fmt, machine_info, print_sections
 from results_file import put_section
 
 from convpipe.config.edit import write_values
@@ -183,61 +182,6 @@ class Format:
     anon: list[float] = field(default_factory=list)
     disk: int = 0
     reads: dict[str, Read] = field(default_factory=dict)
-
-
-# bench_prepare.py's child (the stage's own VmHWM, not ours), plus the peak anonymous memory
-# of the stage and its decode workers together (prepare forks one per core from 4,096 images):
-# the sum of their Pss_Anon, sampled every 50 ms. VmHWM counts the pages of files a process
-# maps (npy's memory-mapped output: they grow with the dataset) and none of its workers'.
-_CHILD = """
-import os, runpy, sys, threading, time
-def pss_anon(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("Pss_Anon:"))
-    except (OSError, StopIteration):
-        return 0
-def children():
-    pids = []
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as fh:
-                pids += fh.read().split()
-        except OSError:
-            pass
-    return pids
-peak = [0]
-def watch():
-    while True:
-        peak[0] = max(peak[0], sum(pss_anon(pid) for pid in ["self", *children()]))
-        time.sleep(0.05)
-threading.Thread(target=watch, daemon=True).start()
-script, params = sys.argv[1], sys.argv[2]
-sys.argv = [script, "--params", params]
-try:
-    runpy.run_path(script, run_name="__main__")
-except SystemExit as exc:
-    if exc.code:
-        raise
-with open("/proc/self/status") as status:
-    hwm = next(line for line in status if line.startswith("VmHWM:"))
-print(int(hwm.split()[1]) / 1024, max(peak[0], pss_anon("self")) / 1024)
-"""
-
-
-def run_prepare(params: dict[str, Any], workdir: Path) -> tuple[float, float, float]:
-    """Run the prepare stage once: seconds, its peak RSS, peak anonymous MiB with workers."""
-    params_file = workdir / "params.yaml"
-    YAML().dump(params, params_file)
-    cmd = [sys.executable, "-c", _CHILD, str(ROOT / "pipelines" / "prepare.py"), str(params_file)]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False, env=env)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"prepare failed:\n{proc.stderr[-4000:]}")
-    peak, anon = proc.stdout.strip().splitlines()[-1].split()
-    return elapsed, float(peak), float(anon)
 
 
 def prepare(name: str, source: Path, images: int, work: Path, repeats: int) -> Format:
