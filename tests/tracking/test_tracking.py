@@ -26,6 +26,7 @@ from convpipe.tracking.provenance import (
     run_tags,
     training_note,
 )
+from convpipe.tracking.runs import system_metrics
 from convpipe.tracking.store import (
     ENV_URI,
     artifact_location,
@@ -389,3 +390,26 @@ def test_check_reachable_accepts_a_listening_server_and_local_stores() -> None:
 def test_check_reachable_bad_port() -> None:
     with pytest.raises(ConvpipeError, match="invalid port"):
         check_reachable("http://127.0.0.1:99999999")
+
+
+# --------------------------------------------------------------------------- system metrics
+
+
+def test_system_metrics_of_a_run_shorter_than_one_interval_are_kept(tmp_path: Path) -> None:
+    """MLflow's monitor publishes after each whole interval and dropped the last one: a
+    training shorter than ``runtime.system_metrics_seconds`` had no system metrics."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    with system_metrics(run_id, uri, 3600, None, resumed=False):
+        time.sleep(0.2)  # the monitor's thread takes its first sample
+    logged = client.get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        logged
+    )
+    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert steps == [0]
+    with system_metrics(run_id, uri, 3600, "node1", resumed=True):  # a resumed run goes on
+        time.sleep(0.2)
+    history = client.get_metric_history(run_id, "system/node1/cpu_utilization_percentage")
+    assert [m.step for m in history] == [1]

@@ -42,6 +42,7 @@ from convpipe.tracking.store import (
 )
 
 if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("convpipe")
@@ -291,9 +292,10 @@ def system_metrics(
     """MLflow's system metrics (CPU, memory, disk, network, GPU) on the run while inside.
 
     MLflow's own monitor (``system/cpu_utilization_percentage``, ...), one sample every
-    ``seconds``, under ``system/<node_id>/`` when one is given (several nodes). A resumed run
-    continues the steps. ``seconds`` 0, or no run (DDP ranks other than 0), turns it off; a
-    monitor that cannot start only says so: the training goes on.
+    ``seconds``, under ``system/<node_id>/`` when one is given (several nodes), and the samples
+    of the last, unfinished interval when it stops. A resumed run continues the steps.
+    ``seconds`` 0, or no run (DDP ranks other than 0), turns it off; a monitor that cannot
+    start only says so: the training goes on.
 
     Args:
         run_id: The training's run ("" where this process has none).
@@ -328,4 +330,21 @@ def system_metrics(
         yield
     finally:
         monitor.finish()
+        _publish_pending(monitor)
         quiet.setLevel(level)
+
+
+def _publish_pending(monitor: SystemMetricsMonitor) -> None:
+    """Log the samples MLflow's monitor took since its last publish.
+
+    Its loop publishes only after a whole interval, so it drops what it sampled in the last,
+    unfinished one: a training shorter than ``runtime.system_metrics_seconds`` got no system
+    metrics at all, and a longer one lost its last interval.
+    """
+    try:
+        pending = monitor.aggregate_metrics()
+        if pending:
+            monitor.publish_metrics(pending)
+            monitor.mlflow_logger.flush()
+    except Exception as exc:  # the figures are extras: never fail a training for them
+        log.warning("the last system metrics were not logged: %s", exc)
