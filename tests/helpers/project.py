@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ruamel.yaml import YAML
 
 from convpipe.config.edit import set_dotted
@@ -66,12 +67,19 @@ class Project:
 
     def set_params(self, **updates: object) -> None:
         """Edit params.yaml in place with dotted keys, keeping its comments."""
+        self._write_params("params.yaml", updates)
+
+    def params_copy(self, name: str, **updates: object) -> str:
+        """``<name>.yaml``: params.yaml with dotted-key updates, for ``convpipe --params``."""
+        self._write_params(f"{name}.yaml", updates)
+        return f"{name}.yaml"
+
+    def _write_params(self, target: str, updates: dict[str, object]) -> None:
         yaml = YAML()
-        path = self.root / "params.yaml"
-        data = yaml.load(path)
+        data = yaml.load(self.root / "params.yaml")
         for key, value in updates.items():
             set_dotted(data, key, value)
-        yaml.dump(data, path)
+        yaml.dump(data, self.root / target)
 
 
 def documented_commands(journey: str) -> list[str]:
@@ -116,3 +124,8 @@ def make_project(dest: Path) -> Project:
     project.run("git", "add", "-A")
     project.run("git", "commit", "-q", "-m", "init")
     return project
+
+
+def journal(path: Path) -> JournalStorage:
+    """Optuna's own reader of a ``journal:`` storage file (independent of convpipe's)."""
+    return JournalStorage(JournalFileBackend(str(path)))

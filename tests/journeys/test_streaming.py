@@ -6,8 +6,10 @@ import json
 import shutil
 import signal
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from tests.helpers.interrupt import (
     assert_one_preemption_line,
@@ -16,7 +18,7 @@ from tests.helpers.interrupt import (
     run_status_and_tags,
     signal_mid_epoch,
 )
-from tests.helpers.project import documented_commands, make_project
+from tests.helpers.project import documented_commands, journal, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +120,30 @@ def test_sigterm_mid_epoch_resumes_from_the_loaders_own_state(tmp_path, referenc
     assert 0 < yielded < 2 * 1259
     project.run("dvc", "repro", "train")
     _same_history(project, reference)
+
+
+def test_a_tuning_campaign_streams_its_trials(project, reference):
+    """`convpipe tune` on litdata: every trial streams the chunks (there are no npy arrays)."""
+    params = project.params_copy(
+        "lit-tune",
+        **{
+            "tune.n_trials": 2,
+            "tune.max_epochs": 2,
+            "tune.sampler": "random",
+            "tune.pruner": "none",
+            "tune.storage": "journal:lit-tune.journal",
+            "tune.study_name": "lit-tune",
+            "paths.tuning_reports": "reports/lit-tune",
+            "mlflow.experiment": "lit-tune",
+            "tune.space": {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}},
+        },
+    )
+    project.run("convpipe", "--params", params, "tune")
+    storage = journal(project.root / "lit-tune.journal")
+    trials = optuna.load_study(study_name="lit-tune", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for trial in trials:
+        losses = list(trial.intermediate_values.values())
+        assert len(losses) == 2 and losses[-1] < 1.0, losses  # it learnt: chance is ln 10 = 2.3
+    assert trials[0].params != trials[1].params and trials[0].value != trials[1].value
+    assert "up to date" in project.run("dvc", "status").stdout.lower()  # tuning changed no stage

@@ -26,7 +26,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal import JournalStorage
 from optuna.trial import TrialState, create_trial
 from ruamel.yaml import YAML
 
@@ -60,7 +60,7 @@ from convpipe.tuning.space import (
 )
 from convpipe.tuning.storage import load_study, open_storage
 from tests.helpers.models import TINY_CONV
-from tests.helpers.project import ROOT, Project, make_project
+from tests.helpers.project import ROOT, Project, journal, make_project
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL_CONV = TINY_CONV
@@ -75,10 +75,6 @@ FAST = {
     "tune.pruner": "none",
     "tune.space": {"train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True}},
 }
-
-
-def journal(path: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def comments(text: str) -> list[str]:
@@ -571,24 +567,17 @@ def project(tmp_path_factory) -> Project:
 
 def write_params(project: Project, name: str, **overrides: Any) -> str:
     """``<name>.yaml``: the project's params.yaml with FAST, a study of its own and overrides."""
-    updates = {
-        **FAST,
-        "tune.study_name": name,
-        "tune.storage": f"journal:{name}.journal",
-        "paths.tuning_reports": f"reports/{name}",
-        "mlflow.experiment": name,
-        **overrides,
-    }
-    yaml = YAML()
-    data = yaml.load(project.root / "params.yaml")
-    for key, value in updates.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    yaml.dump(data, project.root / f"{name}.yaml")
-    return f"{name}.yaml"
+    return project.params_copy(
+        name,
+        **{
+            **FAST,
+            "tune.study_name": name,
+            "tune.storage": f"journal:{name}.journal",
+            "paths.tuning_reports": f"reports/{name}",
+            "mlflow.experiment": name,
+            **overrides,
+        },
+    )
 
 
 def stored_study(project: Project, name: str) -> optuna.Study:
