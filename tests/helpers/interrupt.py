@@ -54,11 +54,27 @@ def start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Popen
     return proc
 
 
-def kill_after_epochs(project, cmd: list[str], epochs: int) -> None:
-    """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved."""
-    proc = start_until_epochs(project, cmd, epochs)
+def kill_after_epochs(project, cmd: list[str], epochs: int, mid_epoch: bool = False) -> None:
+    """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved,
+    or, with ``mid_epoch``, halfway into the epoch after them (``epochs`` >= 2)."""
+    if mid_epoch:
+        proc = _halfway_after(project, cmd, epochs)
+        assert epochs_checkpointed(project.root) == epochs  # killed inside the next epoch
+    else:
+        proc = start_until_epochs(project, cmd, epochs)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
+
+
+def _halfway_after(project, cmd: list[str], epochs: int) -> subprocess.Popen:
+    """Start ``cmd``; return halfway into the epoch after ``epochs`` saved ones."""
+    proc = start_until_epochs(project, cmd, epochs - 1)
+    started = time.monotonic()
+    while epochs_checkpointed(project.root) < epochs:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep((time.monotonic() - started) / 2)  # an epoch's length is measured, not assumed
+    return proc
 
 
 def stopped_batch(root) -> int:
@@ -70,12 +86,7 @@ def stopped_batch(root) -> int:
 
 def signal_mid_epoch(project, signum: int) -> tuple[int, str]:
     """Train; once 2 epochs are saved, send ``signum`` halfway into the next; (exit, stderr)."""
-    proc = start_until_epochs(project, ["python", "pipelines/train.py"], 1)
-    started = time.monotonic()
-    while epochs_checkpointed(project.root) < 2:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    time.sleep((time.monotonic() - started) / 2)  # an epoch's length is measured, not assumed
+    proc = _halfway_after(project, ["python", "pipelines/train.py"], 2)
     proc.send_signal(signum)
     try:
         _, stderr = proc.communicate(timeout=60)

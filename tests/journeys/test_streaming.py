@@ -97,11 +97,11 @@ def _same_history(project, reference) -> None:
         assert abs(float(got["val/loss"]) - float(want["val/loss"])) < 1e-5
 
 
-def test_killed_after_an_epoch_it_resumes_as_if_never_stopped(tmp_path, reference):
+def test_killed_mid_epoch_it_resumes_as_if_never_stopped(tmp_path, reference):
     project = make_project(tmp_path / "kill")
     project.set_params(**LITDATA)
     project.run("dvc", "repro", "augment")
-    kill_after_epochs(project, ["dvc", "repro", "train"], 2)
+    kill_after_epochs(project, ["dvc", "repro", "train"], 2, mid_epoch=True)
     project.run("dvc", "repro", "train")
     _same_history(project, reference)
     assert [status for _, status in run_status_and_tags(project.root)[0]] == ["FINISHED"]

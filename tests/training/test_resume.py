@@ -45,7 +45,7 @@ def killed(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("killed"))
     project.set_params(**SETTINGS)
     project.run("dvc", "repro", "augment")
-    kill_after_epochs(project, ["dvc", "repro", "train"], 2)
+    kill_after_epochs(project, ["dvc", "repro", "train"], 2, mid_epoch=True)
     state = json.loads((project.root / "checkpoints/resume.json").read_text())
     return project, state
 
