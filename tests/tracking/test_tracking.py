@@ -395,6 +395,12 @@ def test_check_reachable_bad_port() -> None:
 # --------------------------------------------------------------------------- system metrics
 
 
+def _busy(seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
 def test_system_metrics_of_a_run_shorter_than_one_interval_are_kept(tmp_path: Path) -> None:
     """MLflow's monitor publishes after each whole interval and dropped the last one: a
     training shorter than ``runtime.system_metrics_seconds`` had no system metrics."""
@@ -402,14 +408,15 @@ def test_system_metrics_of_a_run_shorter_than_one_interval_are_kept(tmp_path: Pa
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     with system_metrics(run_id, uri, 3600, None, resumed=False):
-        time.sleep(0.2)  # the monitor's thread takes its first sample
+        _busy(0.3)  # the monitor takes its first sample, then the CPU is in use
     logged = client.get_run(run_id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
         logged
     )
-    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
-    assert steps == [0]
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in cpu] == [0, 1]  # the dropped sample, then one as it stopped
+    assert cpu[-1].value > 0  # measured over the busy interval, not psutil's first-call 0.0
     with system_metrics(run_id, uri, 3600, "node1", resumed=True):  # a resumed run goes on
         time.sleep(0.2)
     history = client.get_metric_history(run_id, "system/node1/cpu_utilization_percentage")
-    assert [m.step for m in history] == [1]
+    assert [m.step for m in history] == [2, 3]

@@ -292,8 +292,8 @@ def system_metrics(
     """MLflow's system metrics (CPU, memory, disk, network, GPU) on the run while inside.
 
     MLflow's own monitor (``system/cpu_utilization_percentage``, ...), one sample every
-    ``seconds``, under ``system/<node_id>/`` when one is given (several nodes), and the samples
-    of the last, unfinished interval when it stops. A resumed run continues the steps.
+    ``seconds``, under ``system/<node_id>/`` when one is given (several nodes), and a last one
+    as it stops, for the unfinished interval. A resumed run continues the steps.
     ``seconds`` 0, or no run (DDP ranks other than 0), turns it off; a monitor that cannot
     start only says so: the training goes on.
 
@@ -335,16 +335,20 @@ def system_metrics(
 
 
 def _publish_pending(monitor: SystemMetricsMonitor) -> None:
-    """Log the samples MLflow's monitor took since its last publish.
+    """Log what MLflow's monitor drops when it stops, and a last sample as the training ends.
 
-    Its loop publishes only after a whole interval, so it drops what it sampled in the last,
-    unfinished one: a training shorter than ``runtime.system_metrics_seconds`` got no system
-    metrics at all, and a longer one lost its last interval.
+    Its loop takes a sample, waits an interval, then publishes it; stopped while waiting, it
+    drops that sample (the CPU use of the interval before it) and never measures the unfinished
+    interval. A training shorter than ``runtime.system_metrics_seconds`` got no system metrics
+    at all. The CPU figure of a sample covers the time since the one before (psutil), so the
+    last sample is the unfinished interval's.
     """
     try:
         pending = monitor.aggregate_metrics()
         if pending:
             monitor.publish_metrics(pending)
-            monitor.mlflow_logger.flush()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
     except Exception as exc:  # the figures are extras: never fail a training for them
         log.warning("the last system metrics were not logged: %s", exc)
