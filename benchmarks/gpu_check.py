@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import put_gpu_section  # standard library only
+from results_file import put_section  # standard library only
 
 try:
     import torch
@@ -614,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (RESULTS if args.device == "cuda" and not args.quick else None)
     if results is not None:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        put_gpu_section(
+        put_section(
             results,
+            "gpu-check",
             f"## GPU check\n\nRun on {when} with `python benchmarks/gpu_check.py "
             f"--device {args.device}{' --quick' if args.quick else ''}`, {minutes:.1f} min, on: "
             f"{rows[0].detail}\n\n{table(rows)}",

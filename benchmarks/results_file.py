@@ -25,9 +25,6 @@ def markers(name: str) -> tuple[str, str]:
     )
 
 
-BEGIN, END = markers("gpu-check")
-
-
 def kept_block(path: Path, name: str) -> str | None:
     """The marked block ``name`` of ``path`` (markers included), or None if it has none."""
     if not path.is_file():
@@ -58,16 +55,6 @@ def with_kept_blocks(text: str, path: Path) -> str:
     return text
 
 
-def gpu_block(path: Path) -> str | None:
-    """The marked GPU block of ``path`` (markers included), or None if it has none."""
-    return kept_block(path, "gpu-check")
-
-
-def with_gpu_block(text: str, block: str | None) -> str:
-    """``text`` with its marked GPU block replaced by ``block`` (appended if it has none)."""
-    return with_block(text, "gpu-check", block)
-
-
 def put_section(path: Path, name: str, body: str) -> None:
     """Write ``body`` as kept block ``name`` of ``path``, atomically (temp file, then rename)."""
     begin, end = markers(name)
@@ -81,8 +68,3 @@ def put_section(path: Path, name: str, body: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def put_gpu_section(path: Path, body: str) -> None:
-    """Write ``body`` as the GPU block of ``path``, atomically (temp file, then rename)."""
-    put_section(path, "gpu-check", body)

@@ -154,19 +154,22 @@ def test_gpu_check_runs_every_check_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_gpu_section_is_replaced_alone_and_survives_a_new_report(tmp_path: Path) -> None:
-    from results_file import BEGIN, END, gpu_block, put_gpu_section, with_gpu_block
+    from results_file import kept_block, markers, put_section, with_block
 
+    begin, end = markers("gpu-check")
     results = tmp_path / "RESULTS.md"
-    put_gpu_section(results, "## GPU check\n\nfirst")  # no file yet: a header, then the block
-    assert gpu_block(results) == f"{BEGIN}\n## GPU check\n\nfirst\n{END}"
+    put_section(results, "gpu-check", "## GPU check\n\nfirst")  # no file yet: a header, then it
+    assert kept_block(results, "gpu-check") == f"{begin}\n## GPU check\n\nfirst\n{end}"
     results.write_text(results.read_text() + "\n## After\n")
-    put_gpu_section(results, "## GPU check\n\nsecond")
+    put_section(results, "gpu-check", "## GPU check\n\nsecond")
     text = results.read_text()
     assert "first" not in text and "second" in text and text.endswith("## After\n")
-    assert text.count(BEGIN) == 1 and not list(tmp_path.glob(".RESULTS.md.*"))
-    report = with_gpu_block("# Benchmark results\n\nnew CPU figures\n", gpu_block(results))
+    assert text.count(begin) == 1 and not list(tmp_path.glob(".RESULTS.md.*"))
+    block = kept_block(results, "gpu-check")
+    report = with_block("# Benchmark results\n\nnew CPU figures\n", "gpu-check", block)
     assert report.startswith("# Benchmark results\n\nnew CPU figures\n") and "second" in report
-    assert with_gpu_block("# no block\n", gpu_block(tmp_path / "absent.md")) == "# no block\n"
+    absent = kept_block(tmp_path / "absent.md", "gpu-check")
+    assert with_block("# no block\n", "gpu-check", absent) == "# no block\n"
 
 
 def test_every_kept_section_survives_a_new_report(tmp_path: Path) -> None:

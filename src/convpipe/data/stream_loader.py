@@ -76,7 +76,7 @@ class StreamLoader(StreamingDataLoader):
 
     Args:
         dataset: a ``StreamingDataset`` or ``CombinedStreamingDataset``.
-        epoch: the 0-based epoch about to run (None: count, as LitData does).
+        epoch: returns the 0-based epoch about to run (None: count, as LitData does).
         **kwargs: ``StreamingDataLoader``'s arguments.
     """
 
