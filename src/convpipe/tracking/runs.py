@@ -330,23 +330,22 @@ def system_metrics(
         yield
     finally:
         monitor.finish()
-        _publish_pending(monitor)
+        _publish_last(monitor)
         quiet.setLevel(level)
 
 
-def _publish_pending(monitor: SystemMetricsMonitor) -> None:
-    """Log what MLflow's monitor drops when it stops, and a last sample as the training ends.
+def _publish_last(monitor: SystemMetricsMonitor) -> None:
+    """Log one last sample of the system as the training ends.
 
-    Its loop takes a sample, waits an interval, then publishes it; stopped while waiting, it
-    drops that sample (the CPU use of the interval before it) and never measures the unfinished
-    interval. A training shorter than ``runtime.system_metrics_seconds`` got no system metrics
-    at all. The CPU figure of a sample covers the time since the one before (psutil), so the
-    last sample is the unfinished interval's.
+    MLflow's loop takes a sample, waits an interval, then publishes it; stopped while waiting,
+    it publishes nothing more. A training shorter than ``runtime.system_metrics_seconds`` got
+    no system metrics at all. The sample it held is dropped here too: its time is long past
+    (it would be charted at the end), and a first sample's CPU figure is psutil's 0. The new
+    one's CPU figure covers the time since that sample: the unfinished interval.
     """
     try:
-        pending = monitor.aggregate_metrics()
-        if pending:
-            monitor.publish_metrics(pending)
+        for part in monitor.monitors:
+            part.clear_metrics()
         monitor.collect_metrics()
         monitor.publish_metrics(monitor.aggregate_metrics())
         monitor.mlflow_logger.flush()
