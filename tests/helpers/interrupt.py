@@ -56,9 +56,9 @@ def start_until_epochs(project, cmd: list[str], epochs: int) -> subprocess.Popen
 
 def kill_after_epochs(project, cmd: list[str], epochs: int, mid_epoch: bool = False) -> None:
     """Run ``cmd`` in the project and SIGKILL its process group once ``epochs`` are saved,
-    or, with ``mid_epoch``, halfway into the epoch after them (``epochs`` >= 2)."""
+    or, with ``mid_epoch``, part-way into the epoch after them (``epochs`` >= 2)."""
     if mid_epoch:
-        proc = _halfway_after(project, cmd, epochs)
+        proc = _part_way_after(project, cmd, epochs)
         assert epochs_checkpointed(project.root) == epochs  # killed inside the next epoch
     else:
         proc = start_until_epochs(project, cmd, epochs)
@@ -66,14 +66,20 @@ def kill_after_epochs(project, cmd: list[str], epochs: int, mid_epoch: bool = Fa
     proc.communicate()
 
 
-def _halfway_after(project, cmd: list[str], epochs: int) -> subprocess.Popen:
-    """Start ``cmd``; return halfway into the epoch after ``epochs`` saved ones."""
+def _part_way_after(project, cmd: list[str], epochs: int) -> subprocess.Popen:
+    """Start ``cmd``; return part-way into the training batches of the epoch after ``epochs``
+    saved ones.
+
+    A third of a measured epoch (checkpoint to checkpoint): its training batches come first,
+    then validation and the checkpoint. At a half, a litdata epoch (its loader's workers
+    restart each epoch, its validation reads image by image) was once already validating.
+    """
     proc = start_until_epochs(project, cmd, epochs - 1)
     started = time.monotonic()
     while epochs_checkpointed(project.root) < epochs:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
-    time.sleep((time.monotonic() - started) / 2)  # an epoch's length is measured, not assumed
+    time.sleep((time.monotonic() - started) / 3)  # an epoch's length is measured, not assumed
     return proc
 
 
@@ -85,8 +91,8 @@ def stopped_batch(root) -> int:
 
 
 def signal_mid_epoch(project, signum: int) -> tuple[int, str]:
-    """Train; once 2 epochs are saved, send ``signum`` halfway into the next; (exit, stderr)."""
-    proc = _halfway_after(project, ["python", "pipelines/train.py"], 2)
+    """Train; once 2 epochs are saved, send ``signum`` part-way into the next; (exit, stderr)."""
+    proc = _part_way_after(project, ["python", "pipelines/train.py"], 2)
     proc.send_signal(signum)
     try:
         _, stderr = proc.communicate(timeout=60)
